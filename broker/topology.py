@@ -1,0 +1,113 @@
+"""Every exchange, queue and routing key name, and the arguments each is declared with.
+
+Nothing else in fedmq spells a name: services, provisioning, the definitions export and
+tests all call these functions, so renaming or re-arguing a queue happens here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+PREFIX = "fedmq"
+
+UPDATES_EXCHANGE = f"{PREFIX}.updates"  # direct; routing key = shard name
+GLOBAL_EXCHANGE = f"{PREFIX}.global"  # fanout; every site queue is bound
+SITE_DIRECT_EXCHANGE = f"{PREFIX}.site-direct"  # direct; routing key = site id (snapshots, notices)
+CONTROL_EXCHANGE = f"{PREFIX}.control"  # direct; snapshot requests and metrics from sites
+DEAD_LETTER_EXCHANGE = f"{PREFIX}.dlx"  # fanout
+DEAD_LETTER_QUEUE = f"{PREFIX}.dead-letter"
+SNAPSHOT_REQUESTS_QUEUE = f"{PREFIX}.control.snapshot-requests"
+METRICS_QUEUE = f"{PREFIX}.control.metrics"
+SNAPSHOT_REQUEST_KEY = "snapshot-request"
+METRICS_KEY = "metrics"
+
+#: headers the aggregator sets on dead-lettered messages
+REASON_HEADER = "x-fedmq-reason"
+DETAIL_HEADER = "x-fedmq-detail"
+
+#: bounded per-site queue of global versions: a site that falls further behind than this
+#: loses the oldest versions (drop-head) and asks for a snapshot when it sees the gap.
+SITE_QUEUE_MAX_LENGTH = 64
+
+
+def shard_key(shard: int) -> str:
+    return f"shard-{shard}"
+
+
+def updates_queue(shard: int = 0) -> str:
+    return f"{PREFIX}.updates.{shard_key(shard)}"
+
+
+def site_queue(site_id: str) -> str:
+    return f"{PREFIX}.site.{site_id}.global"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing key)
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    name: str
+    type: Literal["direct", "fanout", "topic"]
+
+
+EXCHANGES: tuple[ExchangeSpec, ...] = (
+    ExchangeSpec(UPDATES_EXCHANGE, "direct"),
+    ExchangeSpec(GLOBAL_EXCHANGE, "fanout"),
+    ExchangeSpec(SITE_DIRECT_EXCHANGE, "direct"),
+    ExchangeSpec(CONTROL_EXCHANGE, "direct"),
+    ExchangeSpec(DEAD_LETTER_EXCHANGE, "fanout"),
+)
+
+
+def _quorum(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    args: dict[str, Any] = {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+    args.update(extra or {})
+    return args
+
+
+def updates_queue_spec(shard: int = 0) -> QueueSpec:
+    # delivery-limit: a message that keeps crashing consumers is dead-lettered, not looped.
+    return QueueSpec(updates_queue(shard), _quorum({"x-delivery-limit": 20}), ((UPDATES_EXCHANGE, shard_key(shard)),))
+
+
+def site_queue_spec(site_id: str) -> QueueSpec:
+    return QueueSpec(
+        site_queue(site_id),
+        _quorum({"x-max-length": SITE_QUEUE_MAX_LENGTH, "x-overflow": "drop-head"}),
+        ((GLOBAL_EXCHANGE, ""), (SITE_DIRECT_EXCHANGE, site_id)),
+    )
+
+
+def control_queue_specs() -> tuple[QueueSpec, ...]:
+    return (
+        QueueSpec(SNAPSHOT_REQUESTS_QUEUE, _quorum({"x-delivery-limit": 5}), ((CONTROL_EXCHANGE, SNAPSHOT_REQUEST_KEY),)),
+        QueueSpec(METRICS_QUEUE, _quorum({"x-max-length": 10_000, "x-overflow": "drop-head"}), ((CONTROL_EXCHANGE, METRICS_KEY),)),
+    )
+
+
+def dead_letter_queue_spec() -> QueueSpec:
+    return QueueSpec(DEAD_LETTER_QUEUE, {"x-queue-type": "quorum"}, ((DEAD_LETTER_EXCHANGE, ""),))
+
+
+def aggregator_queue_specs(shards: int = 1) -> tuple[QueueSpec, ...]:
+    return (
+        *(updates_queue_spec(s) for s in range(shards)),
+        *control_queue_specs(),
+        dead_letter_queue_spec(),
+    )
+
+
+def declare(channel: Any, exchanges: tuple[ExchangeSpec, ...], queues: tuple[QueueSpec, ...]) -> None:
+    """Idempotent declaration with a pika blocking channel (same arguments every time)."""
+    for ex in exchanges:
+        channel.exchange_declare(exchange=ex.name, exchange_type=ex.type, durable=True)
+    for q in queues:
+        channel.queue_declare(queue=q.name, durable=True, arguments=q.arguments)
+        for exchange, key in q.bindings:
+            channel.queue_bind(queue=q.name, exchange=exchange, routing_key=key)

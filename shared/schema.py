@@ -1,0 +1,154 @@
+"""Every message that crosses the broker, as strict pydantic models with a schema version.
+
+One module so that a field is defined once; ``shared.codec`` turns these into msgpack bytes
+and back. Models forbid unknown fields and coerce nothing: a peer running another schema is
+refused with a specific error instead of being half-understood.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+SiteId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+UpdateId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+Fingerprint = Annotated[str, Field(min_length=8, max_length=80)]
+BlockIndex = Annotated[int, Field(ge=0, lt=1 << 24)]
+Version = Annotated[int, Field(ge=0)]
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class EncryptedBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    index: BlockIndex
+    ciphertext: Annotated[bytes, Field(min_length=1)]
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be finite")
+    return value
+
+
+class ChunkedMessage(WireModel):
+    chunk_index: Annotated[int, Field(ge=0)]
+    chunk_count: Annotated[int, Field(ge=1, le=100_000)]
+    block_size: Annotated[int, Field(ge=1, le=1 << 16)]
+    total_blocks: Annotated[int, Field(ge=1, le=1 << 24)]
+    #: every block index of the whole message (all chunks), sorted; lets a receiver tell a
+    #: complete set from one with a chunk missing or altered.
+    block_indices: tuple[BlockIndex, ...]
+    blocks: tuple[EncryptedBlock, ...]
+    key_fingerprint: Fingerprint
+    layout_fingerprint: Fingerprint
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ChunkedMessage":
+        if self.chunk_index >= self.chunk_count:
+            raise ValueError("chunk_index must be < chunk_count")
+        if list(self.block_indices) != sorted(set(self.block_indices)):
+            raise ValueError("block_indices must be sorted and unique")
+        if self.block_indices and self.block_indices[-1] >= self.total_blocks:
+            raise ValueError("block index beyond total_blocks")
+        return self
+
+
+class UpdateChunk(ChunkedMessage):
+    """One piece of a site's encrypted, sparsified model update."""
+
+    kind: Literal["update-chunk"] = "update-chunk"
+    site_id: SiteId
+    update_id: UpdateId
+    #: per-site counter, strictly increasing; a retried publish reuses it (idempotency).
+    seq: Annotated[int, Field(ge=1)]
+    base_version: Version
+    sample_weight: Annotated[float, Field(gt=0, le=1e9)]
+    sparsity_mode: Literal["dense", "topk"]
+    sparsity_fraction: Annotated[float, Field(gt=0, le=1)]
+    created_at: float
+    signature: bytes = b""
+
+    _check_weight = field_validator("sample_weight", "created_at")(_finite)
+
+
+class Contributor(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    site_id: SiteId
+    update_id: UpdateId
+    base_version: Version
+    staleness: Annotated[int, Field(ge=0)]
+    weight_units: Annotated[int, Field(ge=1)]
+    sample_weight: float
+
+
+class GlobalVersionChunk(ChunkedMessage):
+    """A new global model version, or a snapshot of one.
+
+    The aggregator holds D_v, the encrypted sum of every weighted update it has folded; a
+    key holder reconstructs the model as ``x_v = x_0 + value_scale * decrypt(D_v)`` where
+    x_0 is the seeded initial model every party builds alike. A ``delta`` message carries
+    the new D_v value of each block that changed in v; a ``snapshot`` every non-zero block.
+    Sending block values rather than steps means every site, whichever path it took,
+    ends with bit-identical weights.
+    """
+
+    kind: Literal["global-version"] = "global-version"
+    version: Version
+    mode: Literal["delta", "snapshot"]
+    value_scale: float
+    #: the snapshot's addressee when it answers one site's request; None for broadcasts.
+    target_site: SiteId | None = None
+    contributors: tuple[Contributor, ...] = ()
+    weight_units_sum: Annotated[int, Field(ge=0)] = 0
+    created_at: float
+
+    _check_scale = field_validator("value_scale", "created_at")(_finite)
+
+
+class SnapshotRequest(WireModel):
+    kind: Literal["snapshot-request"] = "snapshot-request"
+    site_id: SiteId
+    have_version: Annotated[int, Field(ge=-1)]
+    reason: Annotated[str, Field(max_length=200)]
+
+
+class Rejection(WireModel):
+    """Why an input was dead-lettered; also the body of notices sent back to a site."""
+
+    kind: Literal["rejection"] = "rejection"
+    reason: Annotated[str, Field(max_length=64)]
+    detail: Annotated[str, Field(max_length=2000)]
+    site_id: str | None = None
+    update_id: str | None = None
+
+
+class SiteMetrics(WireModel):
+    """Plaintext aggregates a site publishes after evaluating a version: never per-case data."""
+
+    kind: Literal["site-metrics"] = "site-metrics"
+    site_id: SiteId
+    version: Version
+    auc: float | None
+    n_val: Annotated[int, Field(ge=0)]
+    epsilon_spent: Annotated[float, Field(ge=0)]
+    epsilon_target: float | None
+    updates_sent: Annotated[int, Field(ge=0)]
+    timestamp: float
+
+
+Message = Union[UpdateChunk, GlobalVersionChunk, SnapshotRequest, Rejection, SiteMetrics]
+MESSAGE_TYPES: dict[str, type[WireModel]] = {
+    "update-chunk": UpdateChunk,
+    "global-version": GlobalVersionChunk,
+    "snapshot-request": SnapshotRequest,
+    "rejection": Rejection,
+    "site-metrics": SiteMetrics,
+}

@@ -1,0 +1,65 @@
+"""Settings base shared by every service: ``FEDMQ_*`` env vars, ``.env``, and a TOML file.
+
+Priority (highest first): explicit arguments, environment, ``.env``, the ``--config`` TOML
+file, defaults. Each service builds one settings object at start-up and passes it down;
+nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from shared.ckks import DEFAULT_PRESET
+from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
+from shared.errors import ConfigError
+
+S = TypeVar("S", bound="FedmqSettings")
+
+
+class FedmqSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDMQ_", env_file=".env", extra="forbid", env_nested_delimiter="__")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=64 * 1024, le=128 * 1024 * 1024)
+    ckks_preset: str = DEFAULT_PRESET
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = True
+    #: reconnect backoff: capped exponential with full jitter, reset after a healthy minute
+    reconnect_initial_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+    _toml_file: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        toml = getattr(cls, "_active_toml", None)
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+
+def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:
+    """Build settings, turning validation errors into one readable ``ConfigError``."""
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"config file {config_file} not found")
+    cls._active_toml = Path(config_file) if config_file else None  # type: ignore[attr-defined]
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"invalid {cls.__name__}:\n" + "\n".join(lines)) from None
+    finally:
+        cls._active_toml = None  # type: ignore[attr-defined]
