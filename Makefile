@@ -1,0 +1,44 @@
+# Developer and CI entry points. `make test` is the test command README.md gives.
+#
+# The virtualenv is rebuilt only when pyproject.toml changes (stamp file), so every target can
+# depend on it and stay fast. torch is installed first and pinned: an unpinned `torch` from
+# PyPI resolves to the multi-GB CUDA build, while this pin resolves to the CPU wheel here.
+# Set TORCH_INDEX (e.g. https://download.pytorch.org/whl/cpu) where that is not so.
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.fedmq-installed
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv test faults demo bench bench-crypto broker-local clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH_SPEC)'
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+faults: venv
+	$(PY) -m pytest -q -m fault $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/fedmq demo
+
+broker-local: venv
+	$(VENV)/bin/fedmq broker local
+
+bench: bench-crypto
+
+bench-crypto: venv
+	$(PY) -m benchmarks.crypto
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis reports build *.egg-info

@@ -1,0 +1,309 @@
+"""Finding a RabbitMQ broker for tests, the demo and ``fedmq broker local``.
+
+:func:`open_test_broker` tries, in order:
+
+1. ``FEDMQ_TEST_AMQP_URL`` when set: an external broker someone already runs;
+2. a private :class:`~broker.local_node.LocalRabbitNode` when ``rabbitmq-server`` is installed;
+3. testcontainers' ``RabbitMqContainer`` when a Docker engine answers;
+
+and otherwise raises :class:`BrokerUnavailableError` saying how to get one.
+
+Isolation between tests. Each test asks :meth:`Broker.new_namespace` for a :class:`Namespace`:
+
+- ``vhost`` isolation (private node, container, or an external broker whose node is named in
+  ``FEDMQ_TEST_RABBITMQ_NODE``): a fresh vhost per test, granted to the URL's user and deleted
+  afterwards with everything in it. Queue names need no prefix (``Namespace.prefix == ""``), so
+  code under test can use its real topology names.
+- ``prefix`` isolation (an external broker we cannot administer): the URL's own vhost is shared
+  and ``Namespace.prefix`` is a unique string that tests must put in front of every queue and
+  exchange name. Nothing is deleted afterwards, so such tests should declare auto-delete or
+  exclusive objects. We do not guess a ``rabbitmqctl`` target for an external URL, because the
+  default node is often a different broker (for example the system one on 5672).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from broker.local_node import BrokerHarnessError, LocalNodeError, LocalRabbitNode, find_rabbitmq_install
+
+logger = logging.getLogger(__name__)
+
+ENV_AMQP_URL = "FEDMQ_TEST_AMQP_URL"
+ENV_EXTERNAL_NODE = "FEDMQ_TEST_RABBITMQ_NODE"
+DEFAULT_CONTAINER_IMAGE = "rabbitmq:3.13-management"
+_VHOST_ROOT = "fedmq-test"
+
+__all__ = [
+    "ENV_AMQP_URL",
+    "ENV_EXTERNAL_NODE",
+    "Broker",
+    "BrokerHarnessError",
+    "BrokerUnavailableError",
+    "Namespace",
+    "docker_engine_available",
+    "find_rabbitmq_install",
+    "open_test_broker",
+    "url_with_vhost",
+]
+
+
+class BrokerUnavailableError(BrokerHarnessError):
+    """No broker could be found or started."""
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Where one test may put its broker objects.
+
+    Attributes:
+        url: AMQP URL whose vhost is ``vhost`` (percent-encoded).
+        vhost: the vhost name, unencoded.
+        prefix: put it before every queue/exchange name; empty under vhost isolation.
+        isolation: ``"vhost"`` (own vhost, deleted afterwards) or ``"prefix"`` (shared vhost).
+    """
+
+    url: str
+    vhost: str
+    prefix: str
+    isolation: Literal["vhost", "prefix"]
+
+
+def url_with_vhost(url: str, vhost: str) -> str:
+    """Return ``url`` with its vhost replaced by ``vhost``, percent-encoded (``/`` is ``%2F``)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, parts.fragment))
+
+
+def _vhost_of(url: str) -> str:
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def _user_of(url: str) -> str:
+    return unquote(urlsplit(url).username or "guest")
+
+
+def _label(text: str) -> str:
+    """A short, readable, vhost- and queue-name-safe form of a test name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:40] or "ns"
+
+
+class Broker:
+    """One broker for a test session, whatever provides it.
+
+    Build it with :func:`open_test_broker` and close it (or use ``with``). ``rabbitmqctl`` and
+    ``restart`` are only offered when the source supports them; check ``can_rabbitmqctl`` and
+    ``can_restart`` first.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        source: Literal["env", "local", "container"],
+        ctl: Callable[..., str] | None = None,
+        restart: Callable[[], object] | None = None,
+        close: Callable[[], None] | None = None,
+        node: LocalRabbitNode | None = None,
+    ) -> None:
+        self.url = url
+        self.source = source
+        self.node = node
+        self._ctl = ctl
+        self._restart = restart
+        self._close = close
+
+    def __repr__(self) -> str:
+        return f"Broker(source={self.source!r}, url={self.url!r})"
+
+    @property
+    def can_restart(self) -> bool:
+        return self._restart is not None
+
+    @property
+    def can_rabbitmqctl(self) -> bool:
+        return self._ctl is not None
+
+    def restart(self) -> None:
+        """Restart the broker; durable queues and persistent messages survive, the URL stays valid."""
+        if self._restart is None:
+            raise BrokerHarnessError(f"the {self.source} broker cannot be restarted by the harness")
+        logger.info("restarting %r", self)
+        self._restart()
+
+    def rabbitmqctl(self, *args: str) -> str:
+        """Run ``rabbitmqctl`` against this broker and return stdout; raises on failure."""
+        if self._ctl is None:
+            raise BrokerHarnessError(
+                f"no rabbitmqctl for the {self.source} broker (set {ENV_EXTERNAL_NODE} for an external one)"
+            )
+        return self._ctl(*args)
+
+    def new_namespace(self, label: str = "ns") -> Namespace:
+        """Create an isolated place for one test (see the module docstring for the two modes)."""
+        token = secrets.token_hex(4)
+        if self._ctl is None:
+            prefix = f"{_VHOST_ROOT}.{_label(label)}.{token}."
+            return Namespace(url=self.url, vhost=_vhost_of(self.url), prefix=prefix, isolation="prefix")
+        # The "/" forces percent-encoding to be right in every URL the harness hands out.
+        vhost = f"{_VHOST_ROOT}/{_label(label)}-{token}"
+        self._ctl("add_vhost", vhost)
+        self._ctl("set_permissions", "-p", vhost, _user_of(self.url), ".*", ".*", ".*")
+        return Namespace(url=url_with_vhost(self.url, vhost), vhost=vhost, prefix="", isolation="vhost")
+
+    def drop_namespace(self, namespace: Namespace) -> None:
+        """Delete a namespace's vhost and everything in it (nothing to do under prefix isolation)."""
+        if namespace.isolation == "vhost":
+            self.rabbitmqctl("delete_vhost", namespace.vhost)
+
+    def close(self) -> None:
+        """Stop whatever the harness started; idempotent."""
+        close, self._close = self._close, None
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def docker_engine_available(timeout: float = 15.0) -> bool:
+    """True when a Docker engine answers ``docker info`` (a CLI alone is not enough)."""
+    docker = shutil.which("docker")
+    if docker is None:
+        return False
+    try:
+        result = subprocess.run(  # noqa: S603
+            [docker, "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        logger.info("docker info failed: %s", exc)
+        return False
+    if result.returncode != 0:
+        logger.info("no Docker engine: %s", result.stderr.strip())
+        return False
+    return True
+
+
+def _external_broker(url: str, env: Mapping[str, str]) -> Broker:
+    node = env.get(ENV_EXTERNAL_NODE)
+    install = find_rabbitmq_install() if node else None
+    if node and install is None:
+        raise BrokerUnavailableError(f"{ENV_EXTERNAL_NODE}={node} is set but rabbitmqctl was not found")
+    if install is None or not node:
+        logger.info("external broker without rabbitmqctl: tests are isolated by name prefix")
+        return Broker(url, source="env")
+
+    def ctl(*args: str) -> str:
+        result = subprocess.run(  # noqa: S603
+            [str(install.ctl), "-n", node, "-q", *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        if result.returncode != 0:
+            raise BrokerHarnessError(f"rabbitmqctl -n {node} {' '.join(args)}: {result.stderr.strip()}")
+        return result.stdout
+
+    return Broker(url, source="env", ctl=ctl)
+
+
+def _local_broker(node_options: Mapping[str, Any]) -> Broker:
+    node = LocalRabbitNode(**node_options)
+    try:
+        node.start()
+    except BaseException:
+        node.close()
+        raise
+    return Broker(node.amqp_url, source="local", ctl=node.rabbitmqctl, restart=node.restart, close=node.close, node=node)
+
+
+def _container_broker(image: str) -> Broker:
+    try:
+        from testcontainers.community.rabbitmq import RabbitMqContainer
+    except ImportError:  # testcontainers < 4.9 kept it here
+        from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[no-redef]
+
+    container = RabbitMqContainer(image=image)
+    container.start()
+    try:
+        params = container.get_connection_params()
+        url = f"amqp://guest:guest@{params.host}:{params.port}/%2F"
+
+        def ctl(*args: str) -> str:
+            code, output = container.exec(["rabbitmqctl", "-q", *args])
+            text = output.decode(errors="replace") if isinstance(output, bytes) else str(output)
+            if code != 0:
+                raise BrokerHarnessError(f"rabbitmqctl {' '.join(args)} in container: {text.strip()}")
+            return text
+
+        def restart() -> None:
+            # Restarting the container would move its published port; restarting the RabbitMQ
+            # application inside it reloads queues from disk the same way a node restart does.
+            ctl("stop_app")
+            ctl("start_app")
+            ctl("await_startup")
+
+    except BaseException:
+        container.stop()
+        raise
+    return Broker(url, source="container", ctl=ctl, restart=restart, close=container.stop)
+
+
+def open_test_broker(
+    env: Mapping[str, str] | None = None,
+    *,
+    container_image: str = DEFAULT_CONTAINER_IMAGE,
+    **node_options: Any,
+) -> Broker:
+    """Find or start a broker: ``FEDMQ_TEST_AMQP_URL``, else a private node, else Docker.
+
+    Args:
+        env: the environment to read (``os.environ`` when None, read at call time).
+        container_image: image used when falling back to Docker.
+        node_options: passed to :class:`~broker.local_node.LocalRabbitNode`.
+
+    Raises:
+        BrokerUnavailableError: none of the three sources is available.
+    """
+    env = os.environ if env is None else env
+    url = env.get(ENV_AMQP_URL)
+    if url:
+        logger.info("using external broker from %s", ENV_AMQP_URL)
+        return _external_broker(url, env)
+    if find_rabbitmq_install() is not None:
+        try:
+            return _local_broker(node_options)
+        except LocalNodeError as exc:
+            raise BrokerUnavailableError(f"rabbitmq-server is installed but the private node failed: {exc}") from exc
+    if docker_engine_available():
+        logger.info("no rabbitmq-server; starting %s with testcontainers", container_image)
+        return _container_broker(container_image)
+    raise BrokerUnavailableError(
+        "no RabbitMQ broker is available for the tests. Any one of these fixes it:\n"
+        "  - install RabbitMQ locally (Debian/Ubuntu: `apt-get install rabbitmq-server`); the tests\n"
+        "    start their own private node and do not need the system service running;\n"
+        "  - start a Docker engine (`docker info` must succeed) so testcontainers can run "
+        f"{container_image};\n"
+        f"  - point {ENV_AMQP_URL} at a broker you run, e.g. amqp://guest:guest@127.0.0.1:5672/%2F\n"
+        f"    (and set {ENV_EXTERNAL_NODE} to its node name for per-test vhosts)."
+    )

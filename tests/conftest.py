@@ -1,0 +1,68 @@
+"""Project-wide fixtures: one real RabbitMQ broker per session, one fresh vhost per test.
+
+The broker is only started when a test asks for it, so unit tests pay nothing. Where no broker
+can be had, tests that need one are skipped on a developer machine but FAIL in CI (``CI`` set
+to true), so a broken CI setup cannot pass by skipping everything.
+
+Subfolders add their own fixtures in their own ``conftest.py`` on top of these.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import NoReturn
+
+import pytest
+
+from broker.harness import Broker, BrokerUnavailableError, Namespace, open_test_broker
+
+logger = logging.getLogger(__name__)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def broker_unavailable(reason: str) -> NoReturn:
+    """Skip the current test, or fail it in CI, because the broker it needs is missing."""
+    if _in_ci():
+        pytest.fail(f"CI needs a broker: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    """The session's broker (private node, container, or ``FEDMQ_TEST_AMQP_URL``)."""
+    started = time.monotonic()
+    try:
+        session_broker = open_test_broker()
+    except BrokerUnavailableError as exc:
+        broker_unavailable(str(exc))
+    logger.info("broker %r ready in %.2fs", session_broker, time.monotonic() - started)
+    with session_broker:
+        yield session_broker
+
+
+@pytest.fixture
+def broker_namespace(broker: Broker, request: pytest.FixtureRequest) -> Iterator[Namespace]:
+    """A fresh vhost (or, on an unmanaged external broker, a unique name prefix) for this test."""
+    namespace = broker.new_namespace(request.node.name)
+    yield namespace
+    broker.drop_namespace(namespace)
+
+
+@pytest.fixture
+def amqp_url(broker_namespace: Namespace) -> str:
+    """AMQP URL of this test's own vhost; the vhost and all it holds are deleted afterwards."""
+    return broker_namespace.url
+
+
+@pytest.fixture
+def broker_ctl(broker: Broker) -> Broker:
+    """The broker, for tests that restart it or run ``rabbitmqctl`` (users, permissions)."""
+    if not (broker.can_restart and broker.can_rabbitmqctl):
+        broker_unavailable(f"{broker!r} cannot be restarted or administered by the harness")
+    return broker
