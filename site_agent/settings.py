@@ -1,0 +1,43 @@
+"""Site agent configuration (``FEDMQ_*`` env vars, ``.env``, or ``--config site.toml``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from shared.settings import FedmqSettings
+
+
+class SiteSettings(FedmqSettings):
+    site_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    secret_context: Path
+    signing_key: Path
+    manifest: Path
+    state_dir: Path
+    #: federation-wide: every site must use the same preset and seed (x_0 is built from them)
+    model_preset: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    init_seed: int = 0
+    image_size: int = Field(28, ge=8, le=1024)
+    # local training
+    lr: float = Field(0.01, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(64, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    dp_enabled: bool = True
+    target_epsilon: float = Field(1.2, gt=0)
+    target_delta: float | None = Field(None, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    #: updates this site plans to contribute; the DP noise is set so all of them fit the budget
+    planned_rounds: int = Field(20, ge=1)
+    seed: int = 0
+    # update pipeline
+    sparsity_mode: Literal["dense", "topk"] = "topk"
+    topk_fraction: float = Field(0.5, gt=0, le=1)
+    #: stretch each round's wall time by this factor (straggler experiments only)
+    slowdown_factor: float = Field(1.0, ge=1.0)
+    progress_bars: bool = True
+    train_split: Literal["train"] = "train"
+    val_split: Literal["val"] = "val"
