@@ -18,7 +18,9 @@ Isolation between tests. Each test asks :meth:`Broker.new_namespace` for a :clas
   and ``Namespace.prefix`` is a unique string that tests must put in front of every queue and
   exchange name. Nothing is deleted afterwards, so such tests should declare auto-delete or
   exclusive objects. We do not guess a ``rabbitmqctl`` target for an external URL, because the
-  default node is often a different broker (for example the system one on 5672).
+  default node is often a different broker (for example the system one on 5672). With
+  ``FEDMQ_TEST_RABBITMQ_NODE`` set, ``rabbitmqctl`` runs as the current user and so uses that
+  user's ``~/.erlang.cookie``, which must match the node's.
 """
 
 from __future__ import annotations
