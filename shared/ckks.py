@@ -189,8 +189,9 @@ def pad_block(values: np.ndarray, slots: int) -> np.ndarray:
 def encrypt_block(ctx: LoadedContext, values: np.ndarray) -> bytes:
     if not ctx.is_private:
         raise CryptoError("encryption needs the site's secret context")
-    if values.size and float(np.max(np.abs(values))) > ctx.preset.max_abs_value:
-        raise CryptoError(f"value magnitude exceeds the preset's range ({ctx.preset.max_abs_value:g})")
+    # written as "not <=" so that NaN (which compares false to everything) is refused too
+    if values.size and not float(np.max(np.abs(values))) <= ctx.preset.max_abs_value:
+        raise CryptoError(f"value not finite or beyond the preset's range ({ctx.preset.max_abs_value:g})")
     return ts.ckks_vector(ctx.context, pad_block(values, ctx.preset.slots)).serialize()
 
 

@@ -66,14 +66,32 @@ def _unpack(data: bytes, max_bytes: int) -> dict[str, Any]:
     except MalformedMessage:
         raise
     except (ValueError, TypeError, msgpack.exceptions.UnpackException) as exc:
-        # msgpack raises ValueError for both corrupt bytes and some truncations
+        # msgpack raises ValueError for both corrupt bytes and some truncations. Its
+        # max_{map,array,str,bin}_len default to len(data), so "N exceeds max_map_len(M)"
+        # means a length header promises more than the message holds: a cut-off message.
         text = str(exc)
-        if "incomplete" in text.lower() or "truncat" in text.lower():
+        lowered = text.lower()
+        if "incomplete" in lowered or "truncat" in lowered or "exceeds max_" in lowered:
             raise TruncatedMessage(text) from None
         raise MalformedMessage(f"not msgpack: {type(exc).__name__} {text}".strip()) from None
     if not isinstance(obj, dict):
         raise MalformedMessage(f"top-level value is {type(obj).__name__}, expected a map")
+    _refuse_timestamps(obj)
     return obj
+
+
+def _refuse_timestamps(obj: Any) -> None:
+    """msgpack decodes ext type -1 (timestamp) itself, never calling ``ext_hook``."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, msgpack.Timestamp):
+            raise MalformedMessage("msgpack extension type -1 (timestamp) is not allowed")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
 
 
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, expect: type[M] | None = None) -> WireModel:
@@ -82,7 +100,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, expect: t
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise UnknownMessageKind(f"unknown message kind {kind!r}")
     version = obj.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # True == 1.0 == 1 in Python
         raise SchemaVersionMismatch(f"schema_version {version!r}; this build speaks {SCHEMA_VERSION}")
     model = MESSAGE_TYPES[kind]
     if expect is not None and model is not expect:

@@ -7,6 +7,7 @@ nothing reads the environment at import time.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -61,5 +62,7 @@ def load_settings(cls: type[S], config_file: str | Path | None = None, **overrid
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ConfigError(f"invalid {cls.__name__}:\n" + "\n".join(lines)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
     finally:
         cls._active_toml = None  # type: ignore[attr-defined]

@@ -45,7 +45,8 @@ def blocks_to_keep(total: int, mode: SparsityMode, fraction: float) -> int:
         return total
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"top-k fraction must lie in (0, 1], got {fraction}")
-    return max(1, math.ceil(fraction * total))
+    # round first: 0.1 * 30 is 3.0000000000000004 in binary floating point, and means 3
+    return max(1, math.ceil(round(fraction * total, 9)))
 
 
 def sparsify(
