@@ -1,0 +1,573 @@
+"""The aggregator's state machine: validate, log, fold, commit. No broker I/O.
+
+``accept(body, user_id=, redelivered=)`` validates one update chunk and, when it is good,
+appends it to the write-ahead log (fsync) and returns a ``Decision``; the caller acks the
+message (or dead-letters a refused one) and then calls ``apply(decision)``, which assembles
+chunks and folds complete updates, committing a version every K folds. What must go out on
+the broker comes back as ``Outgoing`` values; the consumer publishes them.
+
+Durable state (``state_dir``): ``checkpoint.msgpack`` (D_v and bookkeeping at the last
+commit), ``wal-<version>.log`` (every accepted chunk since), ``status.json``. On start the
+checkpoint is loaded and the WAL replayed with the weights recorded on arrival, so a crash
+at any point folds each acknowledged update exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tenseal as ts
+
+from aggregator import checkpoint as cpmod
+from aggregator import fold as foldmod
+from aggregator.metrics import AggregatorMetrics
+from aggregator.policy import Admission, Policy
+from aggregator.settings import AggregatorSettings
+from aggregator.wal import WriteAheadLog, read_records, write_segment
+from broker.topology import DEAD_LETTER_EXCHANGE, DETAIL_HEADER, GLOBAL_EXCHANGE, REASON_HEADER, SITE_DIRECT_EXCHANGE
+from shared.atomic import atomic_write_json
+from shared.chunking import Assembled, ChunkAssembler, chunk_blocks, header_of
+from shared.ckks import LoadedContext, load_ciphertext, load_context
+from shared.codec import decode_site_metrics, decode_snapshot_request, decode_update_chunk, encode, encode_rejection
+from shared.errors import (
+    ConfigError,
+    CryptoError,
+    DuplicateUpdate,
+    IdentityMismatch,
+    InconsistentChunk,
+    KeyMismatch,
+    LayoutMismatch,
+    MissingChunk,
+    ReplayedUpdate,
+    UnknownSite,
+    WireError,
+)
+from shared.schema import Contributor, EncryptedBlock, GlobalVersionChunk, Rejection, UpdateChunk
+from shared.signing import load_pinned_keys, verify_chunk
+
+logger = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+CRASH_ENV = "FEDMQ_AGGREGATOR_CRASH_AT"
+CRASH_POINTS = ("after-wal", "before-ack", "after-fold", "after-checkpoint")
+
+
+class BlockSizeMismatch(WireError):
+    reason = "block-size"
+
+
+class WrongShard(WireError):
+    reason = "wrong-shard"
+
+
+class BadCiphertext(WireError):
+    reason = "ciphertext"
+
+
+class CrashHook:
+    """Test hook: ``FEDMQ_AGGREGATOR_CRASH_AT=point:n`` SIGKILLs the process the n-th time
+    (default 1st) execution reaches ``point`` (one of CRASH_POINTS). Never set in production."""
+
+    def __init__(self, spec: str | None = None) -> None:
+        spec = os.environ.get(CRASH_ENV, "") if spec is None else spec
+        self.point: str | None = None
+        self.remaining = 0
+        if spec:
+            point, _, count = spec.partition(":")
+            if point not in CRASH_POINTS:
+                raise ConfigError(f"{CRASH_ENV}: unknown point {point!r}; one of {CRASH_POINTS}")
+            self.point, self.remaining = point, int(count or 1)
+        self.enabled = True
+
+    def __call__(self, point: str) -> None:
+        if self.enabled and point == self.point:
+            self.remaining -= 1
+            if self.remaining <= 0:
+                logger.warning("test crash hook: SIGKILL at %s", point)
+                logging.shutdown()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Outgoing:
+    exchange: str
+    routing_key: str
+    body: bytes
+    kind: Literal["delta", "snapshot", "dead-letter"]
+    headers: dict[str, Any] | None = None
+
+
+@dataclass
+class Decision:
+    action: Literal["accept", "reject", "drop"]
+    reason: str = ""
+    detail: str = ""
+    site_id: str | None = None
+    update_id: str | None = None
+    chunk: UpdateChunk | None = None
+    record: dict[str, Any] | None = None
+
+    def dead_letter_headers(self) -> dict[str, Any]:
+        return {REASON_HEADER: self.reason, DETAIL_HEADER: self.detail[:2000]}
+
+
+@dataclass
+class _Pending:
+    site_id: str
+    seq: int
+    base_version: int
+    sample_weight: float
+    admission: Admission
+    header: dict[str, Any]
+    chunk_indices: set[int] = field(default_factory=set)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _segment_name(version: int) -> str:
+    return f"wal-{version:06d}.log"
+
+
+class AggregatorEngine:
+    def __init__(
+        self,
+        settings: AggregatorSettings,
+        *,
+        context: LoadedContext | None = None,
+        pinned: dict[str, Any] | None = None,
+        metrics: AggregatorMetrics | None = None,
+        crash_hook: CrashHook | None = None,
+    ) -> None:
+        self.settings = s = settings
+        self.ctx = context or load_context(s.public_context, require_secret=False)
+        if self.ctx.is_private:
+            raise CryptoError("the aggregator must not hold a secret key")
+        self.pinned = pinned if pinned is not None else load_pinned_keys(s.site_keys_dir)
+        self.metrics = metrics or AggregatorMetrics()
+        self.crash = crash_hook or CrashHook()
+        self.state_dir = Path(s.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.policy = Policy(
+            mode=s.mode, buffer_size=s.buffer_size, staleness_exponent=s.staleness_exponent,
+            max_staleness=s.max_staleness, weight_quantum=s.weight_quantum,
+            reference_sample_weight=s.reference_sample_weight, sites=frozenset(self.pinned),
+        )
+        if s.mode == "sync" and not self.pinned:
+            raise ConfigError("sync mode needs pinned site keys (K = number of sites)")
+        self.K = self.policy.commit_after
+        self.value_scale = foldmod.value_scale(s.server_lr, s.weight_quantum, self.K)
+        self.block_size = self.ctx.preset.slots
+
+        self.version = 0
+        self.D: dict[int, ts.CKKSVector] = {}
+        self._D_bytes: dict[int, bytes] = {}
+        self.buffer: dict[int, ts.CKKSVector] = {}
+        self.contributors: list[Contributor] = []
+        self.buffer_ids: list[str] = []
+        self.round_sites: set[str] = set()
+        self.pending: dict[str, _Pending] = {}
+        self.assembler: ChunkAssembler[UpdateChunk] = ChunkAssembler(
+            lambda c: c.update_id, max_pending=s.max_pending_updates, max_pending_bytes=s.max_pending_bytes
+        )
+        self.site_seq: dict[str, int] = {}
+        self.recent: deque[tuple[int, list[str]]] = deque(maxlen=s.remember_versions)
+        self._known: set[str] = set()
+        self.expired: deque[str] = deque(maxlen=4096)
+        self.sites: dict[str, dict[str, Any]] = {}
+        self.layout_fp = s.layout_fingerprint
+        self.total_blocks: int | None = None
+        self.duplicates_dropped = 0
+        self.updates_folded_total = 0
+        self.startup_outgoing: list[Outgoing] = []
+        self._replaying = False
+        self._log_once: set[str] = set()
+
+        self._recover()
+
+    # ------------------------------------------------------------------ config / recovery
+
+    def _config(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "mode": s.mode, "weight_quantum": s.weight_quantum, "buffer_size": self.K,
+            "server_lr": s.server_lr, "value_scale": self.value_scale,
+            "key_fingerprint": self.ctx.fingerprint, "layout_fingerprint": self.layout_fp,
+            "total_blocks": self.total_blocks, "block_size": self.block_size,
+            "shard_index": s.shard_index, "shard_count": s.shard_count,
+            "staleness_exponent": s.staleness_exponent, "reference_sample_weight": s.reference_sample_weight,
+        }
+
+    def _recover(self) -> None:
+        cp = cpmod.load(self.state_dir)
+        if cp is None:
+            self.segment = _segment_name(0)
+            write_segment(self.state_dir / self.segment, [])
+            self._write_checkpoint()
+        else:
+            cpmod.check_config(cp.config, self._config())
+            self.version = cp.version
+            self.layout_fp = cp.config.get("layout_fingerprint") or self.layout_fp
+            self.total_blocks = cp.config.get("total_blocks")
+            for index, data in cp.blocks.items():
+                self.D[index] = load_ciphertext(self.ctx, data)
+                self._D_bytes[index] = data
+            self.site_seq = dict(cp.site_seq)
+            for v, ids in cp.recent:
+                self.recent.append((v, list(ids)))
+                self._known.update(ids)
+            self.sites = {k: dict(v) for k, v in cp.sites.items()}
+            self.segment = cp.wal_segment
+        records, _, torn = read_records(self.state_dir / self.segment)
+        if torn:
+            logger.warning("WAL %s ends in a torn record (crash during a write); ignoring it", self.segment)
+        self._replaying = True
+        self.crash.enabled, was_enabled = False, self.crash.enabled
+        try:
+            for i, rec in enumerate(records):
+                self._replay_record(rec, records[i + 1 :])
+        finally:
+            self._replaying = False
+            self.crash.enabled = was_enabled
+        # drop segments the checkpoint does not reference (left by a crash mid-commit)
+        for p in self.state_dir.glob("wal-*.log*"):
+            if p.name != self.segment:
+                p.unlink(missing_ok=True)
+        self.wal = WriteAheadLog(self.state_dir / self.segment)
+        self._update_gauges()
+        if records:
+            logger.info("replayed %d WAL records; version %d, buffer %d/%d, %d incomplete",
+                        len(records), self.version, len(self.buffer_ids), self.K, len(self.pending))
+        self.startup_outgoing.extend(self.snapshot())
+        self.write_status()
+
+    def _replay_record(self, rec: dict[str, Any], later: list[dict[str, Any]]) -> None:
+        if rec.get("t") == "expire":
+            self._expire_update(rec["uid"], log=False)
+            return
+        if rec.get("t") != "chunk":
+            return
+        chunk = decode_update_chunk(rec["body"], max_bytes=len(rec["body"]) + 1)
+        self._register(chunk, Admission(rec["st"], rec["u"]), rec)
+        self.startup_outgoing.extend(self._apply_chunk(chunk, len(rec["body"]), carry=later))
+
+    # ------------------------------------------------------------------ accept
+
+    def _refuse(self, exc: WireError, chunk: UpdateChunk | None = None) -> Decision:
+        site = chunk.site_id if chunk else None
+        first = self.metrics.reject(exc.reason)
+        if site in self.sites or (site and site in self.pinned):
+            info = self.sites.setdefault(site, {})
+            rej = info.setdefault("rejected", {})
+            rej[exc.reason] = rej.get(exc.reason, 0) + 1
+        log = logger.warning if first else logger.debug
+        log("refused chunk: %s: %s", exc.reason, exc.detail, extra={"reason": exc.reason, "site": site})
+        return Decision("reject", exc.reason, exc.detail, site, chunk.update_id if chunk else None, chunk)
+
+    def _drop(self, chunk: UpdateChunk, why: str) -> Decision:
+        self.duplicates_dropped += 1
+        self.metrics.duplicates_dropped.inc()
+        logger.debug("dropping redelivered chunk %s/%d: %s", chunk.update_id, chunk.chunk_index, why)
+        return Decision("drop", "duplicate", why, chunk.site_id, chunk.update_id, chunk)
+
+    def accept(self, body: bytes, *, user_id: str | None = None, redelivered: bool = False) -> Decision:
+        """Validate one update chunk; WAL it (fsync) when good. Ack after this returns."""
+        self.metrics.bytes_in.inc(len(body))
+        chunk: UpdateChunk | None = None
+        try:
+            chunk = decode_update_chunk(body, max_bytes=self.settings.max_message_bytes)
+            if self.settings.check_user_id and user_id != chunk.site_id:
+                raise IdentityMismatch(f"AMQP user_id {user_id!r} is not the chunk's site {chunk.site_id!r}")
+            if chunk.site_id not in self.pinned:
+                raise UnknownSite(f"no pinned public key for site {chunk.site_id!r}")
+            verify_chunk(chunk, self.pinned)
+            if chunk.key_fingerprint != self.ctx.fingerprint:
+                raise KeyMismatch(f"key {chunk.key_fingerprint!r} is not the federation's {self.ctx.fingerprint!r}")
+            if self.layout_fp is not None and chunk.layout_fingerprint != self.layout_fp:
+                raise LayoutMismatch(f"layout {chunk.layout_fingerprint!r} is not {self.layout_fp!r}")
+            if self.total_blocks is not None and chunk.total_blocks != self.total_blocks:
+                raise LayoutMismatch(f"total_blocks {chunk.total_blocks} is not {self.total_blocks}")
+            if chunk.block_size != self.block_size:
+                raise BlockSizeMismatch(f"block_size {chunk.block_size} is not the preset's {self.block_size} slots")
+            if self.settings.shard_count > 1:
+                for b in chunk.block_indices:
+                    if foldmod.block_shard(b, chunk.total_blocks, self.settings.shard_count) != self.settings.shard_index:
+                        raise WrongShard(f"block {b} belongs to another shard")
+            uid = chunk.update_id
+            pend = self.pending.get(uid)
+            if uid in self._known or uid in self.buffer_ids:
+                if redelivered:
+                    return self._drop(chunk, "update already folded")
+                raise DuplicateUpdate(f"update {uid} was already folded")
+            if pend is not None:
+                if chunk.chunk_index in pend.chunk_indices:
+                    if redelivered:
+                        return self._drop(chunk, "chunk already in the WAL")
+                    raise DuplicateUpdate(f"chunk {chunk.chunk_index} of {uid} already received")
+                if header_of(chunk) != pend.header:
+                    raise InconsistentChunk(f"{uid}: chunk {chunk.chunk_index} header differs from earlier chunks")
+                admission = pend.admission
+            else:
+                if uid in self.expired:
+                    raise MissingChunk(f"{uid} already expired as incomplete")
+                if chunk.seq <= self.site_seq.get(chunk.site_id, 0):
+                    if redelivered:
+                        return self._drop(chunk, "sequence number already consumed")
+                    raise ReplayedUpdate(
+                        f"{chunk.site_id} seq {chunk.seq} <= last accepted {self.site_seq.get(chunk.site_id, 0)}"
+                    )
+                if len(self.pending) >= self.settings.max_pending_updates:
+                    raise MissingChunk(f"too many incomplete updates pending; refusing {uid}")
+                admission = self.policy.admit(
+                    site_id=chunk.site_id, base_version=chunk.base_version, current_version=self.version,
+                    sample_weight=chunk.sample_weight, round_sites=self.round_sites,
+                )
+        except WireError as exc:
+            return self._refuse(exc, chunk)
+        record = {
+            "t": "chunk", "body": bytes(body), "uid": chunk.update_id, "ci": chunk.chunk_index,
+            "st": admission.staleness, "u": admission.weight_units, "user": user_id,
+            "redelivered": bool(redelivered), "at": time.time(),
+        }
+        self.wal.append(record)
+        self.crash("after-wal")
+        self._register(chunk, admission, record)
+        return Decision("accept", "", "", chunk.site_id, chunk.update_id, chunk, record)
+
+    def _register(self, chunk: UpdateChunk, admission: Admission, record: dict[str, Any]) -> None:
+        uid = chunk.update_id
+        pend = self.pending.get(uid)
+        if pend is None:
+            pend = self.pending[uid] = _Pending(
+                chunk.site_id, chunk.seq, chunk.base_version, chunk.sample_weight, admission, header_of(chunk)
+            )
+            self.site_seq[chunk.site_id] = max(chunk.seq, self.site_seq.get(chunk.site_id, 0))
+            if self.settings.mode == "sync":
+                self.round_sites.add(chunk.site_id)
+            if self.layout_fp is None:
+                self.layout_fp = chunk.layout_fingerprint
+            if self.total_blocks is None:
+                self.total_blocks = chunk.total_blocks
+        pend.chunk_indices.add(chunk.chunk_index)
+        pend.records.append(record)
+
+    # ------------------------------------------------------------------ apply / fold / commit
+
+    def apply(self, decision: Decision) -> list[Outgoing]:
+        """Assemble and fold after the ack; returns what to publish (versions, notices)."""
+        if decision.action != "accept" or decision.chunk is None or decision.record is None:
+            return []
+        return self._apply_chunk(decision.chunk, len(decision.record["body"]), carry=[])
+
+    def handle_chunk(self, body: bytes, *, user_id: str | None = None, redelivered: bool = False) -> tuple[Decision, list[Outgoing]]:
+        """accept + apply in one call (unit tests, tools)."""
+        d = self.accept(body, user_id=user_id, redelivered=redelivered)
+        return d, self.apply(d)
+
+    def _apply_chunk(self, chunk: UpdateChunk, nbytes: int, carry: list[dict[str, Any]]) -> list[Outgoing]:
+        uid = chunk.update_id
+        try:
+            assembled = self.assembler.add(chunk, nbytes)
+        except WireError as exc:
+            return self._drop_pending(uid, exc)
+        if assembled is None:
+            return []
+        pend = self.pending[uid]
+        t0 = time.perf_counter()
+        try:
+            vectors = [(b.index, self._load(b)) for b in assembled.blocks]
+        except WireError as exc:
+            return self._drop_pending(uid, exc)
+        foldmod.fold_into(self.buffer, vectors, pend.admission.weight_units)
+        self.metrics.fold_seconds.observe(time.perf_counter() - t0)
+        self.metrics.updates_folded.inc()
+        self.updates_folded_total += 1
+        del self.pending[uid]
+        self.buffer_ids.append(uid)
+        self.contributors.append(Contributor(
+            site_id=pend.site_id, update_id=uid, base_version=pend.base_version,
+            staleness=pend.admission.staleness, weight_units=pend.admission.weight_units,
+            sample_weight=float(pend.sample_weight),
+        ))
+        info = self.sites.setdefault(pend.site_id, {})
+        info.update(last_update_id=uid, last_update_at=time.time(), last_staleness=pend.admission.staleness,
+                    last_weight_units=pend.admission.weight_units, last_base_version=pend.base_version,
+                    updates_folded=int(info.get("updates_folded", 0)) + 1)
+        self._update_gauges()
+        self.crash("after-fold")
+        if self.policy.commit_due(len(self.buffer_ids), self.round_sites):
+            return self._commit(carry)
+        return []
+
+    def _load(self, block: EncryptedBlock) -> ts.CKKSVector:
+        try:
+            return load_ciphertext(self.ctx, block.ciphertext)
+        except CryptoError as exc:
+            raise BadCiphertext(f"block {block.index}: {exc}") from None
+
+    def _drop_pending(self, uid: str, exc: WireError) -> list[Outgoing]:
+        """An update that cannot be folded after its chunks were acked: forget it, dead-letter a notice."""
+        pend = self.pending.pop(uid, None)
+        self.assembler.discard(uid)
+        if pend is not None and self.settings.mode == "sync":
+            self.round_sites.discard(pend.site_id)
+        if self._replaying:
+            return []
+        self.metrics.reject(exc.reason)
+        logger.warning("update %s dropped: %s: %s", uid, exc.reason, exc.detail)
+        return [self._notice(exc.reason, exc.detail, pend.site_id if pend else None, uid)]
+
+    def _notice(self, reason: str, detail: str, site: str | None, uid: str | None) -> Outgoing:
+        body = encode_rejection(Rejection(reason=reason, detail=detail[:2000], site_id=site, update_id=uid))
+        return Outgoing(DEAD_LETTER_EXCHANGE, "", body, "dead-letter", {REASON_HEADER: reason, DETAIL_HEADER: detail[:2000]})
+
+    def _commit(self, carry: list[dict[str, Any]]) -> list[Outgoing]:
+        changed = foldmod.commit(self.D, self.buffer)
+        self.version += 1
+        for index in changed:
+            self._D_bytes[index] = self.D[index].serialize()
+        contributors, ids = tuple(self.contributors), list(self.buffer_ids)
+        if len(self.recent) == self.recent.maxlen:
+            _, old = self.recent[0]
+            self._known.difference_update(old)
+        self.recent.append((self.version, ids))
+        self._known.update(ids)
+        self.contributors, self.buffer_ids = [], []
+        self.round_sites = {p.site_id for p in self.pending.values()} if self.settings.mode == "sync" else set()
+        # new segment = the records of still-incomplete updates + (during replay) the records after this one
+        old_segment, self.segment = self.segment, _segment_name(self.version)
+        carried = [r for p in self.pending.values() for r in p.records] + list(carry)
+        write_segment(self.state_dir / self.segment, carried)
+        self._write_checkpoint()
+        self.crash("after-checkpoint")
+        if not self._replaying:
+            self.wal.close()
+            self.wal = WriteAheadLog(self.state_dir / self.segment)
+        if old_segment != self.segment:
+            (self.state_dir / old_segment).unlink(missing_ok=True)
+        self._update_gauges()
+        logger.info("version %d committed: %d updates, %d blocks changed", self.version, len(ids), len(changed),
+                    extra={"version": self.version})
+        out = self._version_messages("delta", changed, contributors=contributors)
+        if self.settings.snapshot_every and self.version % self.settings.snapshot_every == 0:
+            out += self.snapshot()
+        if not self._replaying:
+            self.write_status()
+        return out
+
+    def _write_checkpoint(self) -> None:
+        cp = cpmod.Checkpoint(
+            version=self.version, value_scale=self.value_scale, config=self._config(),
+            blocks=dict(self._D_bytes), site_seq=dict(self.site_seq),
+            recent=[(v, list(ids)) for v, ids in self.recent], sites=self.sites, wal_segment=self.segment,
+        )
+        cpmod.save(self.state_dir, cp)
+
+    # ------------------------------------------------------------------ outgoing versions
+
+    def _version_messages(
+        self, mode: Literal["delta", "snapshot"], indices: list[int], *,
+        contributors: tuple[Contributor, ...] = (), target_site: str | None = None,
+    ) -> list[Outgoing]:
+        if self.layout_fp is None or self.total_blocks is None:
+            return []  # nothing folded yet: every party already has x_0
+        blocks = [EncryptedBlock(index=i, ciphertext=self._D_bytes[i]) for i in sorted(indices)]
+        template = GlobalVersionChunk(
+            chunk_index=0, chunk_count=1, block_size=self.block_size, total_blocks=self.total_blocks,
+            block_indices=(), blocks=(), key_fingerprint=self.ctx.fingerprint,
+            layout_fingerprint=self.layout_fp, version=self.version, mode=mode, value_scale=self.value_scale,
+            target_site=target_site, contributors=contributors,
+            weight_units_sum=sum(c.weight_units for c in contributors), created_at=time.time(),
+        )
+        chunks = chunk_blocks(template, blocks, self.settings.max_message_bytes)
+        if target_site is None:
+            return [Outgoing(GLOBAL_EXCHANGE, "", encode(c), mode) for c in chunks]
+        return [Outgoing(SITE_DIRECT_EXCHANGE, target_site, encode(c), mode) for c in chunks]
+
+    def snapshot(self, target_site: str | None = None) -> list[Outgoing]:
+        return self._version_messages("snapshot", sorted(self._D_bytes), target_site=target_site)
+
+    def drain_startup(self) -> list[Outgoing]:
+        out, self.startup_outgoing = self.startup_outgoing, []
+        return out
+
+    # ------------------------------------------------------------------ control messages
+
+    def handle_snapshot_request(self, body: bytes, *, user_id: str | None = None) -> tuple[Decision, list[Outgoing]]:
+        try:
+            req = decode_snapshot_request(body)
+            if self.settings.check_user_id and user_id != req.site_id:
+                raise IdentityMismatch(f"AMQP user_id {user_id!r} is not {req.site_id!r}")
+            if req.site_id not in self.pinned:
+                raise UnknownSite(f"unknown site {req.site_id!r}")
+        except WireError as exc:
+            return self._refuse(exc), []
+        logger.info("snapshot requested by %s (has %d, reason %s)", req.site_id, req.have_version, req.reason)
+        return Decision("accept", site_id=req.site_id), self.snapshot(target_site=req.site_id)
+
+    def handle_site_metrics(self, body: bytes, *, user_id: str | None = None) -> Decision:
+        try:
+            m = decode_site_metrics(body)
+            if self.settings.check_user_id and user_id != m.site_id:
+                raise IdentityMismatch(f"AMQP user_id {user_id!r} is not {m.site_id!r}")
+            if m.site_id not in self.pinned:
+                raise UnknownSite(f"unknown site {m.site_id!r}")
+        except WireError as exc:
+            return self._refuse(exc)
+        info = self.sites.setdefault(m.site_id, {})
+        info.update(epsilon_spent=m.epsilon_spent, epsilon_target=m.epsilon_target, auc=m.auc,
+                    metrics_version=m.version, n_val=m.n_val, updates_sent=m.updates_sent, metrics_at=m.timestamp)
+        return Decision("accept", site_id=m.site_id)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def expire(self, now: float | None = None) -> list[Outgoing]:
+        """Dead-letter updates whose chunks stopped coming; nothing of them is folded."""
+        out = []
+        for uid, exc in self.assembler.expire(self.settings.incomplete_timeout_s, now=now):
+            self.wal.append({"t": "expire", "uid": uid, "at": time.time()})
+            pend = self._expire_update(uid)
+            self.metrics.reject(exc.reason)
+            logger.warning("update %s expired incomplete: %s", uid, exc.detail)
+            out.append(self._notice(exc.reason, exc.detail, pend.site_id if pend else None, uid))
+        return out
+
+    def _expire_update(self, uid: str, log: bool = True) -> _Pending | None:
+        pend = self.pending.pop(uid, None)
+        self.assembler.discard(uid)
+        self.expired.append(uid)
+        if pend is not None and self.settings.mode == "sync":
+            self.round_sites.discard(pend.site_id)
+        return pend
+
+    def _update_gauges(self) -> None:
+        self.metrics.current_version.set(self.version)
+        self.metrics.buffer_fill.set(len(self.buffer_ids))
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        sites = {}
+        for site in sorted(set(self.pinned) | set(self.sites)):
+            info = dict(self.sites.get(site, {}))
+            base = info.get("last_base_version")
+            info["versions_behind"] = self.version - base if base is not None else None
+            sites[site] = info
+        return {
+            "version": self.version, "mode": self.settings.mode, "buffer_fill": len(self.buffer_ids),
+            "buffer_size": self.K, "pending_updates": len(self.pending), "value_scale": self.value_scale,
+            "key_fingerprint": self.ctx.fingerprint, "layout_fingerprint": self.layout_fp,
+            "updates_folded_total": self.updates_folded_total, "duplicates_dropped": self.duplicates_dropped,
+            "rejected": dict(self.metrics.reason_counts), "sites": sites, "updated_at": now,
+            "shard_index": self.settings.shard_index, "shard_count": self.settings.shard_count,
+        }
+
+    def write_status(self) -> None:
+        atomic_write_json(self.state_dir / STATUS_FILE, self.status())
+
+    def close(self) -> None:
+        self.wal.close()

@@ -1,0 +1,112 @@
+"""Pure fold maths: staleness weights, integer weight units, folding and committing.
+
+Nothing here touches a broker or a file. Ciphertext operations are additions only
+(``scale_by_int`` is double-and-add), so no multiplicative level is consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, MutableMapping
+
+import numpy as np
+import tenseal as ts
+
+from shared.ckks import scale_by_int
+
+
+def staleness_weight(tau: int, exponent: float) -> float:
+    """s(tau) = (1 + tau)^-a."""
+    if tau < 0:
+        raise ValueError("staleness must be >= 0")
+    return float((1.0 + tau) ** (-exponent))
+
+
+def weight_units(
+    tau: int,
+    sample_weight: float,
+    *,
+    quantum: int,
+    exponent: float,
+    reference_sample_weight: float,
+) -> int:
+    """m = max(1, round(Q * s(tau) * w / w_ref)): the integer the update is multiplied by."""
+    raw = quantum * staleness_weight(tau, exponent) * sample_weight / reference_sample_weight
+    return max(1, int(round(raw)))
+
+
+def value_scale(server_lr: float, quantum: int, buffer_size: int) -> float:
+    """x_v = x_0 + value_scale * decrypt(D_v): server_lr / (Q * K)."""
+    return float(server_lr) / (quantum * buffer_size)
+
+
+def owned_blocks(total_blocks: int, shard_index: int, shard_count: int) -> range | list[int]:
+    """Shard i of n owns blocks with ``block * n // total == i``."""
+    if shard_count == 1:
+        return range(total_blocks)
+    return [b for b in range(total_blocks) if b * shard_count // total_blocks == shard_index]
+
+
+def block_shard(block: int, total_blocks: int, shard_count: int) -> int:
+    return block * shard_count // total_blocks
+
+
+def fold_into(
+    buffer: MutableMapping[int, ts.CKKSVector],
+    blocks: Iterable[tuple[int, ts.CKKSVector]],
+    units: int,
+) -> list[int]:
+    """buffer[b] += units * ct_b for each block. The given vectors must be owned by the caller
+    (freshly deserialized): they may end up inside ``buffer``. Returns the touched indices."""
+    touched = []
+    for index, vec in blocks:
+        scaled = scale_by_int(vec, units)
+        current = buffer.get(index)
+        if current is None:
+            buffer[index] = scaled
+        else:
+            current += scaled  # buffer entries are always vectors we own
+        touched.append(index)
+    return touched
+
+
+def commit(state: MutableMapping[int, ts.CKKSVector], buffer: MutableMapping[int, ts.CKKSVector]) -> list[int]:
+    """D[b] += buffer[b] for touched blocks; empties the buffer; returns changed indices (sorted)."""
+    changed = sorted(buffer)
+    for index in changed:
+        vec = buffer[index]
+        current = state.get(index)
+        if current is None:
+            state[index] = vec
+        else:
+            current += vec
+    buffer.clear()
+    return changed
+
+
+# --- plaintext mirror, used by tests and docs to check the encrypted path -----------------
+
+
+def fold_plain(buffer: dict[int, np.ndarray], blocks: Mapping[int, np.ndarray], units: int) -> None:
+    for index, values in blocks.items():
+        buffer[index] = buffer.get(index, 0.0) + units * np.asarray(values, dtype=np.float64)
+
+
+def commit_plain(state: dict[int, np.ndarray], buffer: dict[int, np.ndarray]) -> list[int]:
+    changed = sorted(buffer)
+    for index in changed:
+        state[index] = state.get(index, 0.0) + buffer[index]
+    buffer.clear()
+    return changed
+
+
+def reconstruct(
+    x0: np.ndarray, state: Mapping[int, np.ndarray], scale: float, block_size: int
+) -> np.ndarray:
+    """x_v = x_0 + value_scale * D_v, D given as decrypted (or plaintext) blocks."""
+    x = np.array(x0, dtype=np.float64, copy=True)
+    for index, values in state.items():
+        lo = index * block_size
+        hi = min(lo + block_size, x.size)
+        if lo < x.size:
+            x[lo:hi] += scale * np.asarray(values, dtype=np.float64)[: hi - lo]
+    return x

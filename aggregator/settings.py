@@ -1,0 +1,56 @@
+"""Aggregator settings: ``FEDMQ_*`` env vars, a TOML file, or CLI flags (see shared.settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from shared.settings import FedmqSettings
+
+
+class AggregatorSettings(FedmqSettings):
+    #: public (evaluation-only) CKKS context; loading refuses a file holding a secret key
+    public_context: Path = Path("keys/aggregator-public.ckks")
+    #: directory of pinned ``<site>.ed25519.pub`` files: the list of known sites
+    site_keys_dir: Path = Path("keys/sites")
+    #: checkpoint, write-ahead log and status.json live here
+    state_dir: Path = Path("state/aggregator")
+    mode: Literal["async", "sync"] = "async"
+    #: K: updates folded per version (async). Sync mode uses the number of pinned sites.
+    buffer_size: int = Field(3, ge=1, le=10_000)
+    #: a in s(tau) = (1 + tau)^-a
+    staleness_exponent: float = Field(0.5, ge=0.0, le=10.0)
+    max_staleness: int = Field(16, ge=0)
+    server_lr: float = Field(1.0, gt=0)
+    #: Q: integer weight quantum; weight units m = max(1, round(Q * s(tau) * w / w_ref))
+    weight_quantum: int = Field(64, ge=1, le=1 << 16)
+    reference_sample_weight: float = Field(1.0, gt=0)
+    #: publish a full snapshot every M versions (0 = only on start-up and on request)
+    snapshot_every: int = Field(10, ge=0)
+    #: prometheus port; 0 = off
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    incomplete_timeout_s: float = Field(120.0, gt=0)
+    #: require AMQP ``user_id`` == chunk.site_id (sites connect as broker user = site id)
+    check_user_id: bool = True
+    #: expected layout fingerprint; None = the first accepted update fixes it
+    layout_fingerprint: str | None = None
+    shard_index: int = Field(0, ge=0)
+    shard_count: int = Field(1, ge=1)
+    prefetch: int = Field(16, ge=1, le=10_000)
+    heartbeat_s: int = Field(60, ge=0)
+    #: how often status.json is rewritten and incomplete updates are expired
+    housekeeping_s: float = Field(2.0, gt=0)
+    #: incomplete-update limits (ChunkAssembler)
+    max_pending_updates: int = Field(256, ge=1)
+    max_pending_bytes: int = Field(512 << 20, ge=1 << 20)
+    #: committed update ids remembered per version, for duplicate detection, this many versions back
+    remember_versions: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _shard(self) -> "AggregatorSettings":
+        if self.shard_index >= self.shard_count:
+            raise ValueError("shard_index must be < shard_count")
+        return self
