@@ -201,9 +201,14 @@ def encrypt_blocks(ctx: LoadedContext, blocks: Iterable[np.ndarray]) -> list[byt
 
 def load_ciphertext(ctx: LoadedContext, data: bytes) -> ts.CKKSVector:
     try:
-        return ts.ckks_vector_from(ctx.context, data)
+        vec = ts.ckks_vector_from(ctx.context, data)
     except Exception as exc:
         raise CryptoError(f"unreadable ciphertext ({exc})") from None
+    # TenSEAL parses many garbage byte strings (b"", b"xxx") as an empty vector; every
+    # ciphertext fedmq makes is one full, padded block.
+    if vec.size() != ctx.preset.slots:
+        raise CryptoError(f"ciphertext holds {vec.size()} values, expected a full block of {ctx.preset.slots}")
+    return vec
 
 
 def decrypt_block(ctx: LoadedContext, data: bytes | ts.CKKSVector) -> np.ndarray:
