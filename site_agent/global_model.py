@@ -17,6 +17,7 @@ from shared.chunking import Assembled, ChunkAssembler
 from shared.ckks import LoadedContext, decrypt_block
 from shared.errors import KeyMismatch, LayoutMismatch
 from shared.schema import GlobalVersionChunk
+from site_agent.model_state import model_vector
 from site_agent.state import SiteState
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,4 @@ class GlobalModelReceiver:
         return ApplyResult("applied", head.version, head.version)
 
     def model_vector(self, x0: np.ndarray) -> np.ndarray:
-        if self.state.global_sum.size == 0 or self.state.value_scale == 0.0:
-            return x0.copy()
-        return x0 + self.state.value_scale * self.state.global_sum[: x0.size]
+        return model_vector(x0, self.state.global_sum, self.state.value_scale)

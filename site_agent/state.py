@@ -36,6 +36,7 @@ class SiteState:
     version: int = 0
     next_seq: int = 1
     updates_sent: int = 0
+    bytes_sent: int = 0
     last_trained_base: int = -1
     generation: int = 0
     global_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -78,6 +79,7 @@ class SiteStateStore:
                 "version": state.version,
                 "next_seq": state.next_seq,
                 "updates_sent": state.updates_sent,
+                "bytes_sent": state.bytes_sent,
                 "last_trained_base": state.last_trained_base,
                 "generation": g,
                 "has_residual": state.residual is not None,
@@ -120,6 +122,7 @@ class SiteStateStore:
             version=meta["version"],
             next_seq=meta["next_seq"],
             updates_sent=meta["updates_sent"],
+            bytes_sent=meta.get("bytes_sent", 0),
             last_trained_base=meta["last_trained_base"],
             generation=g,
             global_sum=np.load(self.dir / f"global-{g}.npy"),

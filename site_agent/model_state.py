@@ -1,0 +1,46 @@
+"""The federation's model: preset + init seed -> x_0, its layout, and x_v from D_v.
+
+Every key holder (site agents, the study's evaluator) builds x_0 the same way, so the
+layout fingerprint names the init seed too: a party with another seed is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from shared.layout import ModelLayout
+from site_agent.models import build_model
+
+
+@dataclass
+class FederatedModel:
+    preset: str
+    init_seed: int
+    layout: ModelLayout
+    x0: np.ndarray
+
+    @classmethod
+    def create(cls, preset: str, init_seed: int) -> "FederatedModel":
+        model = build_model(preset, init_seed)  # type: ignore[arg-type]
+        layout = ModelLayout.from_state_dict(model.state_dict(), model_id=f"{preset}/init-seed-{init_seed}")
+        return cls(preset, init_seed, layout, layout.flatten(model.state_dict()))
+
+    def to_module(self, vector: np.ndarray) -> nn.Module:
+        model = build_model(self.preset, self.init_seed)  # type: ignore[arg-type]
+        model.load_state_dict(self.layout.unflatten(vector))
+        return model
+
+    def vector_of(self, model: nn.Module) -> np.ndarray:
+        return self.layout.flatten({k: v for k, v in model.state_dict().items()})
+
+
+def model_vector(x0: np.ndarray, global_sum: np.ndarray, value_scale: float) -> np.ndarray:
+    if global_sum.size == 0 or value_scale == 0.0:
+        return x0.copy()
+    return x0 + value_scale * global_sum[: x0.size]
+
+
+__all__ = ["FederatedModel", "model_vector"]

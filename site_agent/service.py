@@ -1,0 +1,198 @@
+"""``fedmq site run``: the long-lived agent next to a hospital's images.
+
+Threads: the main thread owns the pika connection (heartbeats, consuming global versions,
+publishing with confirms); one worker thread trains. The worker never touches pika: it hands
+its finished, encrypted update back with ``connection.add_callback_threadsafe``. The update
+is persisted (with the privacy ledger already charged) before the first chunk is published,
+so a crash mid-publish re-sends the same update id on restart instead of a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from broker import topology
+from broker.connection import Backoff, connect, username_of
+from shared.codec import CONTENT_TYPE, decode_global_version, encode
+from shared.errors import FedmqError, WireError
+from shared.schema import SiteMetrics, SnapshotRequest
+from site_agent.global_model import GlobalModelReceiver
+from site_agent.runtime import SiteRuntime
+from site_agent.settings import SiteSettings
+
+logger = logging.getLogger(__name__)
+
+
+class SiteAgent:
+    def __init__(self, settings: SiteSettings, runtime: SiteRuntime | None = None) -> None:
+        self.settings = settings
+        self.rt = runtime or SiteRuntime.open(settings)
+        self.receiver = GlobalModelReceiver(self.rt.state, self.rt.ctx, self.rt.layout.fingerprint, self.rt.layout.size)
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._conn: pika.BlockingConnection | None = None
+        self._channel: Any = None
+        self._backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s)
+        self._snapshot_requested_for: int | None = None
+        self._user_id = username_of(settings.amqp_url)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Connect, consume and train until stopped; reconnects with backoff after broker loss."""
+        logger.info("site agent starting", extra={"site": self.settings.site_id, "version": self.rt.state.version})
+        while not self._stop.is_set():
+            try:
+                self._run_connected()
+            except (pika.exceptions.AMQPError, FedmqError, OSError) as exc:
+                if self._stop.is_set():
+                    break
+                delay = self._backoff.next_delay()
+                logger.warning("broker connection lost; reconnecting", extra={"error": repr(exc), "delay_s": round(delay, 2)})
+                self._stop.wait(delay)
+            finally:
+                self._close()
+        if self._worker is not None:
+            self._worker.join()
+        logger.info("site agent stopped", extra={"site": self.settings.site_id})
+
+    def _close(self) -> None:
+        conn, self._conn, self._channel = self._conn, None, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except pika.exceptions.AMQPError:
+                pass
+
+    def _run_connected(self) -> None:
+        self._conn = connect(self.settings.amqp_url, backoff=self._backoff, name=f"fedmq-site-{self.settings.site_id}")
+        ch = self._channel = self._conn.channel()
+        ch.confirm_delivery()
+        spec = topology.site_queue_spec(self.settings.site_id)
+        topology.declare(ch, (), (spec,))
+        ch.basic_qos(prefetch_count=8)
+        ch.basic_consume(spec.name, self._on_global_message)
+        logger.info("connected", extra={"queue": spec.name})
+        if self.rt.state.pending is not None:
+            self._publish_pending()
+        if self.rt.state.version == 0 and self.rt.state.updates_sent == 0:
+            self._request_snapshot(-1 if self.rt.state.generation == 0 else 0, "start")
+        self._maybe_train()
+        while not self._stop.is_set():
+            self._conn.process_data_events(time_limit=0.5)
+            if self._worker is not None and not self._worker.is_alive() and self._stop.is_set():
+                break
+
+    # -- global versions -----------------------------------------------------------------
+    def _on_global_message(self, ch: Any, method: Any, properties: Any, body: bytes) -> None:
+        try:
+            chunk = decode_global_version(body, max_bytes=self.settings.max_message_bytes)
+            result = self.receiver.offer(chunk)
+        except WireError as exc:
+            logger.error("refused a global-version message", extra={"reason": exc.reason, "detail": exc.detail})
+            ch.basic_ack(method.delivery_tag)
+            return
+        if result.outcome == "applied":
+            self.rt.save_state()
+            self._snapshot_requested_for = None
+            ch.basic_ack(method.delivery_tag)
+            self._after_new_version()
+            return
+        ch.basic_ack(method.delivery_tag)
+        if result.outcome == "gap" and self._snapshot_requested_for != result.message_version:
+            self._request_snapshot(self.rt.state.version, f"gap: have {result.version}, got {result.message_version}")
+            self._snapshot_requested_for = result.message_version
+
+    def _request_snapshot(self, have: int, reason: str) -> None:
+        msg = SnapshotRequest(site_id=self.settings.site_id, have_version=have, reason=reason)
+        self._publish(topology.CONTROL_EXCHANGE, topology.SNAPSHOT_REQUEST_KEY, encode(msg), "snapshot-request")
+        logger.info("asked for a snapshot", extra={"have": have, "reason": reason})
+
+    def _after_new_version(self) -> None:
+        metrics = self.rt.evaluate_current()
+        msg = SiteMetrics(
+            site_id=self.settings.site_id,
+            version=self.rt.state.version,
+            auc=metrics.get("auc"),
+            n_val=int(metrics.get("n", 0)),
+            epsilon_spent=float(self.rt.epsilon_spent()),
+            epsilon_target=self.settings.target_epsilon if self.settings.dp_enabled else None,
+            updates_sent=self.rt.state.updates_sent,
+            timestamp=time.time(),
+        )
+        self._publish(topology.CONTROL_EXCHANGE, topology.METRICS_KEY, encode(msg), "site-metrics")
+        logger.info("evaluated global version", extra={"version": msg.version, "auc": msg.auc, "epsilon": msg.epsilon_spent})
+        self._maybe_train()
+
+    # -- training ------------------------------------------------------------------------
+    def _maybe_train(self) -> None:
+        if self._stop.is_set() or (self._worker is not None and self._worker.is_alive()):
+            return
+        if self.rt.state.pending is not None:
+            return
+        if self.rt.state.last_trained_base >= self.rt.state.version:
+            return  # wait for a newer global model than the one we last trained from
+        reason = self.rt.why_not_contribute()
+        if reason is not None:
+            logger.info("not contributing", extra={"reason": reason})
+            return
+        base_version = self.rt.state.version
+        self._worker = threading.Thread(target=self._train_worker, args=(base_version,), name="fedmq-train", daemon=True)
+        self._worker.start()
+
+    def _train_worker(self, base_version: int) -> None:
+        conn = self._conn
+        try:
+            self.rt.train_and_build(base_version, self._stop)
+        except Exception:  # a failed round must not kill the service; it is retried on the next version
+            logger.exception("local round failed")
+            return
+        if conn is not None and conn.is_open:
+            conn.add_callback_threadsafe(self._on_update_ready)
+
+    def _on_update_ready(self) -> None:
+        self._publish_pending()
+        self._maybe_train()
+
+    def _publish_pending(self) -> None:
+        state = self.rt.state
+        if state.pending is None:
+            return
+        for raw in state.pending:
+            self._publish(topology.UPDATES_EXCHANGE, topology.shard_key(0), raw, "update-chunk", persistent=True)
+        logger.info("update published", extra={"seq": state.pending_seq, "chunks": len(state.pending), "bytes": sum(map(len, state.pending))})
+        self.rt.mark_pending_published()
+
+    def _publish(self, exchange: str, key: str, body: bytes, kind: str, persistent: bool = True) -> None:
+        props = pika.BasicProperties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient,
+            type=kind,
+            user_id=self._user_id,
+            timestamp=int(time.time()),
+        )
+        # With confirm_delivery, basic_publish blocks until the broker confirms (or raises).
+        self._channel.basic_publish(exchange, key, body, props, mandatory=True)
+
+
+def run_site(settings: SiteSettings) -> int:
+    agent = SiteAgent(settings)
+    agent.install_signal_handlers()
+    agent.run()
+    return 0
+
+
+__all__ = ["SiteAgent", "run_site"]
