@@ -1,0 +1,109 @@
+"""DP-SGD plumbing: one noise multiplier for the whole federation, Opacus wrapping and unwrapping.
+
+The noise multiplier is derived once from the site's total budget over all planned rounds,
+so each round costs the same and the ledger can say in advance whether one more fits.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from site_agent.training.config import DPConfig, TrainingConfig
+from site_agent.training.errors import TrainingError
+from site_agent.training.ledger import LedgerParams
+
+logger = logging.getLogger(__name__)
+
+OPACUS_PREFIX = "_module."
+
+
+def noise_multiplier_for(dp: DPConfig, delta: float, sample_rate: float, steps_per_round: int) -> float:
+    """Smallest sigma (RDP) keeping ``planned_rounds`` rounds within ``target_epsilon``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        sigma = get_noise_multiplier(
+            target_epsilon=dp.target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=dp.planned_rounds * steps_per_round,
+            accountant="rdp",
+            epsilon_tolerance=0.01,
+        )
+    logger.info(
+        "noise multiplier %.4f for epsilon %.3g, delta %.3g, q %.4g, %d rounds x %d steps",
+        sigma, dp.target_epsilon, delta, sample_rate, dp.planned_rounds, steps_per_round,
+    )
+    return float(sigma)
+
+
+def ledger_params_for(config: TrainingConfig, n_samples: int) -> LedgerParams:
+    """Everything the ledger binds itself to, computed from the config and the local dataset size."""
+    delta = config.dp.resolve_delta(n_samples)
+    sample_rate = config.sample_rate(n_samples)
+    steps = config.steps_per_round(n_samples)
+    sigma = noise_multiplier_for(config.dp, delta, sample_rate, steps)
+    return LedgerParams(
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        delta=delta,
+        target_epsilon=config.dp.target_epsilon,
+        steps_per_round=steps,
+        planned_rounds=config.dp.planned_rounds,
+    )
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    generator: torch.Generator | None = None,
+) -> tuple[GradSampleModule, DPOptimizer]:
+    """Wrap for per-sample gradients; sampling stays with the caller (Poisson, see the trainer)."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise TrainingError(f"model is not DP-compatible: {errors}")
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
+    )
+    return wrapped, dp_optimizer
+
+
+def strip_opacus_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as the plain model names them, whatever wrapper produced the state."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        while key.startswith(OPACUS_PREFIX):
+            key = key[len(OPACUS_PREFIX) :]
+        out[key] = value
+    return out
+
+
+def release(wrapped: GradSampleModule) -> None:
+    """Detach Opacus hooks and per-sample buffers so nothing of them outlives the round."""
+    wrapped.remove_hooks()
+    for p in wrapped._module.parameters():
+        for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+            if hasattr(p, attr):
+                try:
+                    delattr(p, attr)
+                except AttributeError:
+                    setattr(p, attr, None)
+        p.grad = None
