@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.crypto`` (``make bench-crypto``)."""
