@@ -202,7 +202,8 @@ def apply_with_rabbitmqctl(ctl: CtlRunner, vhost: str, grants: Sequence[UserGran
             ctl("change_password", g.user, g.password)
         else:
             ctl("add_user", g.user, g.password)
-        ctl("set_user_tags", g.user, *g.tags)
+        if g.tags or g.user in users:  # a new user has no tags; an existing one may have stale ones
+            ctl("set_user_tags", g.user, *g.tags)
         ctl("set_permissions", "-p", vhost, g.user, *g.permissions.as_tuple())
 
 
