@@ -1,0 +1,1 @@
+"""The demo federation and the reproduction of the reference study (they drive every real part)."""

@@ -1,0 +1,158 @@
+"""The study's evaluator: a key holder that follows global versions and scores them.
+
+It plays the role of the consortium's study coordinator, who holds the site key like any
+hospital (never the aggregator). It binds its own queue to the fanout exchange, rebuilds
+each version exactly as a site does, and evaluates it on held-out data: the official
+validation split (checkpoint and threshold selection) and the official test split (reported).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pika
+import pika.exceptions
+import torch
+
+from broker import topology
+from broker.connection import connect
+from shared.ckks import LoadedContext
+from shared.codec import CONTENT_TYPE, decode_global_version, encode
+from shared.errors import WireError
+from shared.schema import SnapshotRequest
+from site_agent.global_model import GlobalModelReceiver
+from site_agent.model_state import FederatedModel
+from site_agent.state import SiteState
+from site_agent.training import evaluate, predict_proba
+
+logger = logging.getLogger(__name__)
+
+EVALUATOR_ID = "evaluator"
+
+
+@dataclass(frozen=True)
+class VersionScore:
+    version: int
+    wall_s: float
+    val_auc: float
+    test_auc: float
+    test_accuracy: float
+    threshold: float
+    contributors: int
+
+
+def best_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Threshold maximising balanced accuracy on validation (0.5 is meaningless under DP)."""
+    candidates = np.unique(np.round(probs, 4))
+    if candidates.size == 0:
+        return 0.5
+    if candidates.size > 200:
+        candidates = np.quantile(probs, np.linspace(0.005, 0.995, 200))
+    pos, neg = labels == 1, labels == 0
+    best, best_t = -1.0, 0.5
+    for t in candidates:
+        pred = probs >= t
+        bal = 0.5 * (pred[pos].mean() if pos.any() else 0) + 0.5 * ((~pred)[neg].mean() if neg.any() else 0)
+        if bal > best:
+            best, best_t = bal, float(t)
+    return best_t
+
+
+@dataclass
+class Evaluator:
+    url: str
+    ctx: LoadedContext
+    model: FederatedModel
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    started: float = field(default_factory=time.monotonic)
+    scores: list[VersionScore] = field(default_factory=list)
+    bytes_received: int = 0
+
+    def __post_init__(self) -> None:
+        self.state = SiteState(EVALUATOR_ID, self.ctx.fingerprint, self.model.layout.fingerprint)
+        self.receiver = GlobalModelReceiver(self.state, self.ctx, self.model.layout.fingerprint, self.model.layout.size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self._asked_for: int | None = None
+
+    def score(self, version: int, contributors: int) -> VersionScore:
+        vec = self.receiver.model_vector(self.model.x0)
+        net = self.model.to_module(vec)
+        val_probs = predict_proba(net, self.val[0])
+        threshold = best_threshold(val_probs, self.val[1].numpy().reshape(-1))
+        val_auc = float(evaluate(net, *self.val)["auc"])
+        test = evaluate(net, *self.test, threshold=threshold)
+        return VersionScore(version, time.monotonic() - self.started, val_auc, float(test["auc"]), float(test["accuracy"]), threshold, contributors)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fedmq-evaluator", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def latest(self) -> VersionScore | None:
+        with self._lock:
+            return self.scores[-1] if self.scores else None
+
+    def all_scores(self) -> list[VersionScore]:
+        with self._lock:
+            return list(self.scores)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._consume()
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                logger.warning("evaluator lost the broker; reconnecting: %r", exc)
+                self._stop.wait(1.0)
+            except BaseException as exc:  # surfaced to the runner, which stops the run
+                self.error = exc
+                logger.exception("evaluator failed")
+                return
+
+    def _consume(self) -> None:
+        conn = connect(self.url, name="fedmq-evaluator")
+        try:
+            ch = conn.channel()
+            spec = topology.site_queue_spec(EVALUATOR_ID)
+            topology.declare(ch, (), (spec,))
+            ch.basic_qos(prefetch_count=16)
+
+            def on_message(channel, method, properties, body):  # noqa: ANN001
+                self.bytes_received += len(body)
+                try:
+                    chunk = decode_global_version(body)
+                    result = self.receiver.offer(chunk)
+                except WireError as exc:
+                    logger.error("evaluator refused a message: %s", exc)
+                    channel.basic_ack(method.delivery_tag)
+                    return
+                channel.basic_ack(method.delivery_tag)
+                if result.outcome == "applied":
+                    s = self.score(result.version, len(chunk.contributors))
+                    with self._lock:
+                        self.scores.append(s)
+                elif result.outcome == "gap" and self._asked_for != result.message_version:
+                    self._asked_for = result.message_version
+                    req = SnapshotRequest(site_id=EVALUATOR_ID, have_version=self.state.version, reason="gap")
+                    channel.basic_publish(
+                        topology.CONTROL_EXCHANGE, topology.SNAPSHOT_REQUEST_KEY, encode(req),
+                        pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2, type="snapshot-request"),
+                    )
+
+            ch.basic_consume(spec.name, on_message)
+            while not self._stop.is_set():
+                conn.process_data_events(time_limit=0.5)
+        finally:
+            if conn.is_open:
+                conn.close()

@@ -1,0 +1,352 @@
+"""Run a real federation: a RabbitMQ broker, the aggregator and N site agents as OS processes.
+
+Used by ``fedmq demo`` and by the asynchronous-vs-synchronous comparison. Every part is the
+production one: processes talk only through the broker, updates are CKKS-encrypted and
+signed, sites train with Opacus DP-SGD on images loaded through MONAI from DICOM/PNG/NIfTI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pika
+from pydantic import BaseModel, ConfigDict, Field
+
+from broker import topology
+from broker.local_node import LocalRabbitNode
+from broker.provision import AGGREGATOR_USER, apply_with_rabbitmqctl, plan
+from shared.ckks import init_keys, load_context
+from shared.signing import generate_site_key
+from site_agent.data import load_official_split, prepare_demo_data
+from site_agent.model_state import FederatedModel
+
+from experiments.evaluator import EVALUATOR_ID, Evaluator, VersionScore
+
+logger = logging.getLogger(__name__)
+
+VHOST = "fedmq"
+
+
+class SiteTraining(BaseModel):
+    """Local-training settings every site uses (chosen on validation, see docs/reproduction.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_preset: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    lr: float = 0.05
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.9
+    batch_size: int = 64
+    local_epochs: int = 1
+    max_grad_norm: float = 1.0
+    sparsity_mode: Literal["dense", "topk"] = "topk"
+    topk_fraction: float = 0.5
+
+
+class FederationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workdir: Path
+    data_npz: Path
+    n_sites: int = Field(3, ge=1, le=64)
+    alpha: float = 0.5
+    seed: int = 0
+    mode: Literal["async", "sync"] = "async"
+    buffer_size: int = Field(2, ge=1)
+    server_lr: float = 1.0
+    max_staleness: int = 8
+    dp_enabled: bool = True
+    target_epsilon: float = 1.2
+    planned_rounds: int = Field(20, ge=1)
+    training: SiteTraining = Field(default_factory=SiteTraining)
+    slowdown: dict[str, float] = Field(default_factory=dict)
+    target_auc: float | None = None
+    #: which score must reach target_auc: validation (selection-safe) or test
+    target_on: Literal["val", "test"] = "val"
+    time_limit_s: float = 780.0
+    max_versions: int | None = None
+    amqp_url: str | None = None  # None: start a private broker node
+
+
+@dataclass
+class FederationResult:
+    scores: list[VersionScore]
+    wall_seconds: float
+    seconds_to_target: float | None
+    bytes_sent_by_site: dict[str, int]
+    bytes_broadcast_received: int
+    epsilon_by_site: dict[str, float]
+    updates_by_site: dict[str, int]
+    stop_reason: str
+    data_summary: dict
+    aggregator_status: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> VersionScore | None:
+        """The version selected on validation AUC (never on test)."""
+        return max(self.scores, key=lambda s: (s.val_auc, s.version)) if self.scores else None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["scores"] = [asdict(s) for s in self.scores]
+        return d
+
+
+def site_ids(n: int) -> list[str]:
+    return [f"hospital_{i + 1}" for i in range(n)]
+
+
+def _toml(values: dict) -> str:
+    lines = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            lines.append(f"{k} = {v!r}")
+        else:
+            lines.append(f"{k} = {json.dumps(str(v))}")
+    return "\n".join(lines) + "\n"
+
+
+class Federation:
+    """Owns every process of one run; ``close`` always tears everything down."""
+
+    def __init__(self, spec: FederationSpec, progress: Callable[[str], None] | None = None) -> None:
+        self.spec = spec
+        self.progress = progress or (lambda msg: None)
+        self.dir = spec.workdir
+        self.sites = site_ids(spec.n_sites)
+        self._stack = ExitStack()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.node: LocalRabbitNode | None = None
+
+    # -- set-up ----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        for sub in ("keys/sites", "config", "state", "logs"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.progress("preparing hospitals (DICOM / PNG / NIfTI) from PneumoniaMNIST")
+        self.summary = prepare_demo_data(self.spec.data_npz, self.dir / "data", n_sites=self.spec.n_sites, alpha=self.spec.alpha, seed=self.spec.seed)
+        self.progress("creating the CKKS key and site signing keys")
+        self.keys = init_keys(self.dir / "keys")
+        for site in self.sites:
+            priv, pub = generate_site_key(self.dir / "keys", site)
+            shutil.copy(pub, self.dir / "keys" / "sites" / pub.name)
+        self._broker()
+        self._write_configs()
+
+    def _broker(self) -> None:
+        passwords = {u: secrets.token_urlsafe(16) for u in [AGGREGATOR_USER, EVALUATOR_ID, *self.sites]}
+        if self.spec.amqp_url is None:
+            self.progress("starting a private RabbitMQ node")
+            self.node = self._stack.enter_context(LocalRabbitNode())
+            self.node.add_vhost(VHOST)
+            self.urls = {}
+            # Least privilege: each site (and the evaluator, a key holder like a site) its own
+            # user and queue; the aggregator's user is named by broker.provision.
+            grants = plan([*self.sites, EVALUATOR_ID], passwords.__getitem__)
+            apply_with_rabbitmqctl(self.node.rabbitmqctl, VHOST, grants)
+            for user, pw in passwords.items():
+                self.urls[user] = self.node.url_for_vhost(VHOST, username=user, password=pw)
+            admin_url = self.node.url_for_vhost(VHOST)
+            self.check_user_id = True
+        else:
+            # An external broker: everyone uses the given credentials, so the broker cannot
+            # vouch for each site's identity; signatures still authenticate every update.
+            admin_url = self.spec.amqp_url
+            self.urls = {u: self.spec.amqp_url for u in passwords}
+            self.check_user_id = False
+        conn = pika.BlockingConnection(pika.URLParameters(admin_url))
+        try:
+            ch = conn.channel()
+            topology.declare(ch, topology.EXCHANGES, topology.aggregator_queue_specs())
+            for site in [*self.sites, EVALUATOR_ID]:
+                topology.declare(ch, (), (topology.site_queue_spec(site),))
+        finally:
+            conn.close()
+
+    def _write_configs(self) -> None:
+        s, t = self.spec, self.spec.training
+        train_counts = [sum(v["train"].values()) for v in self.summary["sites"].values()]
+        reference = sum(train_counts) / len(train_counts)
+        agg = {
+            "amqp_url": self.urls[AGGREGATOR_USER],
+            "public_context": self.keys.public_context,
+            "site_keys_dir": self.dir / "keys" / "sites",
+            "state_dir": self.dir / "state" / "aggregator",
+            "mode": s.mode,
+            "buffer_size": s.buffer_size if s.mode == "async" else s.n_sites,
+            "server_lr": s.server_lr,
+            "max_staleness": s.max_staleness,
+            "reference_sample_weight": reference,
+            "check_user_id": self.check_user_id,
+            "log_json": True,
+        }
+        (self.dir / "config" / "aggregator.toml").write_text(_toml(agg))
+        for site in self.sites:
+            cfg = {
+                "amqp_url": self.urls[site],
+                "site_id": site,
+                "secret_context": self.keys.secret_context,
+                "signing_key": self.dir / "keys" / f"{site}.ed25519",
+                "manifest": self.dir / "data" / site / "manifest.csv",
+                "state_dir": self.dir / "state" / site,
+                "dp_enabled": s.dp_enabled,
+                "target_epsilon": s.target_epsilon,
+                "planned_rounds": s.planned_rounds,
+                "seed": s.seed,
+                "slowdown_factor": float(s.slowdown.get(site, 1.0)),
+                "progress_bars": False,
+                "log_json": True,
+                **t.model_dump(),
+            }
+            (self.dir / "config" / f"{site}.toml").write_text(_toml(cfg))
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(self.dir / "logs" / f"{name}.log", "ab")
+        self._stack.callback(log.close)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    # -- run -------------------------------------------------------------------------------
+    def run(self) -> FederationResult:
+        s = self.spec
+        ctx = load_context(self.keys.secret_context, require_secret=True)
+        model = FederatedModel.create(s.training.model_preset, 0)
+        val = load_official_split(s.data_npz, "val")
+        test = load_official_split(s.data_npz, "test")
+        evaluator = Evaluator(self.urls[EVALUATOR_ID], ctx, model, _tensors(val), _tensors(test))
+        evaluator.start()
+        self._stack.callback(evaluator.stop)
+        self.progress(f"starting the aggregator ({s.mode}) and {len(self.sites)} site agents as separate processes")
+        self._spawn("aggregator", ["aggregator", "run", "--config", str(self.dir / "config" / "aggregator.toml")])
+        for site in self.sites:
+            self._spawn(site, ["site", "run", "--config", str(self.dir / "config" / f"{site}.toml")])
+        started = time.monotonic()
+        evaluator.started = started
+        reached: float | None = None
+        reason = "time limit"
+        last_reported = -1
+        while True:
+            time.sleep(1.0)
+            elapsed = time.monotonic() - started
+            if evaluator.error is not None:
+                raise RuntimeError(f"evaluator failed: {evaluator.error!r}")
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"process(es) exited early: {dead}; see {self.dir / 'logs'}")
+            latest = evaluator.latest()
+            if latest is not None and latest.version != last_reported:
+                last_reported = latest.version
+                self.progress(
+                    f"[{elapsed:6.1f}s] version {latest.version:3d}: test AUC {latest.test_auc:.3f}, "
+                    f"val AUC {latest.val_auc:.3f}, {latest.contributors} update(s) folded"
+                )
+                score = latest.val_auc if s.target_on == "val" else latest.test_auc
+                if s.target_auc is not None and reached is None and score >= s.target_auc:
+                    reached = latest.wall_s
+                    reason = f"target AUC {s.target_auc} reached"
+                    break
+            if s.max_versions is not None and latest is not None and latest.version >= s.max_versions:
+                reason = f"{s.max_versions} versions"
+                break
+            if elapsed >= s.time_limit_s:
+                break
+            if self._all_sites_done() and elapsed > 5 and self._quiet_for(evaluator, 20.0):
+                reason = "every site finished its planned rounds"
+                break
+        wall = time.monotonic() - started
+        self.progress(f"stopping ({reason})")
+        self._terminate()
+        evaluator.stop()
+        return self._collect(evaluator, wall, reached, reason)
+
+    def _all_sites_done(self) -> bool:
+        for site in self.sites:
+            state = self.dir / "state" / site / "state.json"
+            try:
+                if json.loads(state.read_text())["updates_sent"] < self.spec.planned_rounds:
+                    return False
+            except (OSError, ValueError, KeyError):
+                return False
+        return True
+
+    @staticmethod
+    def _quiet_for(evaluator: Evaluator, seconds: float) -> bool:
+        latest = evaluator.latest()
+        return latest is None or time.monotonic() - evaluator.started - latest.wall_s > seconds
+
+    def _terminate(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s ignored SIGTERM; killing it", name)
+                proc.kill()
+                proc.wait()
+
+    def _collect(self, evaluator: Evaluator, wall: float, reached: float | None, reason: str) -> FederationResult:
+        from site_agent.runtime import LEDGER_FILE
+        from site_agent.training import PrivacyLedger
+
+        bytes_sent, eps, updates = {}, {}, {}
+        for site in self.sites:
+            sdir = self.dir / "state" / site
+            meta = json.loads((sdir / "state.json").read_text()) if (sdir / "state.json").exists() else {}
+            bytes_sent[site] = int(meta.get("bytes_sent", 0))
+            updates[site] = int(meta.get("updates_sent", 0))
+            ledger = sdir / LEDGER_FILE
+            eps[site] = float(PrivacyLedger.load(ledger).epsilon_spent()) if ledger.exists() else 0.0
+        status_path = self.dir / "state" / "aggregator" / "status.json"
+        status = json.loads(status_path.read_text()) if status_path.exists() else {}
+        return FederationResult(
+            scores=evaluator.all_scores(),
+            wall_seconds=wall,
+            seconds_to_target=reached,
+            bytes_sent_by_site=bytes_sent,
+            bytes_broadcast_received=evaluator.bytes_received,
+            epsilon_by_site=eps,
+            updates_by_site=updates,
+            stop_reason=reason,
+            data_summary=self.summary,
+            aggregator_status=status,
+        )
+
+    def close(self) -> None:
+        self._terminate()
+        self._stack.close()
+
+    def __enter__(self) -> "Federation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _tensors(split: tuple) -> tuple:
+    import torch
+
+    X, y = split
+    return torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32).reshape(-1)
+
+
+def run_federation(spec: FederationSpec, progress: Callable[[str], None] | None = None) -> FederationResult:
+    with Federation(spec, progress) as fed:
+        fed.prepare()
+        return fed.run()
