@@ -49,6 +49,11 @@ def test_presets_meet_128_bit_security(name: str) -> None:
     assert p.slots == p.poly_modulus_degree // 2
 
 
+def test_seal_refuses_a_modulus_beyond_the_128_bit_bound() -> None:
+    with pytest.raises(ValueError):
+        ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[55, 55])  # 110 > 109 bits
+
+
 def test_default_preset_is_additions_only() -> None:
     assert DEFAULT_PRESET in PRESETS
     assert len(PRESETS[DEFAULT_PRESET].coeff_mod_bit_sizes) == 2  # one data prime + the special prime
