@@ -12,6 +12,10 @@ STAMP       := $(VENV)/.fedmq-installed
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# The MedMNIST file beside the checkout (our machines and CI); elsewhere fedmq downloads it
+# from MedMNIST's official URL and checks its MD5.
+FEDMQ_DATA_ROOT ?= $(if $(wildcard ../shared/data/pneumoniamnist.npz),$(abspath ../shared/data),)
+export FEDMQ_DATA_ROOT
 
 .PHONY: venv test faults demo bench bench-crypto broker-local clean
 

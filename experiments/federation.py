@@ -153,6 +153,7 @@ class Federation:
             self.progress("starting a private RabbitMQ node")
             self.node = self._stack.enter_context(LocalRabbitNode())
             self.node.add_vhost(VHOST)
+            self.node.set_permissions(VHOST, self.node.username)  # the admin that declares the topology
             self.urls = {}
             # Least privilege: each site (and the evaluator, a key holder like a site) its own
             # user and queue; the aggregator's user is named by broker.provision.
