@@ -1,0 +1,161 @@
+"""Every kind of bad input ends in the dead-letter queue with its reason header, and the
+aggregator keeps folding good updates afterwards."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from integration.aggregator_helpers import (
+    LAYOUT_FP, AggregatorThread, GlobalListener, declare_topology, drain_dead_letters, make_federation, publish,
+    random_delta,
+)
+from shared.codec import decode_update_chunk, decode_rejection, encode_update_chunk
+from shared.ckks import init_keys, load_context
+from shared.signing import generate_site_key, load_private_key, private_key_path
+
+pytestmark = pytest.mark.broker
+
+
+def _site(ctx):
+    return ctx["case"].replace("_", "-")
+
+
+def _good(fed, ctx, seq, base=None, site=None, **kw):
+    base = ctx["agg"].engine.version if base is None else base
+    return fed.update(site or _site(ctx), seq, base, random_delta(ctx["rng"], fed.n_params), **kw)[0]
+
+
+def _wait_version(ctx, version):
+    ctx["listener"].wait_for(lambda v: v["version"] == version and v["mode"] == "delta", timeout=20)
+
+
+def case_undecodable(fed, ctx):
+    return [b"\xc1\xc1 not msgpack"], "malformed"
+
+
+def case_oversize(fed, ctx):
+    return [b"\x00" * (300 * 1024)], "oversize"
+
+
+def case_schema_version(fed, ctx):
+    obj = msgpack.unpackb(_good(fed, ctx, 1)[0], raw=False)
+    obj["schema_version"] = 2
+    return [msgpack.packb(obj, use_bin_type=True)], "schema-version"
+
+
+def case_key_fingerprint(fed, ctx):
+    other = load_context(init_keys(fed.root / "other-key").secret_context, require_secret=True)
+    return _good(fed, ctx, 1, secret=other)[:1], "key-fingerprint"
+
+
+def case_layout_fingerprint(fed, ctx):
+    return _good(fed, ctx, 1, layout_fp="some-other-layout-0000")[:1], "layout-fingerprint"
+
+
+def case_unknown_site(fed, ctx):
+    if "zulu" not in fed.signing:
+        generate_site_key(fed.root / "rogue", "zulu")
+        fed.signing["zulu"] = load_private_key(private_key_path(fed.root / "rogue", "zulu"))
+    return _good(fed, ctx, 1, site="zulu")[:1], "unknown-site"
+
+
+def case_bad_signature(fed, ctx):
+    chunk = decode_update_chunk(_good(fed, ctx, 1)[0])
+    forged = chunk.model_copy(update={"sample_weight": 1000.0})  # altered after signing
+    return [encode_update_chunk(forged)], "bad-signature"
+
+
+def case_future_version(fed, ctx):
+    return _good(fed, ctx, 1, base=ctx["agg"].engine.version + 7)[:1], "future-version"
+
+
+def case_too_stale(fed, ctx):
+    v = ctx["agg"].engine.version
+    publish(ctx["url"], _good(fed, ctx, 1))
+    _wait_version(ctx, v + 1)
+    publish(ctx["url"], _good(fed, ctx, 2))
+    _wait_version(ctx, v + 2)
+    return _good(fed, ctx, 3, base=v)[:1], "too-stale"  # max_staleness=1, staleness 2
+
+
+def case_duplicate(fed, ctx):
+    v = ctx["agg"].engine.version
+    bodies = _good(fed, ctx, 1)
+    publish(ctx["url"], bodies)
+    _wait_version(ctx, v + 1)
+    return bodies[:1], "duplicate"
+
+
+def case_replay(fed, ctx):
+    v = ctx["agg"].engine.version
+    publish(ctx["url"], _good(fed, ctx, 5))
+    _wait_version(ctx, v + 1)
+    return _good(fed, ctx, 3)[:1], "replay"  # an older sequence number, never seen
+
+
+def case_incomplete(fed, ctx):
+    bodies = _good(fed, ctx, 1, max_message_bytes=100_000)
+    assert len(bodies) > 1
+    return bodies[:-1], "incomplete"
+
+
+CASES = {f.__name__.removeprefix("case_"): f for f in (
+    case_undecodable, case_oversize, case_schema_version, case_key_fingerprint, case_layout_fingerprint,
+    case_unknown_site, case_bad_signature, case_future_version, case_too_stale, case_duplicate, case_replay,
+    case_incomplete,
+)}
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    sites = ("charlie", *(name.replace("_", "-") for name in CASES))
+    return make_federation(tmp_path_factory.mktemp("fed"), sites=sites)
+
+
+@pytest.fixture(scope="module")
+def running(fed, broker, tmp_path_factory):
+    """One vhost and one aggregator for all cases (a vhost costs seconds of rabbitmqctl)."""
+    ns = broker.new_namespace("aggregator-rejections")
+    settings = fed.settings(tmp_path_factory.mktemp("state"), amqp_url=ns.url, buffer_size=1, max_staleness=1,
+                            layout_fingerprint=LAYOUT_FP, incomplete_timeout_s=1.0)
+    declare_topology(ns.url)
+    listener = GlobalListener(ns.url)
+    try:
+        with AggregatorThread(settings) as agg:
+            yield {"url": ns.url, "listener": listener, "agg": agg, "charlie_seq": 0}
+    finally:
+        listener.close()
+        broker.drop_namespace(ns)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_dead_lettered_with_reason(case, fed, running):
+    from broker.topology import DEAD_LETTER_QUEUE
+    from integration.aggregator_helpers import connect
+
+    ctx = dict(running, case=case, rng=np.random.default_rng(len(case)))
+    agg, amqp_url = running["agg"], running["url"]
+    conn = connect(amqp_url)
+    conn.channel().queue_purge(DEAD_LETTER_QUEUE)
+    conn.close()
+    bodies, reason = CASES[case](fed, ctx)
+    version_before = agg.engine.version
+    count_before = agg.engine.metrics.reason_counts.get(reason, 0)
+    publish(amqp_url, bodies)
+    dead = drain_dead_letters(amqp_url, 1)
+    assert dead, f"nothing dead-lettered for {case}"
+    headers, body = dead[0]
+    assert headers["x-fedmq-reason"] == reason, headers
+    assert headers["x-fedmq-detail"]
+    if reason == "incomplete":
+        assert decode_rejection(body).update_id == f"{_site(ctx)}:1"
+    else:
+        assert body == bodies[0]  # the original bytes travel with the reason
+    assert agg.engine.metrics.reason_counts.get(reason) == count_before + 1
+    assert agg.engine.version == version_before, "nothing of a refused input is folded"
+    # still alive: a good update from charlie is folded into the next version
+    running["charlie_seq"] += 1
+    publish(amqp_url, _good(fed, ctx, running["charlie_seq"], site="charlie"))
+    _wait_version(ctx, version_before + 1)
