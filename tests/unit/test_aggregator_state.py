@@ -209,3 +209,19 @@ def test_engine_validation_reasons(fed, tmp_path):
     with pytest.raises(CryptoError):
         AggregatorEngine(fed.settings(tmp_path / "w"), context=fed.secret)
     eng.close()
+
+
+def test_status_json_and_cli(fed, tmp_path, capsys):
+    from shared.cli import main
+
+    eng = AggregatorEngine(fed.settings(tmp_path / "st", buffer_size=2))
+    bodies, _ = fed.update("alpha", 1, 0, random_delta(np.random.default_rng(9), fed.n_params))
+    for b in bodies:
+        eng.handle_chunk(b)
+    eng.accept(b"junk")
+    eng.write_status()
+    assert main(["status", "--state-dir", str(tmp_path / "st")]) == 0
+    out = capsys.readouterr().out
+    assert "version 0" in out and "buffer 1/2" in out and "alpha:1" in out and "malformed=1" in out
+    assert main(["aggregator", "inspect", "--state-dir", str(tmp_path / "st")]) == 0
+    eng.close()
