@@ -1,0 +1,296 @@
+"""Reproduce the reference study: centralized vs FL vs FL + DP, and async vs sync with a straggler.
+
+All defaults live in :class:`ReproduceConfig` (chosen on the sites' validation splits only,
+see docs/reproduction.md). ``run_reproduce`` writes ``results.json``, ``report.md`` and PNG
+plots into the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from experiments.simulation import (
+    FederationData,
+    FederationSettings,
+    LocalSettings,
+    RunResult,
+    bootstrap_auc_ci,
+    load_federation_data,
+    run_centralized,
+    run_federation_sim,
+)
+
+logger = logging.getLogger(__name__)
+
+ARMS = ("centralized", "centralized_dp", "fl", "fl_dp")
+
+#: published numbers the report sets ours beside
+REFERENCE = {
+    "study": {"centralized": 0.923, "fl": 0.891, "fl_dp": 0.874, "fl_ratio": 0.965, "fl_dp_ratio": 0.947, "epsilon": 1.2},
+    "medmnist_resnet18_28_auc": 0.944,
+}
+TARGETS = {"fl_ratio": 0.98, "fl_dp_ratio": 0.95, "centralized_auc": 0.95}
+
+
+class ReproduceConfig(BaseModel):
+    """Every setting of the reproduction in one place; ``quick()`` is the CI-sized variant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "pneumoniamnist"
+    data_root: Path | None = None
+    seeds: int = Field(3, ge=1)
+    quick: bool = False
+    #: torch intra-op threads; 1 is fastest for small_cnn on a busy 2-core machine
+    threads: int = Field(1, ge=1)
+    n_boot: int = Field(1000, ge=50)
+
+    # federation topology (the FL arms use synchronous FedAvg, K = number of sites)
+    preset: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    n_sites: int = 3
+    alpha: float = 0.5
+    val_fraction: float = 0.15
+    fl_mode: Literal["sync", "async"] = "sync"
+    buffer_size: int = 2
+    server_lr: float = 1.0
+    weight_quantum: int = 64
+    topk_fraction: float = 0.5
+    encrypted: bool = True
+    ckks_preset: str = "n4096-q54"
+
+    # non-DP arms (centralized, fl): local training and rounds (= FL updates per site)
+    local: LocalSettings = LocalSettings(lr=2e-3, optimizer="adam", batch_size=64, local_epochs=1)
+    rounds: int = 10
+    # DP arms (centralized_dp, fl_dp): the same settings for both; epsilon per site over all rounds
+    local_dp: LocalSettings = LocalSettings(
+        lr=1e-2, optimizer="adam", batch_size=256, local_epochs=1, dp=True, target_epsilon=1.2, max_grad_norm=1.0
+    )
+    rounds_dp: int = 10
+
+    # async vs sync: one hospital `slow_factor` x slower, time for the validation AUC to reach the target
+    async_buffer_size: int = 2
+    slow_site: int = 2
+    slow_factor: float = 4.0
+    target_val_auc: float = 0.97
+    #: each site may contribute up to this many updates in the time-to-target runs
+    async_max_rounds: int = 30
+    #: "steps" = simulated seconds from optimizer steps (robust on a shared CPU); "measured" = real compute
+    clock: Literal["measured", "steps"] = "steps"
+    real_async_vs_sync: bool = False
+
+    @classmethod
+    def quick_config(cls, **overrides) -> "ReproduceConfig":
+        base = dict(quick=True, seeds=1, rounds=4, rounds_dp=4, n_boot=200, async_max_rounds=8, target_val_auc=0.95)
+        base.update(overrides)
+        return cls(**base)
+
+    def federation(self, **kw) -> FederationSettings:
+        base = dict(
+            preset=self.preset, n_sites=self.n_sites, alpha=self.alpha, val_fraction=self.val_fraction,
+            mode=self.fl_mode, buffer_size=self.buffer_size, server_lr=self.server_lr,
+            weight_quantum=self.weight_quantum, topk_fraction=self.topk_fraction, encrypted=self.encrypted,
+            ckks_preset=self.ckks_preset,
+        )
+        base.update(kw)
+        return FederationSettings(**base)
+
+
+def npz_path(cfg: ReproduceConfig) -> Path:
+    root = cfg.data_root or (Path(os.environ["FEDMQ_DATA_ROOT"]) if os.environ.get("FEDMQ_DATA_ROOT") else None)
+    if root is None:
+        raise FileNotFoundError("no data root: pass --data-root or set FEDMQ_DATA_ROOT")
+    path = Path(root) / f"{cfg.dataset}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (MedMNIST 2D npz files are named <dataset>.npz)")
+    return path
+
+
+def _measure_seconds_per_step(data: FederationData, cfg: ReproduceConfig) -> float:
+    """Median seconds per non-DP optimizer step of one site (sets the simulated clock's unit)."""
+    from site_agent.training import LocalTrainer
+
+    from experiments.simulation import training_config
+
+    site = data.sites[0]
+    tc = training_config(cfg.local, preset=cfg.preset, seed=0, planned_rounds=1, local_steps=10)
+    trainer = LocalTrainer(tc, None)
+    samples = []
+    for r in range(3):
+        res = trainer.train_round(None, site.X_train, site.y_train, round_index=r)
+        samples.append(res.timings["total_s"] / res.steps)
+    return float(np.median(samples))
+
+
+def _arm_summary(runs: list[RunResult], y_test: np.ndarray, cfg: ReproduceConfig) -> dict:
+    aucs = [r.test_auc for r in runs]
+    lo, hi = bootstrap_auc_ci(y_test, [r.test_probs for r in runs], n_boot=cfg.n_boot)
+    return {
+        "auc_mean": float(np.mean(aucs)),
+        "auc_ci": [lo, hi],
+        "auc_std_across_seeds": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
+        "auc_per_seed": aucs,
+        "val_auc_mean": float(np.mean([r.val_auc for r in runs])),
+        "acc_mean": float(np.mean([r.test_accuracy for r in runs])),
+        "acc_per_seed": [r.test_accuracy for r in runs],
+        "wall_seconds": float(np.mean([r.wall_seconds for r in runs])),
+        "sim_seconds": float(np.mean([r.sim_seconds for r in runs])),
+        "bytes_sent": int(np.mean([r.bytes_sent for r in runs])),
+        "bytes_up": int(np.mean([r.bytes_up for r in runs])),
+        "bytes_down": int(np.mean([r.bytes_down for r in runs])),
+        "bytes_estimated": bool(runs[0].bytes_estimated),
+        "optimizer_steps": int(np.mean([r.optimizer_steps for r in runs])),
+        "epsilon_spent_max": max((max(r.epsilon_spent) for r in runs if r.epsilon_spent), default=None),
+        "noise_multiplier": runs[0].noise_multiplier,
+        "runs": [r.summary() for r in runs],
+    }
+
+
+def _async_vs_sync_sim(data: FederationData, cfg: ReproduceConfig, sps: float, log) -> dict:
+    slow = [1.0] * cfg.n_sites
+    slow[cfg.slow_site] = cfg.slow_factor
+    common = dict(
+        rounds=cfg.async_max_rounds, slowdowns=tuple(slow), stop_at_val_auc=cfg.target_val_auc,
+        clock=cfg.clock, seconds_per_step=sps,
+    )
+    out = {}
+    for mode in ("async", "sync"):
+        fed = cfg.federation(mode=mode, buffer_size=cfg.async_buffer_size, **common)
+        t = time.perf_counter()
+        r = run_federation_sim(data, cfg.local, fed, seed=0, arm=f"fl_{mode}_straggler")
+        log(f"  {mode}: val AUC {r.val_auc:.4f} after {r.sim_seconds:.1f} simulated s ({time.perf_counter() - t:.0f} s wall)")
+        out[mode] = r
+    return {
+        "source": "simulation",
+        "clock": cfg.clock,
+        "seconds_per_step": sps,
+        "target_auc": cfg.target_val_auc,
+        "target_on": "val",
+        "slow_site": data.sites[cfg.slow_site].name,
+        "slow_factor": cfg.slow_factor,
+        "async_buffer_size": cfg.async_buffer_size,
+        "async_seconds_to_target": out["async"].seconds_to_val_auc(cfg.target_val_auc),
+        "sync_seconds_to_target": out["sync"].seconds_to_val_auc(cfg.target_val_auc),
+        "curves": {m: [vars(p) for p in r.history] for m, r in out.items()},
+        "updates": {m: r.updates for m, r in out.items()},
+    }
+
+
+def _async_vs_sync_real(cfg: ReproduceConfig, npz: Path, out_dir: Path, log) -> dict:
+    """The same comparison on a real broker + aggregator + site-agent processes (experiments.federation)."""
+    from experiments.federation import FederationSpec, SiteTraining, run_federation, site_ids
+
+    ids = site_ids(cfg.n_sites)
+    training = SiteTraining(
+        model_preset=cfg.preset, lr=cfg.local.lr, optimizer=cfg.local.optimizer, momentum=cfg.local.momentum,
+        batch_size=cfg.local.batch_size, local_epochs=cfg.local.local_epochs,
+        max_grad_norm=cfg.local.max_grad_norm, topk_fraction=cfg.topk_fraction,
+    )
+    out: dict = {"source": "real-federation", "target_auc": cfg.target_val_auc, "target_on": "val",
+                 "slow_site": ids[cfg.slow_site], "slow_factor": cfg.slow_factor,
+                 "async_buffer_size": cfg.async_buffer_size}
+    for mode in ("async", "sync"):
+        spec = FederationSpec(
+            workdir=out_dir / f"real-{mode}", data_npz=npz, n_sites=cfg.n_sites, alpha=cfg.alpha, seed=0, mode=mode,
+            buffer_size=cfg.async_buffer_size, server_lr=cfg.server_lr, dp_enabled=False,
+            planned_rounds=cfg.async_max_rounds, training=training, slowdown={ids[cfg.slow_site]: cfg.slow_factor},
+            target_auc=cfg.target_val_auc, target_on="val",
+        )
+        res = run_federation(spec, progress=log)
+        out[f"{mode}_seconds_to_target"] = res.seconds_to_target
+        out[f"{mode}_stop_reason"] = res.stop_reason
+        out[f"{mode}_wall_seconds"] = res.wall_seconds
+    return out
+
+
+def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
+    import torch
+
+    from experiments.report_reproduce import write_plots, write_report
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    npz = npz_path(cfg)
+    t_all = time.perf_counter()
+    runs: dict[str, list[RunResult]] = {a: [] for a in ARMS}
+    y_test = None
+    data = None
+    for seed in range(cfg.seeds):
+        data = load_federation_data(npz, n_sites=cfg.n_sites, alpha=cfg.alpha, val_fraction=cfg.val_fraction, seed=seed)
+        y_test = data.y_test.numpy()
+        if seed == 0:
+            log(f"{cfg.dataset}: sites (train/val, positives) "
+                + ", ".join(f"{s.name} {len(s.X_train)}/{len(s.X_val)} ({int(s.y_train.sum())})" for s in data.sites)
+                + f"; test {len(data.X_test)}")
+        fed = cfg.federation(rounds=cfg.rounds)
+        fed_dp = cfg.federation(rounds=cfg.rounds_dp)
+        plan = [
+            ("centralized", lambda: run_centralized(data, cfg.local, fed, seed=seed, arm="centralized")),
+            ("centralized_dp", lambda: run_centralized(data, cfg.local_dp, fed_dp, seed=seed, arm="centralized_dp")),
+            ("fl", lambda: run_federation_sim(data, cfg.local, fed, seed=seed, arm="fl")),
+            ("fl_dp", lambda: run_federation_sim(data, cfg.local_dp, fed_dp, seed=seed, arm="fl_dp")),
+        ]
+        for arm, fn in plan:
+            r = fn()
+            runs[arm].append(r)
+            log(f"seed {seed} {arm:15s} test AUC {r.test_auc:.4f} (val {r.val_auc:.4f}, v{r.best_version}) "
+                f"acc {r.test_accuracy:.4f} {r.wall_seconds:.0f}s {r.bytes_sent / 1e6:.1f} MB"
+                + (f" eps {max(r.epsilon_spent):.3f}" if r.epsilon_spent else ""))
+    assert data is not None and y_test is not None
+    arms = {a: _arm_summary(runs[a], y_test, cfg) for a in ARMS}
+
+    log("async vs sync (one hospital %.0fx slower)" % cfg.slow_factor)
+    if cfg.real_async_vs_sync:
+        avs = _async_vs_sync_real(cfg, npz, out, log)
+    else:
+        avs = _async_vs_sync_sim(data, cfg, _measure_seconds_per_step(data, cfg), log)
+
+    c = arms["centralized"]["auc_mean"]
+    ratios = {"fl_ratio": arms["fl"]["auc_mean"] / c, "fl_dp_ratio": arms["fl_dp"]["auc_mean"] / c}
+    targets = {
+        "centralized_auc": {"value": c, "target": TARGETS["centralized_auc"], "met": c >= TARGETS["centralized_auc"]},
+        "fl_ratio": {"value": ratios["fl_ratio"], "target": TARGETS["fl_ratio"], "met": ratios["fl_ratio"] >= TARGETS["fl_ratio"]},
+        "fl_dp_ratio": {"value": ratios["fl_dp_ratio"], "target": TARGETS["fl_dp_ratio"],
+                        "met": ratios["fl_dp_ratio"] >= TARGETS["fl_dp_ratio"]},
+    }
+    results = {
+        "dataset": cfg.dataset,
+        "quick": cfg.quick,
+        "seeds": list(range(cfg.seeds)),
+        "settings": json.loads(cfg.model_dump_json()),
+        "arms": arms,
+        "ratios": ratios,
+        "targets": targets,
+        "async_vs_sync": avs,
+        "reference": REFERENCE,
+        "total_wall_seconds": time.perf_counter() - t_all,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "torch_threads": cfg.threads},
+        "multi_class_policy": "refused: the model has one logit; binary MedMNIST 2D sets only",
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    write_plots(results, out)
+    write_report(results, out)
+    log(f"wrote {out / 'results.json'} and {out / 'report.md'} in {results['total_wall_seconds']:.0f}s")
+    return results
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    raise TypeError(f"not JSON serializable: {type(o)}")

@@ -1,0 +1,604 @@
+"""In-process federation: the real site and aggregator code paths, minus the broker.
+
+Sites are :class:`site_agent.training.LocalTrainer` instances with their own privacy
+ledgers, trained on a Dirichlet(alpha) label-skewed split of a MedMNIST train split. Each
+update is ``trained - base`` plus the error-feedback residual, block top-k sparsified by
+:func:`shared.sparsify.sparsify` and, when ``encrypted`` is on, CKKS-encrypted, chunked and
+signed by :func:`site_agent.update_builder.build_update`, encoded with the wire codec,
+decoded and signature-checked on the "aggregator" side, and folded with
+:func:`aggregator.fold.fold_into` / :func:`aggregator.fold.commit` on ciphertexts loaded in
+the *public* context. A key holder decrypts the committed blocks and rebuilds
+``x_v = x_0 + value_scale * D_v`` exactly as a site does. With ``encrypted`` off the
+plaintext mirror (``fold_plain`` / ``commit_plain``) runs with the identical integer weights.
+
+Time is a discrete-event clock: a site's round lasts its measured compute time (training +
+encryption) times its slowdown factor; broker latency and aggregator time are not modelled.
+Async mode is FedBuff (commit every K folded updates, staleness weight (1+tau)^-a); sync
+mode is FedAvg (every site trains from the current version, commit when all have folded).
+
+Evaluation: every committed version is scored on the union of the sites' local validation
+splits (used for checkpoint selection and for the accuracy threshold) and on the official
+test split (reported only, never used to select anything).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from aggregator import fold as foldmod
+from shared.sparsify import sparsify
+from site_agent.data.demo_data import dirichlet_partition, load_npz_split, load_official_split
+from site_agent.model_state import FederatedModel
+from site_agent.runtime import training_seed
+from site_agent.training import DPConfig, LocalTrainer, TrainingConfig, predict_proba
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+class LocalSettings(BaseModel):
+    """What each site (or the centralized trainer) does in one round."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lr: float = Field(2e-3, gt=0)
+    optimizer: Literal["sgd", "adam"] = "adam"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    dp: bool = False
+    target_epsilon: float = Field(1.2, gt=0)
+    #: None = 1/(10 n), the site agent's default (always <= 1/n)
+    target_delta: float | None = None
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class FederationSettings(BaseModel):
+    """Aggregator-side and topology settings of one simulated federation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preset: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    init_seed: int = 0
+    n_sites: int = Field(3, ge=1)
+    alpha: float = Field(0.5, gt=0)
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    mode: Literal["async", "sync"] = "sync"
+    #: K for async; sync always commits after every site folded once
+    buffer_size: int = Field(2, ge=1)
+    server_lr: float = Field(1.0, gt=0)
+    staleness_exponent: float = Field(0.5, ge=0)
+    max_staleness: int = Field(16, ge=0)
+    weight_quantum: int = Field(64, ge=1)
+    #: updates each site contributes (= DP planned_rounds)
+    rounds: int = Field(10, ge=1)
+    sparsity_mode: Literal["dense", "topk"] = "topk"
+    topk_fraction: float = Field(0.5, gt=0, le=1)
+    encrypted: bool = True
+    ckks_preset: str = "n4096-q54"
+    #: per-site slowdown factors (missing entries = 1.0)
+    slowdowns: tuple[float, ...] = ()
+    #: stop as soon as the validation AUC reaches this (time-to-target runs); None = run all rounds
+    stop_at_val_auc: float | None = None
+    #: the event clock: "measured" = each round's measured compute seconds x slowdown;
+    #: "steps" = optimizer steps x ``seconds_per_step`` x slowdown (immune to a busy shared CPU)
+    clock: Literal["measured", "steps"] = "measured"
+    seconds_per_step: float = Field(0.05, gt=0)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class SiteData:
+    name: str
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+@dataclass
+class FederationData:
+    sites: list[SiteData]
+    X_val: torch.Tensor
+    y_val: torch.Tensor
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+    dataset: str
+
+    @property
+    def pooled_train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([s.X_train for s in self.sites]), torch.cat([s.y_train for s in self.sites])
+
+
+class UnsupportedDataset(ValueError):
+    """The npz is not a binary 2D grayscale MedMNIST dataset."""
+
+
+@lru_cache(maxsize=4)
+def _load_split_cached(npz_path: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_official_split(npz_path, split)  # type: ignore[arg-type]
+
+
+def check_binary(npz_path: Path | str) -> None:
+    """small_cnn has one logit: multi-class MedMNIST sets are refused, not silently binarized."""
+    _, labels = load_npz_split(npz_path, "train")
+    classes = np.unique(labels)
+    if len(classes) != 2:
+        raise UnsupportedDataset(
+            f"{Path(npz_path).name} has {len(classes)} classes; the reproduction (like the reference "
+            "study) is binary: use a binary MedMNIST 2D dataset such as pneumoniamnist or breastmnist"
+        )
+
+
+def _stratified_val(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of validation members, stratified so both classes appear."""
+    mask = np.zeros(len(labels), dtype=bool)
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = min(max(int(round(len(members) * fraction)), 1), max(len(members) - 1, 0))
+        mask[members[:n_val]] = True
+    return mask
+
+
+def load_federation_data(
+    npz_path: Path | str, *, n_sites: int, alpha: float, val_fraction: float, seed: int
+) -> FederationData:
+    """Dirichlet(alpha) split of the official train split, a stratified local val split per site."""
+    check_binary(npz_path)
+    X, y = _load_split_cached(str(npz_path), "train")
+    X_test, y_test = _load_split_cached(str(npz_path), "test")
+    labels = y.numpy().astype(np.int64)
+    parts = dirichlet_partition(labels, n_sites, alpha, seed)
+    rng = np.random.default_rng(seed + 7)
+    sites = []
+    for i, idx in enumerate(parts):
+        val = _stratified_val(labels[idx], val_fraction, rng)
+        tr, va = torch.from_numpy(idx[~val]), torch.from_numpy(idx[val])
+        sites.append(SiteData(f"hospital-{chr(ord('a') + i)}", X[tr], y[tr], X[va], y[va]))
+    return FederationData(
+        sites=sites,
+        X_val=torch.cat([s.X_val for s in sites]),
+        y_val=torch.cat([s.y_val for s in sites]),
+        X_test=X_test,
+        y_test=y_test,
+        dataset=Path(npz_path).stem,
+    )
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def auc_of(labels: np.ndarray, probs: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels).reshape(-1)
+    if len(np.unique(labels)) < 2:
+        return math.nan
+    return float(roc_auc_score(labels, probs))
+
+
+def best_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The threshold that maximizes accuracy (chosen on validation only)."""
+    labels = np.asarray(labels).reshape(-1)
+    candidates = np.unique(np.concatenate([[0.5], probs]))
+    best_t, best_acc = 0.5, -1.0
+    for t in candidates:
+        acc = float(((probs >= t) == (labels > 0.5)).mean())
+        if acc > best_acc:
+            best_t, best_acc = float(t), acc
+    return best_t
+
+
+def accuracy_at(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
+    return float(((np.asarray(probs) >= threshold) == (np.asarray(labels).reshape(-1) > 0.5)).mean())
+
+
+@dataclass
+class EvalPoint:
+    version: int
+    sim_seconds: float
+    wall_seconds: float
+    updates_folded: int
+    val_auc: float
+    test_auc: float
+
+
+@dataclass
+class RunResult:
+    """One arm, one seed."""
+
+    arm: str
+    history: list[EvalPoint]
+    best_version: int
+    val_auc: float
+    test_auc: float
+    threshold: float
+    test_accuracy: float
+    test_probs: np.ndarray
+    wall_seconds: float
+    sim_seconds: float
+    bytes_up: int = 0
+    bytes_down: int = 0
+    optimizer_steps: int = 0
+    updates: int = 0
+    epsilon_spent: list[float] = field(default_factory=list)
+    noise_multiplier: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    bytes_estimated: bool = False
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.bytes_up + self.bytes_down
+
+    def seconds_to_val_auc(self, target: float) -> float | None:
+        for p in self.history:
+            if p.val_auc >= target:
+                return p.sim_seconds
+        return None
+
+    def summary(self) -> dict:
+        return {
+            "arm": self.arm, "best_version": self.best_version, "val_auc": self.val_auc, "test_auc": self.test_auc,
+            "threshold": self.threshold, "test_accuracy": self.test_accuracy, "wall_seconds": self.wall_seconds,
+            "sim_seconds": self.sim_seconds, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+            "bytes_sent": self.bytes_sent, "bytes_estimated": self.bytes_estimated,
+            "optimizer_steps": self.optimizer_steps, "updates": self.updates, "epsilon_spent": self.epsilon_spent,
+            "noise_multiplier": self.noise_multiplier, "timings": self.timings,
+            "history": [vars(p) for p in self.history],
+        }
+
+
+class _Tracker:
+    """Scores versions on val + test and remembers the best by validation AUC."""
+
+    def __init__(self, data: FederationData, fm: FederatedModel, t_start: float) -> None:
+        self.data, self.fm, self.t_start = data, fm, t_start
+        self.history: list[EvalPoint] = []
+        self.best: tuple[float, int, np.ndarray, np.ndarray] | None = None
+
+    def score(self, vector: np.ndarray, version: int, sim_seconds: float, folded: int) -> float:
+        model = self.fm.to_module(vector)
+        pv = predict_proba(model, self.data.X_val).astype(np.float64)
+        pt = predict_proba(model, self.data.X_test).astype(np.float64)
+        val_auc = auc_of(self.data.y_val.numpy(), pv)
+        test_auc = auc_of(self.data.y_test.numpy(), pt)
+        self.history.append(EvalPoint(version, sim_seconds, time.perf_counter() - self.t_start, folded, val_auc, test_auc))
+        if self.best is None or (not math.isnan(val_auc) and val_auc > self.best[0]):
+            self.best = (val_auc, version, pv, pt)
+        return val_auc
+
+    def finish(self, arm: str, **kw) -> RunResult:
+        assert self.best is not None
+        val_auc, version, pv, pt = self.best
+        thr = best_threshold(self.data.y_val.numpy(), pv)
+        y_test = self.data.y_test.numpy()
+        test_auc = next(p.test_auc for p in self.history if p.version == version)
+        return RunResult(
+            arm=arm, history=self.history, best_version=version, val_auc=val_auc, test_auc=test_auc,
+            threshold=thr, test_accuracy=accuracy_at(y_test, pt, thr), test_probs=pt,
+            wall_seconds=time.perf_counter() - self.t_start, **kw,
+        )
+
+
+def training_config(local: LocalSettings, *, preset: str, seed: int, planned_rounds: int,
+                    local_steps: int | None = None) -> TrainingConfig:
+    return TrainingConfig(
+        model=preset, lr=local.lr, batch_size=local.batch_size, local_epochs=local.local_epochs,
+        local_steps=local_steps, optimizer=local.optimizer, momentum=local.momentum,
+        weight_decay=local.weight_decay,
+        dp=DPConfig(enabled=local.dp, target_epsilon=local.target_epsilon, delta=local.target_delta,
+                    max_grad_norm=local.max_grad_norm, planned_rounds=planned_rounds),
+        seed=seed,
+    )
+
+
+# ----------------------------------------------------------------------------- centralized
+
+
+def run_centralized(
+    data: FederationData, local: LocalSettings, fed: FederationSettings, *, seed: int, arm: str = "centralized",
+    ledger_dir: Path | None = None,
+) -> RunResult:
+    """One trainer on the pooled site training data, with the FL arms' total optimizer steps.
+
+    Each "round" runs as many steps as all sites together run in one FL round, so
+    ``fed.rounds`` rounds match the FL arms' compute; the model is scored after each.
+    """
+    X, y = data.pooled_train
+    per_round = sum(local.local_epochs * max(1, math.ceil(len(s.X_train) / local.batch_size)) for s in data.sites)
+    cfg = training_config(local, preset=fed.preset, seed=training_seed("central", seed),
+                          planned_rounds=fed.rounds, local_steps=per_round)
+    fm = FederatedModel.create(fed.preset, fed.init_seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = LocalTrainer(cfg, (ledger_dir or Path(tmp)) / f"{arm}-ledger.json")
+        tracker = _Tracker(data, fm, time.perf_counter())
+        state = fm.layout.unflatten(fm.x0)
+        sim = 0.0
+        eps: list[float] = []
+        sigma = None
+        steps = 0
+        for r in range(fed.rounds):
+            res = trainer.train_round(state, X, y, round_index=r + 1)
+            state = res.state_dict
+            sim += res.timings.get("total_s", 0.0)
+            steps += res.steps
+            if res.epsilon is not None:
+                eps, sigma = [res.epsilon], res.noise_multiplier
+            tracker.score(fm.layout.flatten(state), r + 1, sim, r + 1)
+        # centralizing means moving the images: raw uint8 pixels + one label byte each
+        raw_bytes = int(len(X) * (X[0].numel() + 1))
+        return tracker.finish(arm, sim_seconds=sim, bytes_up=raw_bytes, optimizer_steps=steps, updates=fed.rounds,
+                              epsilon_spent=eps, noise_multiplier=sigma, bytes_estimated=True)
+
+
+# ----------------------------------------------------------------------------- federation
+
+
+class _Crypto:
+    """Keys for one simulated federation: sites hold the secret context, the aggregator the public one."""
+
+    def __init__(self, preset: str, tmp: Path, site_names: Sequence[str]) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from shared.ckks import init_keys, load_context
+
+        files = init_keys(tmp / "keys", preset)
+        self.secret = load_context(files.secret_context, require_secret=True)
+        self.public = load_context(files.public_context, require_secret=False)
+        self.signing = {n: Ed25519PrivateKey.generate() for n in site_names}
+        self.pinned = {n: k.public_key() for n, k in self.signing.items()}
+
+
+def ciphertext_bytes_per_block(preset: str) -> int:
+    """Measured size of one serialized CKKS block of the preset (for plaintext-mode byte counts)."""
+    return _ct_size(preset)
+
+
+@lru_cache(maxsize=8)
+def _ct_size(preset: str) -> int:
+    from shared.ckks import get_preset, new_secret_context
+
+    p = get_preset(preset)
+    import tenseal as ts
+
+    ctx = new_secret_context(p)
+    vec = ts.ckks_vector(ctx, np.random.default_rng(0).normal(0, 0.01, p.slots).tolist())
+    return len(vec.serialize())
+
+
+class _Aggregator:
+    """Buffer + state, encrypted (TenSEAL, public context) or plaintext, and the key holder's view."""
+
+    def __init__(self, fed: FederationSettings, fm: FederatedModel, K: int, crypto: _Crypto | None, block_size: int,
+                 n_receivers: int) -> None:
+        self.fed, self.fm, self.K, self.crypto, self.block_size = fed, fm, K, crypto, block_size
+        self.n_receivers = n_receivers
+        self.scale = foldmod.value_scale(fed.server_lr, fed.weight_quantum, K)
+        self.buffer: dict = {}
+        self.state: dict = {}
+        self.plain_D: dict[int, np.ndarray] = {}  # what a key holder decrypts
+        self.folded_in_buffer = 0
+        self.version = 0
+        self.total_folded = 0
+        self.bytes_down = 0
+        self.timings = {"fold_s": 0.0, "decrypt_s": 0.0}
+
+    def fold(self, payload, units: int) -> None:
+        t = time.perf_counter()
+        if self.crypto is None:
+            foldmod.fold_plain(self.buffer, payload, units)
+        else:
+            from shared.ckks import load_ciphertext
+            from shared.codec import decode_update_chunk
+            from shared.signing import verify_chunk
+
+            vectors = []
+            for raw in payload:
+                chunk = decode_update_chunk(raw)
+                verify_chunk(chunk, self.crypto.pinned)
+                vectors += [(b.index, load_ciphertext(self.crypto.public, b.ciphertext)) for b in chunk.blocks]
+            foldmod.fold_into(self.buffer, vectors, units)
+        self.timings["fold_s"] += time.perf_counter() - t
+        self.folded_in_buffer += 1
+        self.total_folded += 1
+
+    def commit(self) -> np.ndarray:
+        t = time.perf_counter()
+        if self.crypto is None:
+            changed = foldmod.commit_plain(self.state, self.buffer)
+            for i in changed:
+                self.plain_D[i] = self.state[i]
+            self.bytes_down += self.n_receivers * len(changed) * (_ct_size(self.fed.ckks_preset) + 48)
+        else:
+            from shared.chunking import chunk_blocks
+            from shared.ckks import decrypt_block
+            from shared.codec import DEFAULT_MAX_MESSAGE_BYTES, encode
+            from shared.schema import EncryptedBlock, GlobalVersionChunk
+
+            changed = foldmod.commit(self.state, self.buffer)
+            serialized = {i: self.state[i].serialize() for i in changed}
+            template = GlobalVersionChunk(
+                chunk_index=0, chunk_count=1, block_size=self.block_size, total_blocks=self._total_blocks(),
+                block_indices=(), blocks=(), key_fingerprint=self.crypto.public.fingerprint,
+                layout_fingerprint=self.fm.layout.fingerprint, version=self.version + 1, mode="delta",
+                value_scale=self.scale, created_at=time.time(),
+            )
+            blocks = [EncryptedBlock(index=i, ciphertext=serialized[i]) for i in changed]
+            for c in chunk_blocks(template, blocks, DEFAULT_MAX_MESSAGE_BYTES):
+                self.bytes_down += self.n_receivers * len(encode(c))
+            self.timings["fold_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for i in changed:  # the key holder (every site) decrypts the broadcast values
+                self.plain_D[i] = decrypt_block(self.crypto.secret, serialized[i])
+            self.timings["decrypt_s"] += time.perf_counter() - t
+        self.folded_in_buffer = 0
+        self.version += 1
+        return self.vector()
+
+    def _total_blocks(self) -> int:
+        return max(1, math.ceil(self.fm.x0.size / self.block_size))
+
+    def vector(self) -> np.ndarray:
+        return foldmod.reconstruct(self.fm.x0, self.plain_D, self.scale, self.block_size)
+
+
+class _Site:
+    def __init__(self, data: SiteData, cfg: TrainingConfig, ledger: Path, slowdown: float) -> None:
+        self.data, self.cfg, self.slowdown = data, cfg, slowdown
+        self.trainer = LocalTrainer(cfg, ledger)
+        self.residual: np.ndarray | None = None
+        self.seq = 0
+        self.epsilon: float | None = None
+        self.sigma: float | None = None
+
+
+def run_federation_sim(
+    data: FederationData, local: LocalSettings, fed: FederationSettings, *, seed: int, arm: str = "fl",
+) -> RunResult:
+    """Run the federation; returns the best-on-validation version's scores and the whole curve."""
+    from shared.ckks import get_preset
+    from site_agent.update_builder import UpdateIdentity, build_update
+
+    fm = FederatedModel.create(fed.preset, fed.init_seed)
+    block_size = get_preset(fed.ckks_preset).slots
+    n = len(data.sites)
+    K = n if fed.mode == "sync" else fed.buffer_size
+    exponent = 0.0 if fed.mode == "sync" else fed.staleness_exponent
+    w_ref = float(np.mean([len(s.X_train) for s in data.sites]))  # aggregator's reference_sample_weight
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        crypto = _Crypto(fed.ckks_preset, tmp, [s.name for s in data.sites]) if fed.encrypted else None
+        agg = _Aggregator(fed, fm, K, crypto, block_size, n_receivers=n)
+        sites = [
+            _Site(sd, training_config(local, preset=fed.preset, seed=training_seed(sd.name, seed),
+                                      planned_rounds=fed.rounds),
+                  tmp / f"{sd.name}-ledger.json", fed.slowdowns[i] if i < len(fed.slowdowns) else 1.0)
+            for i, sd in enumerate(data.sites)
+        ]
+        timings = {"train_s": 0.0, "encrypt_s": 0.0, "build_s": 0.0}
+        bytes_up = 0
+        steps = 0
+        tracker = _Tracker(data, fm, time.perf_counter())
+        tracker.score(fm.x0.copy(), 0, 0.0, 0)
+        current = fm.x0.copy()
+
+        def train(site: _Site, base: np.ndarray, base_version: int) -> tuple[float, object, int]:
+            """Run one local round + update building; returns (compute seconds, payload, weight sample count)."""
+            nonlocal bytes_up, steps
+            site.seq += 1
+            res = site.trainer.train_round(fm.layout.unflatten(base), site.data.X_train, site.data.y_train,
+                                           round_index=site.seq)
+            steps += res.steps
+            site.epsilon, site.sigma = res.epsilon, res.noise_multiplier
+            delta = fm.layout.flatten(res.state_dict) - base
+            t = time.perf_counter()
+            if crypto is None:
+                sparse, site.residual = sparsify(delta, site.residual, block_size, fed.sparsity_mode, fed.topk_fraction)
+                payload = {i: b for i, b in zip(sparse.indices, sparse.blocks, strict=True)}
+                bytes_up += len(sparse.indices) * (_ct_size(fed.ckks_preset) + 48) + 512
+                enc_s = 0.0
+            else:
+                from shared.codec import DEFAULT_MAX_MESSAGE_BYTES, encode_update_chunk
+
+                built = build_update(
+                    delta, site.residual, UpdateIdentity(site.data.name, site.seq, base_version, float(res.n_samples)),
+                    crypto.secret, fm.layout.fingerprint, crypto.signing[site.data.name],
+                    mode=fed.sparsity_mode, fraction=fed.topk_fraction, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+                )
+                site.residual = built.residual
+                payload = [encode_update_chunk(c) for c in built.chunks]
+                bytes_up += sum(map(len, payload))
+                enc_s = built.encrypt_seconds
+            build_s = time.perf_counter() - t
+            timings["train_s"] += res.timings.get("total_s", 0.0)
+            timings["encrypt_s"] += enc_s
+            timings["build_s"] += build_s
+            if fed.clock == "steps":
+                compute = res.steps * fed.seconds_per_step * site.slowdown
+            else:
+                compute = (res.timings.get("total_s", 0.0) + build_s) * site.slowdown
+            return compute, payload, res.n_samples
+
+        def units_for(tau: int, n_samples: int) -> int:
+            return foldmod.weight_units(tau, float(n_samples), quantum=fed.weight_quantum, exponent=exponent,
+                                        reference_sample_weight=w_ref)
+
+        sim = 0.0
+        stop = False
+        if fed.mode == "sync":
+            for _ in range(fed.rounds):
+                results = [train(s, current, agg.version) for s in sites]
+                sim += max(r[0] for r in results)
+                for _, payload, ns in results:
+                    agg.fold(payload, units_for(0, ns))
+                current = agg.commit()
+                val = tracker.score(current, agg.version, sim, agg.total_folded)
+                if fed.stop_at_val_auc is not None and val >= fed.stop_at_val_auc:
+                    break
+        else:
+            events: list[tuple[float, int, int, object, int, int]] = []  # (finish, tiebreak, site, payload, base, n)
+            counter = 0
+            for i, s in enumerate(sites):
+                c, payload, ns = train(s, current, 0)
+                heapq.heappush(events, (c, counter, i, payload, 0, ns))
+                counter += 1
+            while events and not stop:
+                t_fin, _, i, payload, base_v, ns = heapq.heappop(events)
+                sim = t_fin
+                tau = agg.version - base_v
+                if tau <= fed.max_staleness:  # the aggregator refuses older updates (TooStale)
+                    agg.fold(payload, units_for(tau, ns))
+                if agg.folded_in_buffer >= K:
+                    current = agg.commit()
+                    val = tracker.score(current, agg.version, sim, agg.total_folded)
+                    stop = fed.stop_at_val_auc is not None and val >= fed.stop_at_val_auc
+                site = sites[i]
+                if site.seq < fed.rounds and not stop:
+                    c, payload, ns = train(site, current, agg.version)
+                    heapq.heappush(events, (sim + c, counter, i, payload, agg.version, ns))
+                    counter += 1
+            # a final partial buffer stays uncommitted, as on the real aggregator
+        timings.update(agg.timings)
+        eps = [float(s.epsilon) for s in sites if s.epsilon is not None]
+        sigma = sites[0].sigma
+        return tracker.finish(arm, sim_seconds=sim, bytes_up=bytes_up, bytes_down=agg.bytes_down,
+                              optimizer_steps=steps, updates=agg.total_folded, epsilon_spent=eps,
+                              noise_multiplier=sigma, timings=timings, bytes_estimated=crypto is None)
+
+
+def bootstrap_auc_ci(
+    y: np.ndarray, probs_per_seed: Sequence[np.ndarray], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """95% interval of the seed-averaged test AUC, resampling test images (same resample for all seeds)."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y).reshape(-1)
+    n = len(y)
+    stats = []
+    from sklearn.metrics import roc_auc_score
+
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        yb = y[idx]
+        if len(np.unique(yb)) < 2:
+            continue
+        stats.append(float(np.mean([roc_auc_score(yb, p[idx]) for p in probs_per_seed])))
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
