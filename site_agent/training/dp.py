@@ -6,6 +6,7 @@ so each round costs the same and the ledger can say in advance whether one more 
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Mapping
@@ -28,19 +29,25 @@ OPACUS_PREFIX = "_module."
 
 def noise_multiplier_for(dp: DPConfig, delta: float, sample_rate: float, steps_per_round: int) -> float:
     """Smallest sigma (RDP) keeping ``planned_rounds`` rounds within ``target_epsilon``."""
+    return _noise_multiplier(dp.target_epsilon, delta, sample_rate, dp.planned_rounds, steps_per_round)
+
+
+@functools.lru_cache(maxsize=32)
+def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, rounds: int, steps_per_round: int) -> float:
+    # Pure and slow (seconds: a binary search over RDP curves), hence memoised per process.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         sigma = get_noise_multiplier(
-            target_epsilon=dp.target_epsilon,
+            target_epsilon=target_epsilon,
             target_delta=delta,
             sample_rate=sample_rate,
-            steps=dp.planned_rounds * steps_per_round,
+            steps=rounds * steps_per_round,
             accountant="rdp",
             epsilon_tolerance=0.01,
         )
     logger.info(
         "noise multiplier %.4f for epsilon %.3g, delta %.3g, q %.4g, %d rounds x %d steps",
-        sigma, dp.target_epsilon, delta, sample_rate, dp.planned_rounds, steps_per_round,
+        sigma, target_epsilon, delta, sample_rate, rounds, steps_per_round,
     )
     return float(sigma)
 
