@@ -75,6 +75,7 @@ class FederationSpec(BaseModel):
     #: which score must reach target_auc: validation (selection-safe) or test
     target_on: Literal["val", "test"] = "val"
     time_limit_s: float = 780.0
+    retrain_after_s: float = 60.0
     max_versions: int | None = None
     amqp_url: str | None = None  # None: start a private broker node
 
@@ -209,6 +210,7 @@ class Federation:
                 "planned_rounds": s.planned_rounds,
                 "seed": s.seed,
                 "slowdown_factor": float(s.slowdown.get(site, 1.0)),
+                "retrain_after_s": s.retrain_after_s,
                 "progress_bars": False,
                 "log_json": True,
                 **t.model_dump(),
@@ -222,21 +224,34 @@ class Federation:
         self.procs[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     # -- run -------------------------------------------------------------------------------
-    def run(self) -> FederationResult:
+    def start(self) -> Evaluator:
+        """Start the evaluator, the aggregator and every site agent; returns the evaluator."""
         s = self.spec
         ctx = load_context(self.keys.secret_context, require_secret=True)
         model = FederatedModel.create(s.training.model_preset, 0)
         val = load_official_split(s.data_npz, "val")
         test = load_official_split(s.data_npz, "test")
-        evaluator = Evaluator(self.urls[EVALUATOR_ID], ctx, model, _tensors(val), _tensors(test))
-        evaluator.start()
-        self._stack.callback(evaluator.stop)
+        self.evaluator = Evaluator(self.urls[EVALUATOR_ID], ctx, model, _tensors(val), _tensors(test))
+        self.evaluator.start()
+        self._stack.callback(self.evaluator.stop)
         self.progress(f"starting the aggregator ({s.mode}) and {len(self.sites)} site agents as separate processes")
-        self._spawn("aggregator", ["aggregator", "run", "--config", str(self.dir / "config" / "aggregator.toml")])
+        self.spawn_aggregator()
         for site in self.sites:
-            self._spawn(site, ["site", "run", "--config", str(self.dir / "config" / f"{site}.toml")])
-        started = time.monotonic()
-        evaluator.started = started
+            self.spawn_site(site)
+        self.started = time.monotonic()
+        self.evaluator.started = self.started
+        return self.evaluator
+
+    def spawn_aggregator(self) -> None:
+        self._spawn("aggregator", ["aggregator", "run", "--config", str(self.dir / "config" / "aggregator.toml")])
+
+    def spawn_site(self, site: str) -> None:
+        self._spawn(site, ["site", "run", "--config", str(self.dir / "config" / f"{site}.toml")])
+
+    def run(self) -> FederationResult:
+        s = self.spec
+        evaluator = self.start()
+        started = self.started
         reached: float | None = None
         reason = "time limit"
         last_reported = -1

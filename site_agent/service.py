@@ -42,6 +42,7 @@ class SiteAgent:
         self._backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s)
         self._snapshot_requested_for: int | None = None
         self._user_id = username_of(settings.amqp_url)
+        self._last_progress = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -93,6 +94,8 @@ class SiteAgent:
         self._maybe_train()
         while not self._stop.is_set():
             self._conn.process_data_events(time_limit=0.5)
+            if time.monotonic() - self._last_progress > self.settings.retrain_after_s:
+                self._maybe_train(same_version_ok=True)
             if self._worker is not None and not self._worker.is_alive() and self._stop.is_set():
                 break
 
@@ -106,6 +109,7 @@ class SiteAgent:
             ch.basic_ack(method.delivery_tag)
             return
         if result.outcome == "applied":
+            self._last_progress = time.monotonic()
             self.rt.save_state()
             self._snapshot_requested_for = None
             ch.basic_ack(method.delivery_tag)
@@ -138,18 +142,19 @@ class SiteAgent:
         self._maybe_train()
 
     # -- training ------------------------------------------------------------------------
-    def _maybe_train(self) -> None:
+    def _maybe_train(self, same_version_ok: bool = False) -> None:
         if self._stop.is_set() or (self._worker is not None and self._worker.is_alive()):
             return
         if self.rt.state.pending is not None:
             return
-        if self.rt.state.last_trained_base >= self.rt.state.version:
+        if self.rt.state.last_trained_base >= self.rt.state.version and not same_version_ok:
             return  # wait for a newer global model than the one we last trained from
         reason = self.rt.why_not_contribute()
         if reason is not None:
             logger.info("not contributing", extra={"reason": reason})
             return
         base_version = self.rt.state.version
+        self._last_progress = time.monotonic()
         self._worker = threading.Thread(target=self._train_worker, args=(base_version,), name="fedmq-train", daemon=True)
         self._worker.start()
 
@@ -165,6 +170,7 @@ class SiteAgent:
 
     def _on_update_ready(self) -> None:
         self._publish_pending()
+        self._last_progress = time.monotonic()
         self._maybe_train()
 
     def _publish_pending(self) -> None:

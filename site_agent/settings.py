@@ -38,6 +38,10 @@ class SiteSettings(FedmqSettings):
     topk_fraction: float = Field(0.5, gt=0, le=1)
     #: stretch each round's wall time by this factor (straggler experiments only)
     slowdown_factor: float = Field(1.0, ge=1.0)
+    #: train again from the same global version when no newer one arrived for this long: in
+    #: asynchronous mode a version may wait for other sites' updates that never come (they are
+    #: done or down), and a site that only waited would stall the federation.
+    retrain_after_s: float = Field(60.0, gt=0)
     progress_bars: bool = True
     train_split: Literal["train"] = "train"
     val_split: Literal["val"] = "val"
