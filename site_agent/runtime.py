@@ -7,7 +7,9 @@ driven without a broker: by tests, by experiments, and by ``fedmq site export-mo
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import os
 import threading
 import time
 
@@ -17,7 +19,9 @@ from torch import nn
 from shared.ckks import LoadedContext, load_context
 from shared.codec import encode_update_chunk
 from shared.errors import ConfigError
+from shared.atomic import atomic_write_bytes
 from shared.signing import load_private_key
+from shared.sparsify import sparsify
 from site_agent.data import LoadedDataset, load_dataset
 from site_agent.model_state import FederatedModel, model_vector
 from site_agent.settings import SiteSettings
@@ -28,6 +32,10 @@ from site_agent.update_builder import UpdateIdentity, build_update
 logger = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy-ledger.json"
+#: Test hook (never set in production): ``FEDMQ_SITE_RECORD_PLAINTEXT=1`` also writes each built
+#: update's plaintext sparse delta to ``<state_dir>/plaintext/<seq>.npz`` (indices, blocks) before
+#: the update is persisted as pending, so fault-injection tests can replay exactly what was sent.
+RECORD_PLAINTEXT_ENV = "FEDMQ_SITE_RECORD_PLAINTEXT"
 
 
 def training_seed(site_id: str, seed: int) -> int:
@@ -169,6 +177,8 @@ class SiteRuntime:
             max_message_bytes=self.settings.max_message_bytes,
         )
         encoded = [encode_update_chunk(c) for c in built.chunks]
+        if os.environ.get(RECORD_PLAINTEXT_ENV, "") == "1":
+            self._record_plaintext(seq, delta)
         with self._lock:
             self.state.residual = built.residual
             self.state.pending = encoded
@@ -184,6 +194,13 @@ class SiteRuntime:
         }
         logger.info("update ready", extra={"seq": seq, "base_version": base_version, "blocks": len(built.sent_indices), **self.last_timings})
         return True
+
+    def _record_plaintext(self, seq: int, delta: np.ndarray) -> None:
+        """Test hook only (RECORD_PLAINTEXT_ENV): the exact sparse blocks the update encrypts."""
+        sparse, _ = sparsify(delta, self.state.residual, self.ctx.preset.slots, self.settings.sparsity_mode, self.settings.topk_fraction)
+        buf = io.BytesIO()
+        np.savez(buf, indices=np.asarray(sparse.indices, dtype=np.int64), blocks=sparse.blocks)
+        atomic_write_bytes(self.store.dir / "plaintext" / f"{seq}.npz", buf.getvalue())
 
     def mark_pending_published(self) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ so a crash mid-publish re-sends the same update id on restart instead of a new o
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -29,6 +30,16 @@ from site_agent.settings import SiteSettings
 
 logger = logging.getLogger(__name__)
 
+#: Test hook (never set in production): ``FEDMQ_SITE_CRASH_AT=mid-publish[:n]`` SIGKILLs the site
+#: the n-th time (default 1st) it has published (and the broker confirmed) the first chunk of a
+#: multi-chunk update, before the rest: the fault-injection tests prove the re-sent update counts once.
+CRASH_ENV = "FEDMQ_SITE_CRASH_AT"
+
+
+def _crash_countdown() -> int:
+    point, _, n = os.environ.get(CRASH_ENV, "").partition(":")
+    return int(n or 1) if point == "mid-publish" else 0
+
 
 class SiteAgent:
     def __init__(self, settings: SiteSettings, runtime: SiteRuntime | None = None) -> None:
@@ -43,6 +54,7 @@ class SiteAgent:
         self._snapshot_requested_for: int | None = None
         self._user_id = username_of(settings.amqp_url)
         self._last_progress = time.monotonic()
+        self._crash_in = _crash_countdown()
 
     # -- lifecycle -------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -177,8 +189,14 @@ class SiteAgent:
         state = self.rt.state
         if state.pending is None:
             return
-        for raw in state.pending:
+        for i, raw in enumerate(state.pending):
             self._publish(topology.UPDATES_EXCHANGE, topology.shard_key(0), raw, "update-chunk", persistent=True)
+            if self._crash_in and i == 0 and len(state.pending) > 1:
+                self._crash_in -= 1
+                if self._crash_in == 0:
+                    logger.warning("test crash hook: SIGKILL mid-publish", extra={"seq": state.pending_seq, "chunks": len(state.pending)})
+                    logging.shutdown()
+                    os.kill(os.getpid(), signal.SIGKILL)
         logger.info("update published", extra={"seq": state.pending_seq, "chunks": len(state.pending), "bytes": sum(map(len, state.pending))})
         self.rt.mark_pending_published()
 
