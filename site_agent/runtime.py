@@ -178,7 +178,7 @@ class SiteRuntime:
         )
         encoded = [encode_update_chunk(c) for c in built.chunks]
         if os.environ.get(RECORD_PLAINTEXT_ENV, "") == "1":
-            self._record_plaintext(seq, delta)
+            self._record_plaintext(seq, delta, base_version, float(result.n_samples))
         with self._lock:
             self.state.residual = built.residual
             self.state.pending = encoded
@@ -195,11 +195,12 @@ class SiteRuntime:
         logger.info("update ready", extra={"seq": seq, "base_version": base_version, "blocks": len(built.sent_indices), **self.last_timings})
         return True
 
-    def _record_plaintext(self, seq: int, delta: np.ndarray) -> None:
+    def _record_plaintext(self, seq: int, delta: np.ndarray, base_version: int, sample_weight: float) -> None:
         """Test hook only (RECORD_PLAINTEXT_ENV): the exact sparse blocks the update encrypts."""
         sparse, _ = sparsify(delta, self.state.residual, self.ctx.preset.slots, self.settings.sparsity_mode, self.settings.topk_fraction)
         buf = io.BytesIO()
-        np.savez(buf, indices=np.asarray(sparse.indices, dtype=np.int64), blocks=sparse.blocks)
+        np.savez(buf, indices=np.asarray(sparse.indices, dtype=np.int64), blocks=sparse.blocks,
+                 base_version=base_version, sample_weight=sample_weight)
         atomic_write_bytes(self.store.dir / "plaintext" / f"{seq}.npz", buf.getvalue())
 
     def mark_pending_published(self) -> None:
