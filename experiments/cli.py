@@ -28,7 +28,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                      help="fold the plaintext mirror with identical integer weights (faster, same maths)")
     p.add_argument("--real-async-vs-sync", action="store_true",
                    help="time-to-target on a real broker + aggregator + site processes (experiments.federation)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default 1)")
+    p.add_argument("--jobs", type=int, default=None, help="seeds run in parallel processes (default 1)")
     p.add_argument("--rounds", type=int, default=None, help="override rounds per site (non-DP arms)")
     p.add_argument("--rounds-dp", type=int, default=None, help="override rounds per site (DP arms)")
     p.set_defaults(handler=_reproduce)
@@ -43,7 +44,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     overrides: dict = {"dataset": args.dataset, "data_root": args.data_root,
                        "real_async_vs_sync": args.real_async_vs_sync}
-    for key in ("seeds", "encrypted", "threads", "rounds", "rounds_dp"):
+    for key in ("seeds", "encrypted", "threads", "jobs", "rounds", "rounds_dp"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value

@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from broker import topology
 from broker.local_node import LocalRabbitNode
-from broker.provision import AGGREGATOR_USER, apply_with_rabbitmqctl, plan
+from broker.definitions import definitions, write_definitions
+from broker.provision import AGGREGATOR_USER, plan
 from shared.ckks import init_keys, load_context
 from shared.signing import generate_site_key
 from site_agent.data import load_official_split, prepare_demo_data
@@ -126,7 +127,7 @@ class Federation:
     def __init__(self, spec: FederationSpec, progress: Callable[[str], None] | None = None) -> None:
         self.spec = spec
         self.progress = progress or (lambda msg: None)
-        self.dir = spec.workdir
+        self.dir = spec.workdir.resolve()
         self.sites = site_ids(spec.n_sites)
         self._stack = ExitStack()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -153,15 +154,16 @@ class Federation:
         if self.spec.amqp_url is None:
             self.progress("starting a private RabbitMQ node")
             self.node = self._stack.enter_context(LocalRabbitNode())
-            self.node.add_vhost(VHOST)
-            self.node.set_permissions(VHOST, self.node.username)  # the admin that declares the topology
-            self.urls = {}
-            # Least privilege: each site (and the evaluator, a key holder like a site) its own
-            # user and queue; the aggregator's user is named by broker.provision.
+            # One import of a definitions document (users, least-privilege permissions, the
+            # whole topology) instead of dozens of rabbitmqctl round trips.
             grants = plan([*self.sites, EVALUATOR_ID], passwords.__getitem__)
-            apply_with_rabbitmqctl(self.node.rabbitmqctl, VHOST, grants)
-            for user, pw in passwords.items():
-                self.urls[user] = self.node.url_for_vhost(VHOST, username=user, password=pw)
+            doc = definitions(VHOST, grants, sites=[*self.sites, EVALUATOR_ID])
+            doc["permissions"].append({"user": self.node.username, "vhost": VHOST, "configure": ".*", "write": ".*", "read": ".*"})
+            defs = self.dir / "broker-definitions.json"
+            write_definitions(defs, doc)
+            defs.chmod(0o644)
+            self.node.rabbitmqctl("import_definitions", str(defs.resolve()))
+            self.urls = {user: self.node.url_for_vhost(VHOST, username=user, password=pw) for user, pw in passwords.items()}
             admin_url = self.node.url_for_vhost(VHOST)
             self.check_user_id = True
         else:

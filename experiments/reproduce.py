@@ -53,6 +53,8 @@ class ReproduceConfig(BaseModel):
     quick: bool = False
     #: torch intra-op threads; 1 is fastest for small_cnn on a busy 2-core machine
     threads: int = Field(1, ge=1)
+    #: seeds run in parallel processes (each with ``threads`` torch threads)
+    jobs: int = Field(1, ge=1)
     n_boot: int = Field(1000, ge=50)
 
     # federation topology (the FL arms use synchronous FedAvg, K = number of sites)
@@ -81,7 +83,7 @@ class ReproduceConfig(BaseModel):
     async_buffer_size: int = 2
     slow_site: int = 2
     slow_factor: float = 4.0
-    target_val_auc: float = 0.97
+    target_val_auc: float = 0.98
     #: each site may contribute up to this many updates in the time-to-target runs
     async_max_rounds: int = 30
     #: "steps" = simulated seconds from optimizer steps (robust on a shared CPU); "measured" = real compute
@@ -90,7 +92,7 @@ class ReproduceConfig(BaseModel):
 
     @classmethod
     def quick_config(cls, **overrides) -> "ReproduceConfig":
-        base = dict(quick=True, seeds=1, rounds=4, rounds_dp=4, n_boot=200, async_max_rounds=8, target_val_auc=0.95)
+        base = dict(quick=True, seeds=1, rounds=3, rounds_dp=2, n_boot=200, async_max_rounds=6, target_val_auc=0.95)
         base.update(overrides)
         return cls(**base)
 
@@ -212,6 +214,34 @@ def _async_vs_sync_real(cfg: ReproduceConfig, npz: Path, out_dir: Path, log) -> 
     return out
 
 
+def _line(seed: int, arm: str, r: RunResult) -> str:
+    return (f"seed {seed} {arm:15s} test AUC {r.test_auc:.4f} (val {r.val_auc:.4f}, v{r.best_version}) "
+            f"acc {r.test_accuracy:.4f} {r.wall_seconds:.0f}s {r.bytes_sent / 1e6:.1f} MB"
+            + (f" eps {max(r.epsilon_spent):.3f}" if r.epsilon_spent else ""))
+
+
+def _run_seed(cfg: ReproduceConfig, npz: Path, seed: int, log) -> dict[str, RunResult]:
+    """The four arms for one seed (its own Dirichlet partition, local splits, DP noise and sampling)."""
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    data = load_federation_data(npz, n_sites=cfg.n_sites, alpha=cfg.alpha, val_fraction=cfg.val_fraction, seed=seed)
+    fed = cfg.federation(rounds=cfg.rounds)
+    fed_dp = cfg.federation(rounds=cfg.rounds_dp)
+    plan = [
+        ("centralized", lambda: run_centralized(data, cfg.local, fed, seed=seed, arm="centralized")),
+        ("centralized_dp", lambda: run_centralized(data, cfg.local_dp, fed_dp, seed=seed, arm="centralized_dp")),
+        ("fl", lambda: run_federation_sim(data, cfg.local, fed, seed=seed, arm="fl")),
+        ("fl_dp", lambda: run_federation_sim(data, cfg.local_dp, fed_dp, seed=seed, arm="fl_dp")),
+    ]
+    out = {}
+    for arm, fn in plan:
+        out[arm] = r = fn()
+        if log is not None:
+            log(_line(seed, arm, r))
+    return out
+
+
 def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
     import torch
 
@@ -223,30 +253,27 @@ def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
     npz = npz_path(cfg)
     t_all = time.perf_counter()
     runs: dict[str, list[RunResult]] = {a: [] for a in ARMS}
-    y_test = None
-    data = None
-    for seed in range(cfg.seeds):
-        data = load_federation_data(npz, n_sites=cfg.n_sites, alpha=cfg.alpha, val_fraction=cfg.val_fraction, seed=seed)
-        y_test = data.y_test.numpy()
-        if seed == 0:
-            log(f"{cfg.dataset}: sites (train/val, positives) "
-                + ", ".join(f"{s.name} {len(s.X_train)}/{len(s.X_val)} ({int(s.y_train.sum())})" for s in data.sites)
-                + f"; test {len(data.X_test)}")
-        fed = cfg.federation(rounds=cfg.rounds)
-        fed_dp = cfg.federation(rounds=cfg.rounds_dp)
-        plan = [
-            ("centralized", lambda: run_centralized(data, cfg.local, fed, seed=seed, arm="centralized")),
-            ("centralized_dp", lambda: run_centralized(data, cfg.local_dp, fed_dp, seed=seed, arm="centralized_dp")),
-            ("fl", lambda: run_federation_sim(data, cfg.local, fed, seed=seed, arm="fl")),
-            ("fl_dp", lambda: run_federation_sim(data, cfg.local_dp, fed_dp, seed=seed, arm="fl_dp")),
-        ]
-        for arm, fn in plan:
-            r = fn()
-            runs[arm].append(r)
-            log(f"seed {seed} {arm:15s} test AUC {r.test_auc:.4f} (val {r.val_auc:.4f}, v{r.best_version}) "
-                f"acc {r.test_accuracy:.4f} {r.wall_seconds:.0f}s {r.bytes_sent / 1e6:.1f} MB"
-                + (f" eps {max(r.epsilon_spent):.3f}" if r.epsilon_spent else ""))
-    assert data is not None and y_test is not None
+    if cfg.jobs > 1 and cfg.seeds > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(cfg.jobs, cfg.seeds), mp_context=ctx) as pool:
+            futures = [pool.submit(_run_seed, cfg, npz, seed, None) for seed in range(cfg.seeds)]
+            per_seed = [f.result() for f in futures]
+        for seed, res in enumerate(per_seed):
+            for arm, r in res.items():
+                runs[arm].append(r)
+                log(_line(seed, arm, r))
+    else:
+        for seed in range(cfg.seeds):
+            for arm, r in _run_seed(cfg, npz, seed, log).items():
+                runs[arm].append(r)
+    data = load_federation_data(npz, n_sites=cfg.n_sites, alpha=cfg.alpha, val_fraction=cfg.val_fraction, seed=0)
+    y_test = data.y_test.numpy()
+    log(f"{cfg.dataset}: sites (train/val, positives) "
+        + ", ".join(f"{s.name} {len(s.X_train)}/{len(s.X_val)} ({int(s.y_train.sum())})" for s in data.sites)
+        + f"; test {len(data.X_test)} (seed 0 partition)")
     arms = {a: _arm_summary(runs[a], y_test, cfg) for a in ARMS}
 
     log("async vs sync (one hospital %.0fx slower)" % cfg.slow_factor)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from shared.errors import FedmqError
 
-class DataError(Exception):
+
+class DataError(FedmqError):
     """Base class for everything the data layer refuses."""
 
 

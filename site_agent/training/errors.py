@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from shared.errors import FedmqError
 
-class TrainingError(Exception):
+
+class TrainingError(FedmqError):
     """Base class for refusals of the local trainer."""
 
 
