@@ -294,6 +294,11 @@ class AggregatorEngine:
                 raise LayoutMismatch(f"total_blocks {chunk.total_blocks} is not {self.total_blocks}")
             if chunk.block_size != self.block_size:
                 raise BlockSizeMismatch(f"block_size {chunk.block_size} is not the preset's {self.block_size} slots")
+            if chunk.shard_count != self.settings.shard_count or chunk.shard_index != self.settings.shard_index:
+                raise WrongShard(
+                    f"chunk for shard {chunk.shard_index} of {chunk.shard_count}; this is shard "
+                    f"{self.settings.shard_index} of {self.settings.shard_count}"
+                )
             if self.settings.shard_count > 1:
                 for b in chunk.block_indices:
                     if foldmod.block_shard(b, chunk.total_blocks, self.settings.shard_count) != self.settings.shard_index:
@@ -480,7 +485,8 @@ class AggregatorEngine:
         template = GlobalVersionChunk(
             chunk_index=0, chunk_count=1, block_size=self.block_size, total_blocks=self.total_blocks,
             block_indices=(), blocks=(), key_fingerprint=self.ctx.fingerprint,
-            layout_fingerprint=self.layout_fp, version=self.version, mode=mode, value_scale=self.value_scale,
+            layout_fingerprint=self.layout_fp, shard_index=self.settings.shard_index,
+            shard_count=self.settings.shard_count, version=self.version, mode=mode, value_scale=self.value_scale,
             target_site=target_site, contributors=contributors,
             weight_units_sum=sum(c.weight_units for c in contributors), created_at=time.time(),
         )
@@ -507,6 +513,12 @@ class AggregatorEngine:
                 raise UnknownSite(f"unknown site {req.site_id!r}")
         except WireError as exc:
             return self._refuse(exc), []
+        if req.shard_index != self.settings.shard_index:
+            # Only shard 0 consumes the (single) snapshot-request queue; another shard's blocks
+            # reach a site through that shard's start-up and periodic snapshots (docs/sharding.md).
+            logger.info("snapshot of shard %d requested by %s: not ours (shard %d); it follows with that "
+                        "shard's next periodic snapshot", req.shard_index, req.site_id, self.settings.shard_index)
+            return Decision("accept", site_id=req.site_id), []
         logger.info("snapshot requested by %s (has %d, reason %s)", req.site_id, req.have_version, req.reason)
         return Decision("accept", site_id=req.site_id), self.snapshot(target_site=req.site_id)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -19,6 +19,19 @@ UpdateId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 Fingerprint = Annotated[str, Field(min_length=8, max_length=80)]
 BlockIndex = Annotated[int, Field(ge=0, lt=1 << 24)]
 Version = Annotated[int, Field(ge=0)]
+ShardIndex = Annotated[int, Field(ge=0, lt=1024)]
+ShardCount = Annotated[int, Field(ge=1, le=1024)]
+
+#: additive shard fields: omitted from the encoding while they hold their defaults, so a
+#: single-shard federation's messages (and their signatures) are byte-for-byte what they were.
+_SHARD_DEFAULTS = {"shard_index": 0, "shard_count": 1}
+
+
+def _omit_default_shard(data: dict) -> dict:
+    for key, default in _SHARD_DEFAULTS.items():
+        if key in data and data[key] == default and type(data[key]) is int:
+            del data[key]
+    return data
 
 
 class WireModel(BaseModel):
@@ -49,11 +62,25 @@ class ChunkedMessage(WireModel):
     blocks: tuple[EncryptedBlock, ...]
     key_fingerprint: Fingerprint
     layout_fingerprint: Fingerprint
+    #: aggregator shard this message belongs to: shard i of n owns the blocks b with
+    #: ``b * n // total_blocks == i`` (docs/sharding.md). Defaults = one shard.
+    shard_index: ShardIndex = 0
+    shard_count: ShardCount = 1
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):  # type: ignore[no-untyped-def]
+        return _omit_default_shard(handler(self))
 
     @model_validator(mode="after")
     def _consistent(self) -> "ChunkedMessage":
         if self.chunk_index >= self.chunk_count:
             raise ValueError("chunk_index must be < chunk_count")
+        if self.shard_index >= self.shard_count:
+            raise ValueError("shard_index must be < shard_count")
+        if self.shard_count > 1:
+            n, total = self.shard_count, self.total_blocks
+            if any(b * n // total != self.shard_index for b in self.block_indices):
+                raise ValueError("block_indices outside the shard's block range")
         if list(self.block_indices) != sorted(set(self.block_indices)):
             raise ValueError("block_indices must be sorted and unique")
         if self.block_indices and self.block_indices[-1] >= self.total_blocks:
@@ -118,6 +145,12 @@ class SnapshotRequest(WireModel):
     site_id: SiteId
     have_version: Annotated[int, Field(ge=-1)]
     reason: Annotated[str, Field(max_length=200)]
+    #: the aggregator shard whose snapshot is wanted (have_version is that shard's version)
+    shard_index: ShardIndex = 0
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):  # type: ignore[no-untyped-def]
+        return _omit_default_shard(handler(self))
 
 
 class Rejection(WireModel):

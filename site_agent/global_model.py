@@ -3,6 +3,12 @@
 The site keeps D_v decrypted; the model is x_v = x_0 + value_scale * D_v. Delta messages
 carry the new D value of each changed block, snapshots every non-zero block, so a site that
 applied deltas and one that loaded a snapshot hold bit-identical weights.
+
+With a sharded aggregator (``shard_count`` n > 1, docs/sharding.md) every shard commits its
+own block range and numbers its own versions: the receiver keeps one version per shard
+(``state.shard_versions``; ``state.version`` is their sum, a counter that grows whenever any
+shard moves), checks deltas for gaps per shard, and a shard's snapshot replaces only that
+shard's blocks.
 """
 
 from __future__ import annotations
@@ -28,55 +34,108 @@ Outcome = Literal["applied", "old", "gap", "incomplete", "not-for-us"]
 @dataclass(frozen=True)
 class ApplyResult:
     outcome: Outcome
+    #: the version now held (of ``shard``, when sharded)
     version: int
     message_version: int
+    shard: int = 0
 
 
 def version_key(chunk: GlobalVersionChunk) -> str:
-    return f"{chunk.version}:{chunk.mode}:{chunk.target_site or '*'}"
+    key = f"{chunk.version}:{chunk.mode}:{chunk.target_site or '*'}"
+    return key if chunk.shard_count == 1 else f"{key}:s{chunk.shard_index}"
+
+
+class ShardMismatch(LayoutMismatch):
+    """A global version from an aggregator sharded differently from this site's setting."""
 
 
 class GlobalModelReceiver:
-    def __init__(self, state: SiteState, ctx: LoadedContext, layout_fingerprint: str, model_size: int) -> None:
+    def __init__(
+        self, state: SiteState, ctx: LoadedContext, layout_fingerprint: str, model_size: int, shard_count: int = 1,
+    ) -> None:
         self.state = state
         self.ctx = ctx
         self.layout_fingerprint = layout_fingerprint
         self.model_size = model_size
-        self.assembler: ChunkAssembler[GlobalVersionChunk] = ChunkAssembler(version_key, max_pending=16)
+        self.shard_count = shard_count
+        self.assembler: ChunkAssembler[GlobalVersionChunk] = ChunkAssembler(version_key, max_pending=16 * shard_count)
+        if shard_count > 1:
+            held = state.shard_versions
+            if held is None:
+                # a state written before sharding (or fresh): its single version is shard-less
+                if state.version != 0:
+                    logger.warning("site state holds version %d of an unsharded aggregator; "
+                                   "tracking %d shards from 0", state.version, shard_count)
+                state.shard_versions = [0] * shard_count
+            elif len(held) != shard_count:
+                raise ShardMismatch(f"site state tracks {len(held)} shards, settings say {shard_count}")
+            state.version = sum(state.shard_versions)
+
+    def shard_version(self, shard: int = 0) -> int:
+        """The version held of one shard (the version, with one shard)."""
+        if self.shard_count == 1:
+            return self.state.version
+        assert self.state.shard_versions is not None
+        return self.state.shard_versions[shard]
+
+    def versions(self) -> tuple[int, ...]:
+        return tuple(self.shard_version(i) for i in range(self.shard_count))
 
     def offer(self, chunk: GlobalVersionChunk) -> ApplyResult:
         """Feed one chunk; returns what happened once its version is complete."""
+        shard = chunk.shard_index
         if chunk.target_site is not None and chunk.target_site != self.state.site_id:
-            return ApplyResult("not-for-us", self.state.version, chunk.version)
+            return ApplyResult("not-for-us", self.shard_version(0), chunk.version, shard)
         if chunk.key_fingerprint != self.ctx.fingerprint:
             raise KeyMismatch(f"global version under key {chunk.key_fingerprint}, ours is {self.ctx.fingerprint}")
         if chunk.layout_fingerprint != self.layout_fingerprint:
             raise LayoutMismatch(f"global version for layout {chunk.layout_fingerprint}")
-        if chunk.version <= self.state.version:
+        if chunk.shard_count != self.shard_count:
+            raise ShardMismatch(f"global version from a {chunk.shard_count}-shard aggregator; "
+                                f"this site expects {self.shard_count} shard(s)")
+        held = self.shard_version(shard)
+        if chunk.version <= held:
             # Nothing newer; still consume the chunks so a partial set never lingers.
             self.assembler.discard(version_key(chunk))
-            return ApplyResult("old", self.state.version, chunk.version)
+            return ApplyResult("old", held, chunk.version, shard)
         done = self.assembler.add(chunk)
         if done is None:
-            return ApplyResult("incomplete", self.state.version, chunk.version)
+            return ApplyResult("incomplete", held, chunk.version, shard)
         return self._apply(done)
 
     def _apply(self, done: Assembled[GlobalVersionChunk]) -> ApplyResult:
         head = done.header
-        if head.mode == "delta" and head.version != self.state.version + 1:
-            return ApplyResult("gap", self.state.version, head.version)
+        shard = head.shard_index
+        held = self.shard_version(shard)
+        if head.mode == "delta" and head.version != held + 1:
+            return ApplyResult("gap", held, head.version, shard)
         block = head.block_size
         size = head.total_blocks * block
         if self.state.global_sum.size != size:
             self.state.global_sum = np.zeros(size)
-        target = self.state.global_sum if head.mode == "delta" else np.zeros(size)
+        if head.mode == "delta":
+            target = self.state.global_sum
+        elif self.shard_count == 1:
+            target = np.zeros(size)
+        else:  # a shard's snapshot replaces that shard's block range only
+            target = self.state.global_sum.copy()
+            n, total = self.shard_count, head.total_blocks
+            lo = next(b for b in range(total) if b * n // total == shard)
+            hi = next((b for b in range(lo, total) if b * n // total != shard), total)
+            target[lo * block : hi * block] = 0.0
         for b in done.blocks:
             target[b.index * block : (b.index + 1) * block] = decrypt_block(self.ctx, b.ciphertext)[:block]
         self.state.global_sum = target
-        self.state.version = head.version
+        if self.shard_count == 1:
+            self.state.version = head.version
+        else:
+            assert self.state.shard_versions is not None
+            self.state.shard_versions[shard] = head.version
+            self.state.version = sum(self.state.shard_versions)
         self.state.value_scale = head.value_scale
-        logger.info("applied global version", extra={"version": head.version, "mode": head.mode, "blocks": len(done.blocks)})
-        return ApplyResult("applied", head.version, head.version)
+        logger.info("applied global version", extra={"version": head.version, "mode": head.mode,
+                                                     "blocks": len(done.blocks), "shard": shard})
+        return ApplyResult("applied", head.version, head.version, shard)
 
     def model_vector(self, x0: np.ndarray) -> np.ndarray:
         return model_vector(x0, self.state.global_sum, self.state.value_scale)

@@ -27,6 +27,7 @@ from shared.schema import SiteMetrics, SnapshotRequest
 from site_agent.global_model import GlobalModelReceiver
 from site_agent.runtime import SiteRuntime
 from site_agent.settings import SiteSettings
+from site_agent.update_builder import ShardedVersion, shard_of_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,15 @@ class SiteAgent:
     def __init__(self, settings: SiteSettings, runtime: SiteRuntime | None = None) -> None:
         self.settings = settings
         self.rt = runtime or SiteRuntime.open(settings)
-        self.receiver = GlobalModelReceiver(self.rt.state, self.rt.ctx, self.rt.layout.fingerprint, self.rt.layout.size)
+        self.receiver = GlobalModelReceiver(self.rt.state, self.rt.ctx, self.rt.layout.fingerprint, self.rt.layout.size,
+                                            shard_count=settings.shard_count)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._conn: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s)
-        self._snapshot_requested_for: int | None = None
+        #: per shard: the message version a snapshot was last requested for (one request per gap)
+        self._snapshot_requested_for: dict[int, int] = {}
         self._user_id = username_of(settings.amqp_url)
         self._last_progress = time.monotonic()
         self._crash_in = _crash_countdown()
@@ -102,7 +105,8 @@ class SiteAgent:
         if self.rt.state.pending is not None:
             self._publish_pending()
         if self.rt.state.version == 0 and self.rt.state.updates_sent == 0:
-            self._request_snapshot(-1 if self.rt.state.generation == 0 else 0, "start")
+            for shard in range(self.settings.shard_count):
+                self._request_snapshot(-1 if self.rt.state.generation == 0 else 0, "start", shard)
         self._maybe_train()
         while not self._stop.is_set():
             self._conn.process_data_events(time_limit=0.5)
@@ -123,19 +127,20 @@ class SiteAgent:
         if result.outcome == "applied":
             self._last_progress = time.monotonic()
             self.rt.save_state()
-            self._snapshot_requested_for = None
+            self._snapshot_requested_for.pop(result.shard, None)
             ch.basic_ack(method.delivery_tag)
             self._after_new_version()
             return
         ch.basic_ack(method.delivery_tag)
-        if result.outcome == "gap" and self._snapshot_requested_for != result.message_version:
-            self._request_snapshot(self.rt.state.version, f"gap: have {result.version}, got {result.message_version}")
-            self._snapshot_requested_for = result.message_version
+        shard = result.shard
+        if result.outcome == "gap" and self._snapshot_requested_for.get(shard) != result.message_version:
+            self._request_snapshot(result.version, f"gap: have {result.version}, got {result.message_version}", shard)
+            self._snapshot_requested_for[shard] = result.message_version
 
-    def _request_snapshot(self, have: int, reason: str) -> None:
-        msg = SnapshotRequest(site_id=self.settings.site_id, have_version=have, reason=reason)
+    def _request_snapshot(self, have: int, reason: str, shard: int = 0) -> None:
+        msg = SnapshotRequest(site_id=self.settings.site_id, have_version=have, reason=reason, shard_index=shard)
         self._publish(topology.CONTROL_EXCHANGE, topology.SNAPSHOT_REQUEST_KEY, encode(msg), "snapshot-request")
-        logger.info("asked for a snapshot", extra={"have": have, "reason": reason})
+        logger.info("asked for a snapshot", extra={"have": have, "reason": reason, "shard": shard})
 
     def _after_new_version(self) -> None:
         metrics = self.rt.evaluate_current()
@@ -165,7 +170,9 @@ class SiteAgent:
         if reason is not None:
             logger.info("not contributing", extra={"reason": reason})
             return
-        base_version = self.rt.state.version
+        base_version: int = self.rt.state.version
+        if self.settings.shard_count > 1:  # each shard's sub-update carries that shard's version
+            base_version = ShardedVersion(self.receiver.versions())
         self._last_progress = time.monotonic()
         self._worker = threading.Thread(target=self._train_worker, args=(base_version,), name="fedmq-train", daemon=True)
         self._worker.start()
@@ -190,7 +197,8 @@ class SiteAgent:
         if state.pending is None:
             return
         for i, raw in enumerate(state.pending):
-            self._publish(topology.UPDATES_EXCHANGE, topology.shard_key(0), raw, "update-chunk", persistent=True)
+            shard = shard_of_encoded(raw) if self.settings.shard_count > 1 else 0  # its aggregator shard
+            self._publish(topology.UPDATES_EXCHANGE, topology.shard_key(shard), raw, "update-chunk", persistent=True)
             if self._crash_in and i == 0 and len(state.pending) > 1:
                 self._crash_in -= 1
                 if self._crash_in == 0:

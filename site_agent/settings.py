@@ -36,6 +36,9 @@ class SiteSettings(FedmqSettings):
     # update pipeline
     sparsity_mode: Literal["dense", "topk"] = "topk"
     topk_fraction: float = Field(0.5, gt=0, le=1)
+    #: aggregator shards (docs/sharding.md): the update is split by block range, one signed
+    #: sub-update per shard, and one global version is tracked per shard. Federation-wide.
+    shard_count: int = Field(1, ge=1, le=1024)
     #: stretch each round's wall time by this factor (straggler experiments only)
     slowdown_factor: float = Field(1.0, ge=1.0)
     #: train again from the same global version when no newer one arrived for this long: in

@@ -43,6 +43,9 @@ class SiteState:
     residual: np.ndarray | None = None
     pending: list[bytes] | None = None  # encoded, signed UpdateChunk messages
     pending_seq: int | None = None
+    #: with a sharded aggregator (docs/sharding.md): the version held of each shard; ``version``
+    #: is then their sum. None with one shard (``version`` is the version).
+    shard_versions: list[int] | None = None
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -84,6 +87,7 @@ class SiteStateStore:
                 "generation": g,
                 "has_residual": state.residual is not None,
                 "pending_seq": state.pending_seq if state.pending is not None else None,
+                **({"shard_versions": list(state.shard_versions)} if state.shard_versions is not None else {}),
             },
         )
         for old in self.dir.glob("*-*.npy"):
@@ -129,4 +133,5 @@ class SiteStateStore:
             residual=residual,
             pending=pending,
             pending_seq=meta["pending_seq"],
+            shard_versions=list(meta["shard_versions"]) if meta.get("shard_versions") is not None else None,
         )

@@ -2,13 +2,22 @@
 
 This is the last step at which plaintext exists: everything it returns is ciphertext plus
 the header fields the aggregator needs to validate and weight the update.
+
+Sharded aggregation (docs/sharding.md): with ``shard_count`` n > 1 the update is sparsified
+once over the whole model (so top-k and error feedback are exactly as with one shard) and the
+kept blocks are split by owner, shard i owning blocks ``b * n // total_blocks == i``. Each
+shard gets its own signed chunk set (``update_id`` ``<site>:<seq>:s<i>``, ``base_version`` =
+the site's version of that shard, ``shard_index``/``shard_count`` in the header), even when it
+holds no block, so every shard counts every update (K and sync rounds stay aligned).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import msgpack
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -17,6 +26,40 @@ from shared.ckks import LoadedContext, encrypt_block
 from shared.schema import EncryptedBlock, UpdateChunk
 from shared.signing import sign_chunk
 from shared.sparsify import SparsityMode, sparsify
+
+
+class ShardedVersion(int):
+    """A site's version when the aggregator is sharded: the int value is the site's overall
+    counter (sum of its shard versions), ``per_shard`` the version of each shard.
+
+    It travels as the ``base_version`` a local round starts from (``SiteRuntime.train_and_build``
+    takes one int and hands it to ``UpdateIdentity``), so that ``build_update`` can stamp each
+    shard's sub-update with that shard's own base version.
+    """
+
+    per_shard: tuple[int, ...]
+
+    def __new__(cls, per_shard: Sequence[int]) -> "ShardedVersion":
+        obj = super().__new__(cls, sum(int(v) for v in per_shard))
+        obj.per_shard = tuple(int(v) for v in per_shard)
+        return obj
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (ShardedVersion, (self.per_shard,))
+
+
+def shard_update_id(update_id: str, shard_index: int, shard_count: int) -> str:
+    """``<site>:<seq>`` unchanged with one shard, ``<site>:<seq>:s<i>`` with several."""
+    return update_id if shard_count == 1 else f"{update_id}:s{shard_index}"
+
+
+def shard_of_encoded(raw: bytes) -> int:
+    """The ``shard_index`` of an encoded update chunk (0 when absent), for publish routing.
+
+    Only the header is looked at; the aggregator does the full validation."""
+    head = msgpack.unpackb(raw, raw=False)
+    value = head.get("shard_index", 0) if isinstance(head, dict) else 0
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 @dataclass(frozen=True)
@@ -50,7 +93,22 @@ def build_update(
     mode: SparsityMode = "topk",
     fraction: float = 0.5,
     max_message_bytes: int,
+    shard_count: int | None = None,
+    shard_base_versions: Sequence[int] | None = None,
 ) -> BuiltUpdate:
+    """Sparsify, encrypt, chunk and sign one update.
+
+    ``shard_count`` (default: ``len(identity.base_version.per_shard)`` for a
+    :class:`ShardedVersion`, else 1) splits it per aggregator shard; ``shard_base_versions``
+    (default: the ``ShardedVersion``'s, else ``identity.base_version`` for every shard) are the
+    site's versions of each shard. The returned chunks are ordered by shard, then chunk index.
+    """
+    per_shard = getattr(identity.base_version, "per_shard", None)
+    n = shard_count if shard_count is not None else (len(per_shard) if per_shard else 1)
+    if shard_base_versions is None:
+        shard_base_versions = per_shard if per_shard and len(per_shard) == n else [int(identity.base_version)] * n
+    if len(shard_base_versions) != n or n < 1:
+        raise ValueError(f"need one base version per shard ({n}), got {len(shard_base_versions)}")
     block_size = ctx.preset.slots
     sparse, new_residual = sparsify(delta, residual, block_size, mode, fraction)
     t0 = time.perf_counter()
@@ -59,23 +117,32 @@ def build_update(
         for idx, values in zip(sparse.indices, sparse.blocks, strict=True)
     ]
     encrypt_seconds = time.perf_counter() - t0
-    template = UpdateChunk(
-        chunk_index=0,
-        chunk_count=1,
-        block_size=block_size,
-        total_blocks=sparse.total_blocks,
-        block_indices=sparse.indices,
-        blocks=(),
-        key_fingerprint=ctx.fingerprint,
-        layout_fingerprint=layout_fingerprint,
-        site_id=identity.site_id,
-        update_id=identity.update_id,
-        seq=identity.seq,
-        base_version=identity.base_version,
-        sample_weight=float(identity.sample_weight),
-        sparsity_mode=mode,
-        sparsity_fraction=1.0 if mode == "dense" else float(fraction),
-        created_at=time.time(),
-    )
-    chunks = [sign_chunk(c, signing_key) for c in chunk_blocks(template, blocks, max_message_bytes)]
+    total = sparse.total_blocks
+    if n > total:
+        raise ValueError(f"{n} shards but only {total} blocks")
+    created_at = time.time()
+    chunks: list[UpdateChunk] = []
+    for shard in range(n):
+        mine = [b for b in blocks if b.index * n // total == shard] if n > 1 else blocks
+        template = UpdateChunk(
+            chunk_index=0,
+            chunk_count=1,
+            block_size=block_size,
+            total_blocks=total,
+            block_indices=tuple(b.index for b in mine),
+            blocks=(),
+            key_fingerprint=ctx.fingerprint,
+            layout_fingerprint=layout_fingerprint,
+            shard_index=shard,
+            shard_count=n,
+            site_id=identity.site_id,
+            update_id=shard_update_id(identity.update_id, shard, n),
+            seq=identity.seq,
+            base_version=int(shard_base_versions[shard]),
+            sample_weight=float(identity.sample_weight),
+            sparsity_mode=mode,
+            sparsity_fraction=1.0 if mode == "dense" else float(fraction),
+            created_at=created_at,
+        )
+        chunks += [sign_chunk(c, signing_key) for c in chunk_blocks(template, mine, max_message_bytes)]
     return BuiltUpdate(chunks, new_residual, sparse.indices, encrypt_seconds)
