@@ -1,0 +1,43 @@
+"""A live federation (private broker, aggregator + 3 DP sites as processes) survives SIGKILLs of
+the aggregator, a broker restart, broker-side connection closes and a site killed between the
+chunks of an update: every confirmed update is counted exactly once (decrypted model == plaintext
+replay), nothing partial is counted, every process recovers in bounded time, epsilon <= target.
+
+The reduced CI version of ``make faults`` (``fedmq faults run``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from experiments.faults import FaultPlan, run_live
+
+pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow]
+
+
+@pytest.mark.timeout(420)
+def test_live_federation_survives_faults_exactly_once(tmp_path: Path, faults_npz: Path, broker) -> None:
+    # ``broker`` only makes sure RabbitMQ can be had here; the federation starts its own private
+    # node (least-privilege users, restartable, rabbitmqctl) and closes it afterwards.
+    plan = FaultPlan(aggregator_kills=5, broker_restarts=1, connection_closes=1, site_mid_publish_kills=1,
+                     mid_publish_update=2, planned_rounds=5, seed=7, pause_s=(0.3, 2.0))
+    res = run_live(plan, tmp_path / "fed", faults_npz, print)
+    print(json.dumps({k: v for k, v in asdict(res).items() if k != "events"}, indent=1, default=str))
+    assert res.kills == 5 and res.broker_restarts == 1 and res.site_mid_publish_kills == 1
+    assert res.connections_closed >= 3, "close_connection should have hit the aggregator and the sites"
+    assert res.updates_confirmed == 3 * plan.planned_rounds
+    assert res.lost == [] and res.duplicates == [] and res.counted_unconfirmed == []
+    assert res.updates_counted == res.updates_confirmed
+    assert res.partial_pending == []
+    # the decrypted model is the plaintext replay of exactly the counted updates: one update more or
+    # less would move it by >= min_update_contribution, the CKKS error is orders of magnitude smaller
+    assert res.model_max_abs_error < 0.01 * res.min_update_contribution
+    assert res.sites_agree_with_aggregator
+    assert all(e <= plan.target_epsilon + 1e-9 for e in res.epsilon_by_site.values()), res.epsilon_by_site
+    assert res.max_recovery_seconds < plan.max_recovery_s
+    assert res.dead_letters.get("duplicate", 0) >= 1, "the re-sent first chunk is refused as a duplicate"
+    assert res.unexpected_exits == []
+    assert res.ok, res.problems()
