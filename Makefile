@@ -39,7 +39,10 @@ demo: venv
 broker-local: venv
 	$(VENV)/bin/fedmq broker local
 
-bench: bench-crypto
+# Everything in benchmarks/ (python -m benchmarks): aggregator throughput vs its floor, wire bytes
+# and AUC cost, site overhead, scaling, shards, async vs sync -> benchmarks/results/latest.{json,md}
+bench: venv
+	$(PY) -m benchmarks
 
 bench-crypto: venv
 	$(PY) -m benchmarks.crypto

@@ -1,0 +1,10 @@
+"""``python -m benchmarks``: every benchmark of ``benchmarks.suite`` (``make bench``)."""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks.suite import main
+
+if __name__ == "__main__":
+    sys.exit(main())

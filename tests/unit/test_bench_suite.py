@@ -1,0 +1,88 @@
+"""The benchmark harness (benchmarks.suite) at tiny sizes: every section runs and reports its keys.
+
+No timing is asserted: these check that ``make bench`` can produce its JSON and markdown."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from benchmarks import suite
+
+TINY = suite.Sizes.tiny()
+
+
+def test_sizes_full_is_the_make_bench_configuration():
+    full = suite.Sizes.full()
+    assert full.repeats >= 3 and 64 in full.site_counts
+    assert set(full.model_presets) == {"small_cnn", "resnet18", "resnet50"}
+    assert full.auc_levels == (1.0, 0.5, 0.25, 0.12)
+
+
+def test_wire_bytes_keys(tmp_path):
+    out = suite.wire_bytes(TINY, tmp_path)
+    assert out["wire_bytes_ratio_vs_dense_fp32"] > 0
+    assert out["wire_default"]["ckks_preset"] == "n4096-q54"
+    rows = out["wire_table"]
+    assert {(r["preset"], r["topk_fraction"]) for r in rows} == {("n4096-q54", 1.0), ("n4096-q54", 0.5)}
+    dense = next(r for r in rows if r["topk_fraction"] == 1.0)
+    half = next(r for r in rows if r["topk_fraction"] == 0.5)
+    assert half["bytes"] < dense["bytes"] and dense["ratio_vs_dense_fp32"] > 1.0  # CKKS ~30 B/value vs 4 B
+
+
+def test_scaling_sections_keys(tmp_path):
+    sites = suite.scaling_sites(TINY, tmp_path)["scaling_sites"]
+    assert [r["sites"] for r in sites["rows"]] == list(TINY.site_counts)
+    assert all(r["seconds_per_version"] > 0 and r["values_per_s"] > 0 for r in sites["rows"])
+    model = suite.scaling_model(TINY, tmp_path)["scaling_model"]
+    (row,) = model["rows"]
+    assert row["model"] == "small_cnn" and row["mode"] == "dense" and row["aggregator_seconds_per_version"] > 0
+    # a memory budget too small for dense falls back to top-k
+    small = suite.scaling_model(replace(TINY, memory_budget_bytes=1), tmp_path / "b")["scaling_model"]["rows"][0]
+    assert small["mode"].startswith("topk")
+
+
+def test_verdicts_markdown_and_files(tmp_path):
+    result = {
+        "machine": suite.machine(), "total_seconds": 1.0,
+        "aggregator_fold_values_per_s": 4e5, "aggregator_floor_values_per_s": 8e6, "aggregator_vs_floor": 0.05,
+        "aggregator_floor_same_units_values_per_s": 3e6, "plaintext_fp32_sum_values_per_s": 1e9,
+        "wire_bytes_ratio_vs_dense_fp32": 3.8, "wire_default": {"ckks_preset": "n4096-q54", "topk_fraction": 0.5},
+        "wire_table": [{"preset": "n4096-q54", "topk_fraction": 0.12, "blocks_sent": 3, "bytes": 10,
+                        "ratio_vs_dense_fp32": 0.9}],
+        "auc_table": [{"preset": "n4096-q54", "topk_fraction": 0.12, "blocks_sent": 3, "bytes": 10,
+                       "ratio_vs_dense_fp32": 0.9, "auc_cost_points": 0.5},
+                      {"preset": "n4096-q54", "topk_fraction": 0.5, "blocks_sent": 9, "bytes": 40,
+                       "ratio_vs_dense_fp32": 3.8, "auc_cost_points": 0.1}],
+        "site_overhead_fraction": 0.05, "shard_speedup_2": 1.4, "async_vs_sync_speedup": 1.8,
+        "gpu_resnet50_training": {"measured": False, "reason": "not measured: no GPU machine was lent"},
+    }
+    result["verdicts"] = v = suite.verdicts(result)
+    assert v["aggregator_vs_floor"]["met"] is False
+    assert v["site_overhead_fraction"]["met"] is True
+    assert v["shard_speedup_2"]["met"] is False
+    assert v["wire_bytes_ratio_vs_dense_fp32"]["met"] is False
+    assert v["wire_bytes_ratio_vs_dense_fp32"]["settings_meeting_goal"] == [("n4096-q54", 0.12)]
+    j, m = suite.write(result, tmp_path)
+    data = json.loads(j.read_text())
+    for key in ("aggregator_fold_values_per_s", "aggregator_floor_values_per_s", "plaintext_fp32_sum_values_per_s",
+                "wire_bytes_ratio_vs_dense_fp32", "site_overhead_fraction", "shard_speedup_2",
+                "async_vs_sync_speedup", "gpu_resnet50_training"):
+        assert key in data
+    md = m.read_text()
+    assert "| figure | this run | goal | verdict |" in md and "no GPU machine was lent" in md
+    assert any("two shards" in line for line in suite.summary_lines(result))
+
+
+@pytest.mark.broker
+def test_broker_sections_keys(tmp_path, amqp_url):
+    """fold end to end + floor, and the two-shard speedup, tiny, on the test broker's vhost."""
+    urls = lambda: amqp_url  # noqa: E731  (the sections only need somewhere to publish)
+    fold = suite.fold_end_to_end(TINY, urls, tmp_path)
+    for key in ("aggregator_fold_values_per_s", "aggregator_floor_values_per_s", "plaintext_fp32_sum_values_per_s",
+                "aggregator_vs_floor", "aggregator_floor_same_units_values_per_s"):
+        assert fold[key] > 0
+    shards = suite.shard_speedup(TINY, urls, tmp_path)
+    assert shards["shard_speedup_2"] > 0 and len(shards["shard_workload"]["two_shards_seconds"]) == TINY.repeats
