@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -44,13 +45,31 @@ def parameters(url: str, heartbeat: int = 30, connection_name: str | None = None
     return params
 
 
+def split_urls(url: str) -> list[str]:
+    """``url`` may list several brokers (the nodes of a cluster), separated by commas or spaces."""
+    urls = [u for u in re.split(r"[,\s]+", url.strip()) if u]
+    return urls or [url]
+
+
+def parameters_list(url: str, heartbeat: int = 30, connection_name: str | None = None) -> list[pika.URLParameters]:
+    """Parameters for each URL in ``url``; pika tries them in order (``BlockingConnection([...])``)."""
+    return [parameters(u, heartbeat, connection_name) for u in split_urls(url)]
+
+
 def connect(url: str, *, attempts: int = 5, backoff: Backoff | None = None, heartbeat: int = 30, name: str | None = None) -> pika.BlockingConnection:
-    """A blocking connection after at most ``attempts`` tries, else ``BrokerConnectionError``."""
+    """A blocking connection after at most ``attempts`` tries, else ``BrokerConnectionError``.
+
+    ``url`` may name several nodes of a cluster (comma/space separated): each attempt tries them
+    in order and takes the first that answers. A single URL behaves exactly as before."""
     backoff = backoff or Backoff()
     last: Exception | None = None
+    urls = split_urls(url)
     for _ in range(attempts):
         try:
-            conn = pika.BlockingConnection(parameters(url, heartbeat, name))
+            if len(urls) == 1:
+                conn = pika.BlockingConnection(parameters(urls[0], heartbeat, name))
+            else:
+                conn = pika.BlockingConnection(parameters_list(url, heartbeat, name))
             backoff.connected()
             return conn
         except pika.exceptions.ProbableAuthenticationError as exc:
@@ -62,4 +81,4 @@ def connect(url: str, *, attempts: int = 5, backoff: Backoff | None = None, hear
 
 
 def username_of(url: str) -> str:
-    return pika.URLParameters(url).credentials.username
+    return pika.URLParameters(split_urls(url)[0]).credentials.username

@@ -132,6 +132,10 @@ class LocalRabbitNode:
         username, password: the default user created on first boot; it gets full rights on ``/``.
         start_timeout: seconds :meth:`start` waits for the node to become usable.
         install: the RabbitMQ scripts to use; found with :func:`find_rabbitmq_install` when None.
+        cookie: the Erlang cookie; a random one when None. Nodes meant to form a cluster
+            (:mod:`broker.cluster`) share one.
+        epmd_port: the epmd port; a free one when None. Clustered nodes must share one epmd to
+            find each other.
     """
 
     def __init__(
@@ -144,6 +148,8 @@ class LocalRabbitNode:
         password: str = "guest",
         start_timeout: float = 90.0,
         install: RabbitInstall | None = None,
+        cookie: str | None = None,
+        epmd_port: int | None = None,
     ) -> None:
         resolved = install or find_rabbitmq_install()
         if resolved is None:
@@ -161,7 +167,8 @@ class LocalRabbitNode:
         self.node_name = f"fedmq-test-{secrets.token_hex(4)}@localhost"
         self.amqp_port = free_port(self.host)
         self.dist_port = free_port(self.host, below=_MAX_DIST_PORT)
-        self.epmd_port = free_port(self.host)
+        self.epmd_port = epmd_port if epmd_port is not None else free_port(self.host)
+        self._cookie = cookie
         self._run_as = self._pick_user()
         self._root = Path(tempfile.mkdtemp(prefix="fedmq-rabbit-"))
         self._owns_data_dir = data_dir is None
@@ -199,7 +206,7 @@ class LocalRabbitNode:
         plugins = "[rabbitmq_management]." if self.management_port is not None else "[]."
         (self._root / "etc" / "enabled_plugins").write_text(plugins + "\n")
         cookie = self._root / "home" / ".erlang.cookie"
-        cookie.write_text("".join(secrets.choice(string.ascii_uppercase) for _ in range(32)))
+        cookie.write_text(self._cookie or "".join(secrets.choice(string.ascii_uppercase) for _ in range(32)))
         cookie.chmod(0o400)
         self._root.chmod(0o700)
         if self._run_as is not None:
