@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Fault injection on live federations (>= 20 aggregator SIGKILLs, a broker restart, broker-side
+# connection closes, a site killed mid-publish) + fuzzing; writes reports/faults/results.json.
+# The reduced CI version is `pytest -m fault` (tests/faults/).
 faults: venv
-	$(PY) -m pytest -q -m fault $(PYTEST_ARGS)
+	$(VENV)/bin/fedmq faults run --out reports/faults $(FAULTS_ARGS)
 
 demo: venv
 	$(VENV)/bin/fedmq demo
