@@ -83,8 +83,8 @@ class Sizes:
     # AUC table (simulation)
     auc_levels: tuple[float, ...] = (1.0, 0.5, 0.25, 0.12)
     auc_presets: tuple[str, ...] = ("n4096-q50", "n4096-q54", "n8192-q60", "n8192-q60-40-60")
-    auc_rounds: int = 4
-    auc_train_per_site: int | None = 600
+    auc_rounds: int = 3
+    auc_train_per_site: int | None = 400
     auc_seeds: tuple[int, ...] = (0,)
     # async vs sync (real federation)
     avs_time_limit_s: float = 150.0
