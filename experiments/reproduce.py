@@ -72,12 +72,13 @@ class ReproduceConfig(BaseModel):
 
     # non-DP arms (centralized, fl): local training and rounds (= FL updates per site)
     local: LocalSettings = LocalSettings(lr=2e-3, optimizer="adam", batch_size=64, local_epochs=1)
-    rounds: int = 10
+    rounds: int = 20
     # DP arms (centralized_dp, fl_dp): the same settings for both; epsilon per site over all rounds
     local_dp: LocalSettings = LocalSettings(
-        lr=1e-2, optimizer="adam", batch_size=256, local_epochs=1, dp=True, target_epsilon=1.2, max_grad_norm=1.0
+        lr=0.05, optimizer="sgd", momentum=0.9, batch_size=128, local_epochs=1, dp=True, target_epsilon=1.2,
+        max_grad_norm=1.0,
     )
-    rounds_dp: int = 10
+    rounds_dp: int = 20
 
     # async vs sync: one hospital `slow_factor` x slower, time for the validation AUC to reach the target
     async_buffer_size: int = 2
@@ -92,7 +93,7 @@ class ReproduceConfig(BaseModel):
 
     @classmethod
     def quick_config(cls, **overrides) -> "ReproduceConfig":
-        base = dict(quick=True, seeds=1, rounds=3, rounds_dp=2, n_boot=200, async_max_rounds=6, target_val_auc=0.95)
+        base = dict(quick=True, seeds=1, rounds=3, rounds_dp=3, n_boot=200, async_max_rounds=5, target_val_auc=0.95)
         base.update(overrides)
         return cls(**base)
 

@@ -274,14 +274,14 @@ class _Tracker:
         self.history: list[EvalPoint] = []
         self.best: tuple[float, int, np.ndarray, np.ndarray] | None = None
 
-    def score(self, vector: np.ndarray, version: int, sim_seconds: float, folded: int) -> float:
+    def score(self, vector: np.ndarray, version: int, sim_seconds: float, folded: int, *, selectable: bool = True) -> float:
         model = self.fm.to_module(vector)
         pv = predict_proba(model, self.data.X_val).astype(np.float64)
         pt = predict_proba(model, self.data.X_test).astype(np.float64)
         val_auc = auc_of(self.data.y_val.numpy(), pv)
         test_auc = auc_of(self.data.y_test.numpy(), pt)
         self.history.append(EvalPoint(version, sim_seconds, time.perf_counter() - self.t_start, folded, val_auc, test_auc))
-        if self.best is None or (not math.isnan(val_auc) and val_auc > self.best[0]):
+        if selectable and (self.best is None or (not math.isnan(val_auc) and val_auc > self.best[0])):
             self.best = (val_auc, version, pv, pt)
         return val_auc
 
@@ -497,7 +497,7 @@ def run_federation_sim(
         bytes_up = 0
         steps = 0
         tracker = _Tracker(data, fm, time.perf_counter())
-        tracker.score(fm.x0.copy(), 0, 0.0, 0)
+        tracker.score(fm.x0.copy(), 0, 0.0, 0, selectable=False)  # x_0 is on the curve, never selected
         current = fm.x0.copy()
 
         def train(site: _Site, base: np.ndarray, base_version: int) -> tuple[float, object, int]:
