@@ -61,7 +61,7 @@ class FaultPlan:
     #: the victim site is SIGKILLed after the first chunk of its n-th multi-chunk update
     site_mid_publish_kills: int = 1
     mid_publish_update: int = 2
-    planned_rounds: int = 14
+    planned_rounds: int = 30
     buffer_size: int = 2
     target_epsilon: float = 1.2
     max_message_bytes: int = 128 * 1024
@@ -241,7 +241,11 @@ def drain_dead_letters(url: str) -> Counter:
             method, props, _body = ch.basic_get(topology.DEAD_LETTER_QUEUE, auto_ack=True)
             if method is None:
                 break
-            reasons[str((props.headers or {}).get(topology.REASON_HEADER, "<none>"))] += 1
+            h = props.headers or {}
+            if topology.REASON_HEADER in h:
+                reasons[str(h[topology.REASON_HEADER])] += 1
+            else:  # dead-lettered by the broker itself (e.g. a bounded site queue dropping its oldest version)
+                reasons[f"broker:{h.get('x-first-death-reason', '?')}:{h.get('x-first-death-queue', '?')}"] += 1
     finally:
         conn.close()
     return reasons

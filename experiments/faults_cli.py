@@ -17,7 +17,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--broker-restarts", type=int, default=1)
     run.add_argument("--connection-closes", type=int, default=1)
     run.add_argument("--site-kills", type=int, default=1, help="mid-publish site kills per run (0 or 1)")
-    run.add_argument("--rounds", type=int, default=14, help="planned rounds per site")
+    run.add_argument("--rounds", type=int, default=30, help="planned rounds per site")
     run.add_argument("--fuzz-examples", type=int, default=2000)
     run.add_argument("--amqp-fuzz", type=int, default=120)
     run.add_argument("--seed", type=int, default=0)
