@@ -728,6 +728,9 @@ def run(sz: Sizes, *, tmp: Path | None = None, progress: Callable[[str], None] =
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tmpdir = tmp or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmq-bench-")))
+        # the private RabbitMQ node runs as the rabbitmq user when we are root: it must reach the
+        # definitions file run_federation writes under this directory
+        os.chmod(tmpdir, 0o755)
         needs_broker = {"fold", "overhead", "shards"} - set(sz.skip)
         node = stack.enter_context(private_broker()) if needs_broker else None
 
