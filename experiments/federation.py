@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -159,10 +160,15 @@ class Federation:
             grants = plan([*self.sites, EVALUATOR_ID], passwords.__getitem__)
             doc = definitions(VHOST, grants, sites=[*self.sites, EVALUATOR_ID])
             doc["permissions"].append({"user": self.node.username, "vhost": VHOST, "configure": ".*", "write": ".*", "read": ".*"})
-            defs = self.dir / "broker-definitions.json"
+            # The node reads the file as the rabbitmq user, who may not reach the work directory
+            # (pytest's tmp_path is 0700 under root): hand it over in a readable temp folder.
+            handover = Path(tempfile.mkdtemp(prefix="fedmq-defs-"))
+            self._stack.callback(shutil.rmtree, handover, ignore_errors=True)
+            handover.chmod(0o755)
+            defs = handover / "definitions.json"
             write_definitions(defs, doc)
             defs.chmod(0o644)
-            self.node.rabbitmqctl("import_definitions", str(defs.resolve()))
+            self.node.rabbitmqctl("import_definitions", str(defs))
             self.urls = {user: self.node.url_for_vhost(VHOST, username=user, password=pw) for user, pw in passwords.items()}
             admin_url = self.node.url_for_vhost(VHOST)
             self.check_user_id = True
