@@ -22,6 +22,8 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from broker.connection import parameters_list
+
 from aggregator.engine import AggregatorEngine, Outgoing
 from aggregator.publisher import Publisher
 from aggregator.settings import AggregatorSettings
@@ -84,11 +86,11 @@ class AggregatorService:
         return 0
 
     def _connect(self) -> pika.BlockingConnection:
-        params = pika.URLParameters(self.settings.amqp_url)
-        params.heartbeat = self.settings.heartbeat_s
-        params.blocked_connection_timeout = 300
-        params.client_properties = {"connection_name": f"fedmq-aggregator-shard-{self.settings.shard_index}"}
-        return pika.BlockingConnection(params)
+        # Several URLs (a cluster's nodes) are tried in order; amqps:// uses the settings' TLS files.
+        params = parameters_list(
+            self.settings.amqp_url, self.settings.heartbeat_s, f"fedmq-aggregator-shard-{self.settings.shard_index}", self.settings
+        )
+        return pika.BlockingConnection(params[0] if len(params) == 1 else params)
 
     def _session(self, on_healthy: Any) -> None:
         conn = self._connect()

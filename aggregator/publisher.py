@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+
 import logging
 from typing import Any
 
@@ -13,6 +16,18 @@ from broker.topology import DEAD_LETTER_EXCHANGE
 from shared.codec import CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
+
+
+def amqp_safe(value: Any) -> Any:
+    """Header values pika can re-encode: a poison message's odd headers (floats from other
+    clients, unknown types) must not crash the dead-letter path that exists to absorb it."""
+    if isinstance(value, dict):
+        return {str(k): amqp_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [amqp_safe(v) for v in value]
+    if value is None or isinstance(value, (str, bytes, bool, int, decimal.Decimal, datetime.datetime)):
+        return value
+    return repr(value)
 
 
 class Publisher:
@@ -39,7 +54,7 @@ class Publisher:
 
     def dead_letter(self, body: bytes, properties: Any, headers: dict[str, Any]) -> None:
         """A copy of a refused message, original properties plus the reason headers."""
-        merged = dict(properties.headers or {}) if properties is not None else {}
+        merged = amqp_safe(dict(properties.headers or {})) if properties is not None else {}
         merged.update(headers)
         props = pika.BasicProperties(
             content_type=getattr(properties, "content_type", None),

@@ -55,6 +55,18 @@ def read_records(path: str | Path) -> tuple[list[dict[str, Any]], int, bool]:
     return records, pos, False
 
 
+def _reopen_truncated(fh: Any, path: Path, size: int) -> Any:
+    try:
+        fh.close()
+    except OSError:
+        pass  # the buffered tail could not be flushed: it is being cut off anyway
+    out = open(path, "ab")
+    out.truncate(size)
+    out.flush()
+    os.fsync(out.fileno())
+    return out
+
+
 class WriteAheadLog:
     """One open segment file, appended to and fsynced record by record."""
 
@@ -79,14 +91,25 @@ class WriteAheadLog:
 
     def append(self, record: dict[str, Any]) -> None:
         frame = encode_record(record)
-        self._fh.write(frame)
-        self._sync()
+        self.append_encoded([frame])
         self.bytes_written += len(frame)
 
     def append_encoded(self, frames: list[bytes]) -> None:
-        for f in frames:
-            self._fh.write(f)
-        self._sync()
+        """All frames durable, or none: a failed write (disk full) is cut off again.
+
+        Without the rewind a half-written frame would sit in front of records written after
+        the disk recovers, and replay stops at the first bad frame: those later records, acked
+        already, would be lost. If even the rewind fails the error propagates and the service
+        stops rather than ack anything more.
+        """
+        start = self._fh.tell()
+        try:
+            for f in frames:
+                self._fh.write(f)
+            self._sync()
+        except OSError:
+            self._fh = _reopen_truncated(self._fh, self.path, start)
+            raise
 
     def close(self) -> None:
         if not self._fh.closed:

@@ -35,8 +35,11 @@ class Backoff:
         return random.uniform(0, delay)
 
 
-def parameters(url: str, heartbeat: int = 30, connection_name: str | None = None) -> pika.URLParameters:
-    params = pika.URLParameters(url)
+def parameters(url: str, heartbeat: int = 30, connection_name: str | None = None, tls: object | None = None) -> pika.URLParameters:
+    """``tls``: any settings object with ``tls_ca``/``tls_cert``/``tls_key`` (used for amqps:// URLs)."""
+    from broker.tls import connection_parameters
+
+    params = connection_parameters(url, tls)
     params.heartbeat = heartbeat
     params.blocked_connection_timeout = 300
     params.connection_attempts = 1
@@ -51,12 +54,14 @@ def split_urls(url: str) -> list[str]:
     return urls or [url]
 
 
-def parameters_list(url: str, heartbeat: int = 30, connection_name: str | None = None) -> list[pika.URLParameters]:
+def parameters_list(url: str, heartbeat: int = 30, connection_name: str | None = None, tls: object | None = None) -> list[pika.URLParameters]:
     """Parameters for each URL in ``url``; pika tries them in order (``BlockingConnection([...])``)."""
-    return [parameters(u, heartbeat, connection_name) for u in split_urls(url)]
+    return [parameters(u, heartbeat, connection_name, tls) for u in split_urls(url)]
 
 
-def connect(url: str, *, attempts: int = 5, backoff: Backoff | None = None, heartbeat: int = 30, name: str | None = None) -> pika.BlockingConnection:
+def connect(
+    url: str, *, attempts: int = 5, backoff: Backoff | None = None, heartbeat: int = 30, name: str | None = None, tls: object | None = None
+) -> pika.BlockingConnection:
     """A blocking connection after at most ``attempts`` tries, else ``BrokerConnectionError``.
 
     ``url`` may name several nodes of a cluster (comma/space separated): each attempt tries them
@@ -66,10 +71,8 @@ def connect(url: str, *, attempts: int = 5, backoff: Backoff | None = None, hear
     urls = split_urls(url)
     for _ in range(attempts):
         try:
-            if len(urls) == 1:
-                conn = pika.BlockingConnection(parameters(urls[0], heartbeat, name))
-            else:
-                conn = pika.BlockingConnection(parameters_list(url, heartbeat, name))
+            params = parameters_list(url, heartbeat, name, tls)
+            conn = pika.BlockingConnection(params[0] if len(params) == 1 else params)
             backoff.connected()
             return conn
         except pika.exceptions.ProbableAuthenticationError as exc:

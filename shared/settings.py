@@ -33,6 +33,14 @@ class FedmqSettings(BaseSettings):
     reconnect_initial_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
 
+    #: TLS for ``amqps://`` URLs: the CA that signed the broker's certificate, and this
+    #: party's client certificate and key (the broker can require them: verify_peer)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: name checked against the broker's certificate; the URL's host when unset
+    tls_server_name: str | None = None
+
     _toml_file: Path | None = None
 
     @classmethod

@@ -94,7 +94,7 @@ class SiteAgent:
                 pass
 
     def _run_connected(self) -> None:
-        self._conn = connect(self.settings.amqp_url, backoff=self._backoff, name=f"fedmq-site-{self.settings.site_id}")
+        self._conn = connect(self.settings.amqp_url, backoff=self._backoff, name=f"fedmq-site-{self.settings.site_id}", tls=self.settings)
         ch = self._channel = self._conn.channel()
         ch.confirm_delivery()
         spec = topology.site_queue_spec(self.settings.site_id)
