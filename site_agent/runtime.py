@@ -143,7 +143,9 @@ class SiteRuntime:
         return None
 
     # -- one round -------------------------------------------------------------------------
-    def train_and_build(self, base_version: int, stop: threading.Event | None = None) -> bool:
+    def train_and_build(
+        self, base_version: int, stop: threading.Event | None = None, shard_versions: tuple[int, ...] | None = None
+    ) -> bool:
         """Train from the current global model, charge the ledger, encrypt, persist as pending.
 
         Returns False when the budget is spent. Runs on the worker thread; touches no socket.
@@ -175,6 +177,8 @@ class SiteRuntime:
             mode=self.settings.sparsity_mode,
             fraction=self.settings.topk_fraction,
             max_message_bytes=self.settings.max_message_bytes,
+            shard_count=self.settings.shard_count,
+            shard_base_versions=shard_versions,
         )
         encoded = [encode_update_chunk(c) for c in built.chunks]
         if os.environ.get(RECORD_PLAINTEXT_ENV, "") == "1":

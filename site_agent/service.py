@@ -27,7 +27,7 @@ from shared.schema import SiteMetrics, SnapshotRequest
 from site_agent.global_model import GlobalModelReceiver
 from site_agent.runtime import SiteRuntime
 from site_agent.settings import SiteSettings
-from site_agent.update_builder import ShardedVersion, shard_of_encoded
+from site_agent.update_builder import shard_of_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -170,17 +170,19 @@ class SiteAgent:
         if reason is not None:
             logger.info("not contributing", extra={"reason": reason})
             return
-        base_version: int = self.rt.state.version
-        if self.settings.shard_count > 1:  # each shard's sub-update carries that shard's version
-            base_version = ShardedVersion(self.receiver.versions())
+        base_version = self.rt.state.version
+        # each shard's sub-update carries the site's version of that shard
+        shard_versions = tuple(self.receiver.versions()) if self.settings.shard_count > 1 else None
         self._last_progress = time.monotonic()
-        self._worker = threading.Thread(target=self._train_worker, args=(base_version,), name="fedmq-train", daemon=True)
+        self._worker = threading.Thread(
+            target=self._train_worker, args=(base_version, shard_versions), name="fedmq-train", daemon=True
+        )
         self._worker.start()
 
-    def _train_worker(self, base_version: int) -> None:
+    def _train_worker(self, base_version: int, shard_versions: tuple[int, ...] | None) -> None:
         conn = self._conn
         try:
-            self.rt.train_and_build(base_version, self._stop)
+            self.rt.train_and_build(base_version, self._stop, shard_versions)
         except Exception:  # a failed round must not kill the service; it is retried on the next version
             logger.exception("local round failed")
             return
