@@ -75,7 +75,7 @@ class ReproduceConfig(BaseModel):
     rounds: int = 20
     # DP arms (centralized_dp, fl_dp): the same settings for both; epsilon per site over all rounds
     local_dp: LocalSettings = LocalSettings(
-        lr=0.05, optimizer="sgd", momentum=0.9, batch_size=128, local_epochs=1, dp=True, target_epsilon=1.2,
+        lr=0.02, optimizer="sgd", momentum=0.9, batch_size=128, local_epochs=1, dp=True, target_epsilon=1.2,
         max_grad_norm=1.0,
     )
     rounds_dp: int = 20
