@@ -15,8 +15,8 @@ from experiments.federation import FederationResult, FederationSpec, SiteTrainin
 logger = logging.getLogger(__name__)
 
 #: Demo settings: the FL + DP site settings chosen on validation in docs/reproduction.md
-#: (SGD with momentum 0.9, lr 0.05, Poisson-sampled batches of 128, one local epoch, 20 rounds).
-DEMO_TRAINING = SiteTraining(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=128, local_epochs=1, max_grad_norm=1.0)
+#: (SGD with momentum 0.9, lr 0.02, Poisson-sampled batches of 128, one local epoch, 20 rounds).
+DEMO_TRAINING = SiteTraining(optimizer="sgd", lr=0.02, momentum=0.9, batch_size=128, local_epochs=1, max_grad_norm=1.0)
 DEMO_ROUNDS = 20
 DEMO_BUFFER_SIZE = 2
 
