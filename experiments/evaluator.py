@@ -4,11 +4,17 @@ It plays the role of the consortium's study coordinator, who holds the site key 
 hospital (never the aggregator). It binds its own queue to the fanout exchange, rebuilds
 each version exactly as a site does, and evaluates it on held-out data: the official
 validation split (checkpoint and threshold selection) and the official test split (reported).
+
+With ``ema_beta`` set it also keeps ema_v = beta ema_{v-1} + (1 - beta) x_v of the versions it
+applies (ema of the first one = that version) and scores it the same way (``ema_*`` fields of
+:class:`VersionScore`). That is post-processing of released models: no privacy cost, no
+change to sites or aggregator. The plain fields always describe the raw x_v.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +38,8 @@ from site_agent.training import evaluate, predict_proba
 logger = logging.getLogger(__name__)
 
 EVALUATOR_ID = "evaluator"
+#: chosen on the simulation's validation AUC (docs/reproduction.md, "EMA of global versions")
+DEFAULT_EMA_BETA: float | None = 0.7
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,11 @@ class VersionScore:
     test_accuracy: float
     threshold: float
     contributors: int
+    #: the same scores for the EMA of the versions up to this one (nan when ema_beta is None)
+    ema_val_auc: float = math.nan
+    ema_test_auc: float = math.nan
+    ema_test_accuracy: float = math.nan
+    ema_threshold: float = math.nan
 
 
 def best_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -72,6 +85,8 @@ class Evaluator:
     started: float = field(default_factory=time.monotonic)
     scores: list[VersionScore] = field(default_factory=list)
     bytes_received: int = 0
+    #: EMA coefficient of the key-holder's model average (None = off); see docs/reproduction.md
+    ema_beta: float | None = DEFAULT_EMA_BETA
 
     def __post_init__(self) -> None:
         self.state = SiteState(EVALUATOR_ID, self.ctx.fingerprint, self.model.layout.fingerprint)
@@ -81,15 +96,35 @@ class Evaluator:
         self._lock = threading.Lock()
         self.error: BaseException | None = None
         self._asked_for: int | None = None
+        self._ema: np.ndarray | None = None
 
-    def score(self, version: int, contributors: int) -> VersionScore:
-        vec = self.receiver.model_vector(self.model.x0)
+    def _score_vector(self, vec: np.ndarray) -> tuple[float, float, float, float]:
+        """(val AUC, test AUC, test accuracy, threshold chosen on validation)."""
         net = self.model.to_module(vec)
         val_probs = predict_proba(net, self.val[0])
         threshold = best_threshold(val_probs, self.val[1].numpy().reshape(-1))
         val_auc = float(evaluate(net, *self.val)["auc"])
         test = evaluate(net, *self.test, threshold=threshold)
-        return VersionScore(version, time.monotonic() - self.started, val_auc, float(test["auc"]), float(test["accuracy"]), threshold, contributors)
+        return val_auc, float(test["auc"]), float(test["accuracy"]), threshold
+
+    def update_ema(self, vec: np.ndarray) -> np.ndarray | None:
+        """Fold one applied version into the EMA; returns the EMA model vector (None when off)."""
+        if self.ema_beta is None:
+            return None
+        x = np.asarray(vec, dtype=np.float64)
+        self._ema = x.copy() if self._ema is None else self.ema_beta * self._ema + (1.0 - self.ema_beta) * x
+        return self._ema.astype(np.asarray(vec).dtype)
+
+    def score(self, version: int, contributors: int) -> VersionScore:
+        vec = self.receiver.model_vector(self.model.x0)
+        val_auc, test_auc, test_acc, threshold = self._score_vector(vec)
+        ema = self.update_ema(vec)
+        extra = {}
+        if ema is not None:
+            e_val, e_test, e_acc, e_thr = self._score_vector(ema)
+            extra = dict(ema_val_auc=e_val, ema_test_auc=e_test, ema_test_accuracy=e_acc, ema_threshold=e_thr)
+        return VersionScore(version, time.monotonic() - self.started, val_auc, test_auc, test_acc, threshold,
+                            contributors, **extra)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="fedmq-evaluator", daemon=True)

@@ -85,15 +85,20 @@ def write_report(results: dict, out: Path) -> Path:
         "",
         "Test AUC is on the official test split of the selected checkpoint (selected by validation AUC on the union"
         " of the sites' local validation splits; the accuracy threshold is also chosen there). The CI is a 95%"
-        " bootstrap over test images of the seed-averaged AUC.",
+        " bootstrap over test images of the seed-averaged AUC."
+        + (f" With the key holder's EMA of global versions (beta {s['ema_beta']}), each version's raw model x_v"
+           " and its EMA are both candidates; 'ema picked' counts the seeds whose selected checkpoint was the EMA."
+           if s.get("ema_beta") is not None else ""),
         "",
         "| arm | test AUC (95% CI) | accuracy | reference study AUC | wall s/seed | bytes sent | epsilon |",
         "|---|---|---|---|---|---|---|",
     ]
     for a, r in arms.items():
         eps = r.get("epsilon_spent_max")
+        picked = (f" (ema picked {sum(x.get('selected_model') == 'ema' for x in r['runs'])}/{len(r['runs'])})"
+                  if s.get("ema_beta") is not None else "")
         lines.append(
-            f"| {a} | {r['auc_mean']:.3f} ({r['auc_ci'][0]:.3f}-{r['auc_ci'][1]:.3f}) | {r['acc_mean']:.3f} | "
+            f"| {a}{picked} | {r['auc_mean']:.3f} ({r['auc_ci'][0]:.3f}-{r['auc_ci'][1]:.3f}) | {r['acc_mean']:.3f} | "
             f"{ref['study'].get(a, '-')} | {r['wall_seconds']:.0f} | {r['bytes_sent'] / 1e6:.1f} MB"
             f"{' (est.)' if r['bytes_estimated'] else ''} | {_fmt(eps, 2) if eps else '-'} |"
         )

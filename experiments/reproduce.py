@@ -69,6 +69,9 @@ class ReproduceConfig(BaseModel):
     topk_fraction: float = 0.5
     encrypted: bool = True
     ckks_preset: str = "n4096-q54"
+    #: key-holder EMA of the global versions (post-processing, no privacy cost), all arms;
+    #: selection on validation picks between x_v and ema_v. None = off.
+    ema_beta: float | None = 0.7
 
     # non-DP arms (centralized, fl): local training and rounds (= FL updates per site)
     local: LocalSettings = LocalSettings(lr=2e-3, optimizer="adam", batch_size=64, local_epochs=1)
@@ -102,7 +105,7 @@ class ReproduceConfig(BaseModel):
             preset=self.preset, n_sites=self.n_sites, alpha=self.alpha, val_fraction=self.val_fraction,
             mode=self.fl_mode, buffer_size=self.buffer_size, server_lr=self.server_lr,
             weight_quantum=self.weight_quantum, topk_fraction=self.topk_fraction, encrypted=self.encrypted,
-            ckks_preset=self.ckks_preset,
+            ckks_preset=self.ckks_preset, ema_beta=self.ema_beta,
         )
         base.update(kw)
         return FederationSettings(**base)
@@ -216,7 +219,8 @@ def _async_vs_sync_real(cfg: ReproduceConfig, npz: Path, out_dir: Path, log) -> 
 
 
 def _line(seed: int, arm: str, r: RunResult) -> str:
-    return (f"seed {seed} {arm:15s} test AUC {r.test_auc:.4f} (val {r.val_auc:.4f}, v{r.best_version}) "
+    return (f"seed {seed} {arm:15s} test AUC {r.test_auc:.4f} (val {r.val_auc:.4f}, v{r.best_version}"
+            f"{' ema' if r.selected_model == 'ema' else ''}) "
             f"acc {r.test_accuracy:.4f} {r.wall_seconds:.0f}s {r.bytes_sent / 1e6:.1f} MB"
             + (f" eps {max(r.epsilon_spent):.3f}" if r.epsilon_spent else ""))
 

@@ -100,6 +100,10 @@ class FederationSettings(BaseModel):
     #: "steps" = optimizer steps x ``seconds_per_step`` x slowdown (immune to a busy shared CPU)
     clock: Literal["measured", "steps"] = "measured"
     seconds_per_step: float = Field(0.05, gt=0)
+    #: key-holder post-processing: ema_v = beta ema_{v-1} + (1 - beta) x_v over released versions
+    #: (ema_1 = x_1); each version's x_v and ema_v are both scored and both are selection
+    #: candidates on validation. No privacy cost (post-processing of released models). None = off.
+    ema_beta: float | None = Field(None, ge=0, lt=1)
 
 
 # ----------------------------------------------------------------------------- data
@@ -219,6 +223,9 @@ class EvalPoint:
     updates_folded: int
     val_auc: float
     test_auc: float
+    #: the EMA of the versions up to this one (nan when EMA is off or for x_0)
+    ema_val_auc: float = math.nan
+    ema_test_auc: float = math.nan
 
 
 @dataclass
@@ -243,6 +250,9 @@ class RunResult:
     noise_multiplier: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     bytes_estimated: bool = False
+    #: which candidate the validation selection picked: "raw" (x_v) or "ema" (ema_v)
+    selected_model: str = "raw"
+    ema_beta: float | None = None
 
     @property
     def bytes_sent(self) -> int:
@@ -262,39 +272,58 @@ class RunResult:
             "bytes_sent": self.bytes_sent, "bytes_estimated": self.bytes_estimated,
             "optimizer_steps": self.optimizer_steps, "updates": self.updates, "epsilon_spent": self.epsilon_spent,
             "noise_multiplier": self.noise_multiplier, "timings": self.timings,
+            "selected_model": self.selected_model, "ema_beta": self.ema_beta,
             "history": [vars(p) for p in self.history],
         }
 
 
 class _Tracker:
-    """Scores versions on val + test and remembers the best by validation AUC."""
+    """Scores versions on val + test and remembers the best by validation AUC.
 
-    def __init__(self, data: FederationData, fm: FederatedModel, t_start: float) -> None:
-        self.data, self.fm, self.t_start = data, fm, t_start
+    With ``ema_beta`` set it also keeps ema_v = beta ema_{v-1} + (1 - beta) x_v of the
+    selectable versions (ema_1 = x_1), scores it, and lets it compete in the selection.
+    """
+
+    def __init__(self, data: FederationData, fm: FederatedModel, t_start: float,
+                 ema_beta: float | None = None) -> None:
+        self.data, self.fm, self.t_start, self.ema_beta = data, fm, t_start, ema_beta
         self.history: list[EvalPoint] = []
-        self.best: tuple[float, int, np.ndarray, np.ndarray] | None = None
+        #: (val_auc, version, val probs, test probs, "raw" | "ema", test AUC)
+        self.best: tuple[float, int, np.ndarray, np.ndarray, str, float] | None = None
+        self.ema: np.ndarray | None = None
 
-    def score(self, vector: np.ndarray, version: int, sim_seconds: float, folded: int, *, selectable: bool = True) -> float:
+    def _eval(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
         model = self.fm.to_module(vector)
         pv = predict_proba(model, self.data.X_val).astype(np.float64)
         pt = predict_proba(model, self.data.X_test).astype(np.float64)
-        val_auc = auc_of(self.data.y_val.numpy(), pv)
-        test_auc = auc_of(self.data.y_test.numpy(), pt)
-        self.history.append(EvalPoint(version, sim_seconds, time.perf_counter() - self.t_start, folded, val_auc, test_auc))
-        if selectable and (self.best is None or (not math.isnan(val_auc) and val_auc > self.best[0])):
-            self.best = (val_auc, version, pv, pt)
+        return pv, pt, auc_of(self.data.y_val.numpy(), pv), auc_of(self.data.y_test.numpy(), pt)
+
+    def _offer(self, val_auc: float, version: int, pv: np.ndarray, pt: np.ndarray, kind: str, test_auc: float) -> None:
+        if self.best is None or (not math.isnan(val_auc) and val_auc > self.best[0]):
+            self.best = (val_auc, version, pv, pt, kind, test_auc)
+
+    def score(self, vector: np.ndarray, version: int, sim_seconds: float, folded: int, *, selectable: bool = True) -> float:
+        pv, pt, val_auc, test_auc = self._eval(vector)
+        point = EvalPoint(version, sim_seconds, time.perf_counter() - self.t_start, folded, val_auc, test_auc)
+        if selectable:
+            self._offer(val_auc, version, pv, pt, "raw", test_auc)
+            if self.ema_beta is not None:
+                x = np.asarray(vector, dtype=np.float64)
+                self.ema = x.copy() if self.ema is None else self.ema_beta * self.ema + (1.0 - self.ema_beta) * x
+                epv, ept, point.ema_val_auc, point.ema_test_auc = self._eval(self.ema.astype(np.asarray(vector).dtype))
+                self._offer(point.ema_val_auc, version, epv, ept, "ema", point.ema_test_auc)
+        self.history.append(point)
         return val_auc
 
     def finish(self, arm: str, **kw) -> RunResult:
         assert self.best is not None
-        val_auc, version, pv, pt = self.best
+        val_auc, version, pv, pt, kind, test_auc = self.best
         thr = best_threshold(self.data.y_val.numpy(), pv)
         y_test = self.data.y_test.numpy()
-        test_auc = next(p.test_auc for p in self.history if p.version == version)
         return RunResult(
             arm=arm, history=self.history, best_version=version, val_auc=val_auc, test_auc=test_auc,
             threshold=thr, test_accuracy=accuracy_at(y_test, pt, thr), test_probs=pt,
-            wall_seconds=time.perf_counter() - self.t_start, **kw,
+            wall_seconds=time.perf_counter() - self.t_start, selected_model=kind, ema_beta=self.ema_beta, **kw,
         )
 
 
@@ -329,7 +358,7 @@ def run_centralized(
     fm = FederatedModel.create(fed.preset, fed.init_seed)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = LocalTrainer(cfg, (ledger_dir or Path(tmp)) / f"{arm}-ledger.json")
-        tracker = _Tracker(data, fm, time.perf_counter())
+        tracker = _Tracker(data, fm, time.perf_counter(), fed.ema_beta)
         state = fm.layout.unflatten(fm.x0)
         sim = 0.0
         eps: list[float] = []
@@ -496,7 +525,7 @@ def run_federation_sim(
         timings = {"train_s": 0.0, "encrypt_s": 0.0, "build_s": 0.0}
         bytes_up = 0
         steps = 0
-        tracker = _Tracker(data, fm, time.perf_counter())
+        tracker = _Tracker(data, fm, time.perf_counter(), fed.ema_beta)
         tracker.score(fm.x0.copy(), 0, 0.0, 0, selectable=False)  # x_0 is on the curve, never selected
         current = fm.x0.copy()
 

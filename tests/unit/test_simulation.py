@@ -14,6 +14,7 @@ from experiments.simulation import (
     UnsupportedDataset,
     accuracy_at,
     best_threshold,
+    _Tracker,
     bootstrap_auc_ci,
     check_binary,
     run_centralized,
@@ -88,6 +89,51 @@ def test_centralized_matches_the_federation_step_count() -> None:
     f = run_federation_sim(data, LOCAL, fed, seed=0)
     assert c.optimizer_steps == f.optimizer_steps
     assert 0.0 <= c.test_accuracy <= 1.0 and c.bytes_up > 0
+
+
+def test_ema_of_versions_is_scored_and_competes_in_the_selection() -> None:
+    data = _tiny_data()
+    fed = FederationSettings(rounds=3, encrypted=False)
+    off = run_federation_sim(data, LOCAL, fed, seed=0)
+    on = run_federation_sim(data, LOCAL, fed.model_copy(update={"ema_beta": 0.8}), seed=0)
+    assert off.selected_model == "raw" and off.ema_beta is None
+    assert all(np.isnan(p.ema_val_auc) for p in off.history)
+    # post-processing only: the raw trajectory is unchanged (plaintext folding is deterministic)
+    assert [p.val_auc for p in on.history] == [p.val_auc for p in off.history]
+    assert np.isnan(on.history[0].ema_val_auc)  # x_0 is never averaged in
+    assert on.history[1].ema_val_auc == on.history[1].val_auc  # ema_1 = x_1
+    assert all(not np.isnan(p.ema_test_auc) for p in on.history[1:])
+    best = max(max(p.val_auc, p.ema_val_auc) for p in on.history[1:])
+    assert on.val_auc == best and on.selected_model in ("raw", "ema") and on.ema_beta == 0.8
+    picked = next(p for p in on.history if p.version == on.best_version)
+    assert on.test_auc == (picked.ema_test_auc if on.selected_model == "ema" else picked.test_auc)
+    assert on.summary()["selected_model"] == on.selected_model
+
+
+def test_ema_recurrence() -> None:
+    from site_agent.model_state import FederatedModel
+
+    fm = FederatedModel.create("small_cnn", 0)
+    tr = _Tracker(_tiny_data(), fm, 0.0, ema_beta=0.5)
+    xs = [fm.x0 + k for k in (1.0, 3.0, 7.0)]
+    for v, x in enumerate(xs, start=1):
+        tr.score(x, v, 0.0, v)
+    # ema_1 = x0 + 1, ema_2 = x0 + 2, ema_3 = x0 + 4.5
+    np.testing.assert_allclose(tr.ema, fm.x0 + 4.5, rtol=0, atol=1e-5)
+
+
+def test_evaluator_keeps_the_same_ema() -> None:
+    from experiments.evaluator import Evaluator, VersionScore
+
+    ev = Evaluator.__new__(Evaluator)  # no broker: only the EMA bookkeeping
+    ev.ema_beta, ev._ema = 0.5, None
+    for x in (1.0, 3.0, 7.0):
+        out = ev.update_ema(np.full(4, x, dtype=np.float32))
+    assert out.dtype == np.float32 and np.allclose(out, 4.5)
+    ev.ema_beta, ev._ema = None, None
+    assert ev.update_ema(np.zeros(4, np.float32)) is None
+    s = VersionScore(1, 0.0, 0.9, 0.8, 0.7, 0.5, 3)
+    assert np.isnan(s.ema_val_auc) and np.isnan(s.ema_test_auc) and np.isnan(s.ema_test_accuracy)
 
 
 def test_threshold_is_chosen_for_accuracy() -> None:
