@@ -15,6 +15,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="updates each site contributes (the DP budget covers them)")
     parser.add_argument("--epsilon", type=float, default=1.2)
     parser.add_argument("--no-dp", action="store_true", help="FL without differential privacy")
+    parser.add_argument("--buffer-size", type=int, default=None, help="K: updates the aggregator folds per version")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=_demo)
 

@@ -100,6 +100,22 @@ class FederationResult:
         """The version selected on validation AUC (never on test)."""
         return max(self.scores, key=lambda s: (s.val_auc, s.version)) if self.scores else None
 
+    def selected(self) -> tuple[VersionScore, str, float, float] | None:
+        """(score, model, test AUC, test accuracy) of the candidate with the best validation AUC.
+
+        Candidates are every version x_v and, where the evaluator kept one, the EMA of the
+        versions up to v (post-processing of released versions: no privacy cost).
+        """
+        best: tuple[float, int, VersionScore, str, float, float] | None = None
+        for s in self.scores:
+            for model, val, test, acc in (
+                ("version", s.val_auc, s.test_auc, s.test_accuracy),
+                ("ema", s.ema_val_auc, s.ema_test_auc, s.ema_test_accuracy),
+            ):
+                if val == val and (best is None or (val, s.version) > best[:2]):  # skips NaN
+                    best = (val, s.version, s, model, test, acc)
+        return None if best is None else (best[2], best[3], best[4], best[5])
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["scores"] = [asdict(s) for s in self.scores]
