@@ -110,7 +110,9 @@ def write_report(result: FederationResult, spec: FederationSpec, out: Path) -> N
         "|---|---|",
         f"| versions published | {data['versions']} |",
         f"| wall time | {data['wall_seconds']} s |",
-        f"| selected model (best validation AUC) | {data['selected_model']} at version {data['selected_version']} |",
+        f"| selected model (best validation AUC) | "
+        + ("EMA of the versions up to " if data["selected_model"] == "ema" else "global version ")
+        + f"{data['selected_version']} |",
         f"| test AUC (official test split, 624 images) | {_f(data['test_auc'])} |",
         f"| test accuracy (threshold chosen on validation) | {_f(data['test_accuracy'])} |",
         f"| bytes sent by sites | {data['bytes_sent']:,} |",

@@ -7,6 +7,7 @@ driven without a broker: by tests, by experiments, and by ``fedmq site export-mo
 from __future__ import annotations
 
 import hashlib
+import secrets
 import io
 import logging
 import os
@@ -58,7 +59,7 @@ def training_config(settings: SiteSettings) -> TrainingConfig:
             max_grad_norm=settings.max_grad_norm,
             planned_rounds=settings.planned_rounds,
         ),
-        seed=training_seed(settings.site_id, settings.seed),
+        seed=training_seed(settings.site_id, settings.seed) if settings.reproducible_noise else secrets.randbits(62),
     )
 
 

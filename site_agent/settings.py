@@ -33,6 +33,9 @@ class SiteSettings(FedmqSettings):
     #: updates this site plans to contribute; the DP noise is set so all of them fit the budget
     planned_rounds: int = Field(20, ge=1)
     seed: int = 0
+    #: derive DP sampling and noise from ``seed`` (research replication only). Off, each process
+    #: draws a fresh random seed: noise from a seed an attacker may know is predictable noise.
+    reproducible_noise: bool = False
     # update pipeline
     sparsity_mode: Literal["dense", "topk"] = "topk"
     topk_fraction: float = Field(0.5, gt=0, le=1)
