@@ -48,13 +48,20 @@ class LocalRabbitCluster:
         first.start()
         errors: list[BaseException] = []
 
+        join_lock = threading.Lock()  # concurrent joins race in mnesia's schema merge
+
         def boot(node: LocalRabbitNode) -> None:
             try:
                 node.start()
-                node.rabbitmqctl("stop_app")
-                node.rabbitmqctl("join_cluster", first.node_name, timeout=120)
-                node.rabbitmqctl("start_app", timeout=120)
-                node.rabbitmqctl("await_startup", "--timeout", "60", timeout=75)
+                with join_lock:
+                    node.rabbitmqctl("stop_app")
+                    node.rabbitmqctl("join_cluster", first.node_name, timeout=120)
+                    try:
+                        node.rabbitmqctl("start_app", timeout=120)
+                    except Exception:  # one retry: a busy 2-core host can time mnesia out
+                        time.sleep(2)
+                        node.rabbitmqctl("start_app", timeout=120)
+                    node.rabbitmqctl("await_startup", "--timeout", "60", timeout=75)
             except BaseException as exc:  # re-raised below, in the caller's thread
                 errors.append(exc)
 
