@@ -12,7 +12,7 @@ import pika
 
 from aggregator.engine import Outgoing
 from aggregator.metrics import AggregatorMetrics
-from broker.topology import DEAD_LETTER_EXCHANGE
+from broker.topology import DEAD_LETTER_BODY_BYTES, DEAD_LETTER_EXCHANGE, ORIGINAL_SIZE_HEADER
 from shared.codec import CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,14 @@ class Publisher:
             outs.pop(0)
 
     def dead_letter(self, body: bytes, properties: Any, headers: dict[str, Any]) -> None:
-        """A copy of a refused message, original properties plus the reason headers."""
+        """A copy of a refused message: original properties and headers plus the reason headers,
+        and at most the first :data:`DEAD_LETTER_BODY_BYTES` of its body (the original size in
+        a header), so a refused large message is never duplicated into the dead-letter queue."""
         merged = amqp_safe(dict(properties.headers or {})) if properties is not None else {}
         merged.update(headers)
+        if len(body) > DEAD_LETTER_BODY_BYTES:
+            merged[ORIGINAL_SIZE_HEADER] = len(body)
+            body = body[:DEAD_LETTER_BODY_BYTES]
         props = pika.BasicProperties(
             content_type=getattr(properties, "content_type", None),
             content_encoding=getattr(properties, "content_encoding", None),

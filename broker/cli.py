@@ -42,8 +42,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     prov = sub.add_parser("provision", help="create the vhost and least-privilege users on a running broker")
     _add_common(prov)
     prov.add_argument("--management-url", help="use the management HTTP API at this URL instead of rabbitmqctl")
-    prov.add_argument("--admin-user", default="guest", help="management API user (with --management-url)")
-    prov.add_argument("--admin-password-file", help="file holding the management API password (default: 'guest')")
+    prov.add_argument(
+        "--admin-user",
+        default=None,
+        help="management API administrator (with --management-url; default fedmq-admin); never guest, never a site",
+    )
+    prov.add_argument(
+        "--admin-password-file", help="file holding the administrator's password (required with --management-url)"
+    )
     prov.add_argument("--cacert", help="CA file for an https:// management URL")
     prov.add_argument("--node", help="rabbitmqctl -n NODE (default: rabbitmqctl's own default node)")
     prov.add_argument("--rabbitmqctl", default="rabbitmqctl", help="path of rabbitmqctl")
@@ -125,8 +131,8 @@ def _provision(args: argparse.Namespace) -> int:
     grants = _grants(args, include_admin=False)
     try:
         if args.management_url:
-            password = Path(args.admin_password_file).read_text().strip() if args.admin_password_file else "guest"
-            provision.apply_with_http(args.management_url, (args.admin_user, password), args.vhost, grants, cafile=args.cacert)
+            admin = _admin_credentials(args, grants)
+            provision.apply_with_http(args.management_url, admin, args.vhost, grants, cafile=args.cacert)
         else:
             provision.apply_with_rabbitmqctl(_ctl_runner(args.rabbitmqctl, args.node), args.vhost, grants)
     except provision.ProvisionError as exc:
@@ -134,6 +140,30 @@ def _provision(args: argparse.Namespace) -> int:
     print(f"provisioned vhost {args.vhost!r}: {len(grants)} users; passwords in {args.password_dir}")
     _print_urls(args, grants)
     return 0
+
+
+def _admin_credentials(args: argparse.Namespace, grants) -> tuple[str, str]:  # noqa: ANN001
+    """The management API administrator: never guest, never one of the users being provisioned.
+
+    RabbitMQ grants whoever creates a vhost through the API full rights on it, so the creator
+    must be an administrator that no site or service logs in as.
+    """
+    from broker import provision
+
+    user = args.admin_user or provision.ADMIN_USER
+    if user == "guest":
+        raise BrokerCliError("refusing to provision as guest: create an administrator (docs/deployment.md) and pass --admin-user")
+    if user in {g.user for g in grants}:
+        raise BrokerCliError(f"--admin-user {user!r} is a fedmq site or service user; use a separate administrator")
+    if not args.admin_password_file:
+        raise BrokerCliError("--management-url needs --admin-password-file (the administrator's password)")
+    try:
+        password = Path(args.admin_password_file).read_text().strip()
+    except OSError as exc:
+        raise BrokerCliError(f"cannot read {args.admin_password_file}: {exc.strerror}") from None
+    if not password:
+        raise BrokerCliError(f"{args.admin_password_file} is empty")
+    return user, password
 
 
 def _declare(args: argparse.Namespace) -> int:
@@ -209,7 +239,7 @@ def _local(args: argparse.Namespace) -> int:
         print(f"private RabbitMQ node {node.node_name} ready in {seconds:.1f}s")
         print(f"admin URL: {node.amqp_url}")
         if args.management_port:
-            print(f"management UI: http://{node.host}:{args.management_port}/ (user {node.username})")
+            print(f"management UI: http://{node.host}:{args.management_port}/ (user {node.username}, password in the admin URL)")
         if args.provision:
             import pika
 

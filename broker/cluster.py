@@ -19,15 +19,18 @@ import threading
 import time
 from types import TracebackType
 
-from broker.local_node import LocalNodeError, LocalRabbitNode, free_port
+from broker.local_node import NODE_ADMIN_USER, LocalNodeError, LocalRabbitNode, free_port
 
 logger = logging.getLogger(__name__)
 
 
 class LocalRabbitCluster:
-    def __init__(self, size: int = 3, *, username: str = "guest", password: str = "guest", start_timeout: float = 120.0) -> None:
+    def __init__(
+        self, size: int = 3, *, username: str = NODE_ADMIN_USER, password: str | None = None, start_timeout: float = 120.0
+    ) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one node")
+        password = password or secrets.token_urlsafe(24)  # one administrator for every node: they share users
         cookie = "".join(secrets.choice(string.ascii_uppercase) for _ in range(32))
         epmd = free_port("127.0.0.1")
         self.nodes: list[LocalRabbitNode] = []

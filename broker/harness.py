@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from broker.local_node import BrokerHarnessError, LocalNodeError, LocalRabbitNode, find_rabbitmq_install
+from broker.local_node import NODE_ADMIN_USER, BrokerHarnessError, LocalNodeError, LocalRabbitNode, find_rabbitmq_install
 
 logger = logging.getLogger(__name__)
 
@@ -245,11 +245,13 @@ def _container_broker(image: str) -> Broker:
     except ImportError:  # testcontainers < 4.9 kept it here
         from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[no-redef]
 
-    container = RabbitMqContainer(image=image)
+    # an administrator of our own instead of the image's guest (no guest where fedmq runs)
+    password = secrets.token_urlsafe(24)
+    container = RabbitMqContainer(image=image, username=NODE_ADMIN_USER, password=password)
     container.start()
     try:
         params = container.get_connection_params()
-        url = f"amqp://guest:guest@{params.host}:{params.port}/%2F"
+        url = f"amqp://{NODE_ADMIN_USER}:{quote(password, safe='')}@{params.host}:{params.port}/%2F"
 
         def ctl(*args: str) -> str:
             code, output = container.exec(["rabbitmqctl", "-q", *args])
@@ -306,6 +308,6 @@ def open_test_broker(
         "    start their own private node and do not need the system service running;\n"
         "  - start a Docker engine (`docker info` must succeed) so testcontainers can run "
         f"{container_image};\n"
-        f"  - point {ENV_AMQP_URL} at a broker you run, e.g. amqp://guest:guest@127.0.0.1:5672/%2F\n"
+        f"  - point {ENV_AMQP_URL} at a broker you run, e.g. amqp://USER:PASSWORD@127.0.0.1:5672/%2F\n"
         f"    (and set {ENV_EXTERNAL_NODE} to its node name for per-test vhosts)."
     )

@@ -33,6 +33,8 @@ from urllib.parse import quote
 import pika
 import pika.exceptions
 
+from broker.topology import rabbitmq_conf_limits
+
 logger = logging.getLogger(__name__)
 
 # Where distributions put the real scripts when the PATH only has a wrapper (or nothing, for
@@ -44,6 +46,11 @@ _DEBIAN_WRAPPER = "rabbitmq-script-wrapper"
 # RabbitMQ's CLI picks its own distribution port in [dist_port + 10000, dist_port + 10010].
 _CLI_DIST_PORT_OFFSET = 10010
 _MAX_DIST_PORT = 65535 - _CLI_DIST_PORT_OFFSET
+
+#: the private node's administrator (not a site, not guest): RabbitMQ creates ``default_user``
+#: instead of ``guest`` on first boot, so no private node ever has a guest account.
+NODE_ADMIN_USER = "fedmq-node-admin"
+GUEST_USER = "guest"
 
 # Variables that would make our node or our rabbitmqctl calls talk to another node, or read
 # another node's files, if they leaked in from the caller's environment.
@@ -129,7 +136,10 @@ class LocalRabbitNode:
             writable by the user the node runs as (``rabbitmq`` when running as root).
         management_port: enable ``rabbitmq_management`` on this 127.0.0.1 port when given.
         extra_config: further ``rabbitmq.conf`` lines (for example TLS listeners).
-        username, password: the default user created on first boot; it gets full rights on ``/``.
+        username, password: the node's administrator, created on first boot with full rights on
+            ``/`` (:data:`NODE_ADMIN_USER` and a random password by default; with a caller-chosen
+            ``data_dir`` the password is kept in ``<data_dir>/node-admin.password``, 0600, so a
+            restarted node accepts it). RabbitMQ then never creates ``guest``.
         start_timeout: seconds :meth:`start` waits for the node to become usable.
         install: the RabbitMQ scripts to use; found with :func:`find_rabbitmq_install` when None.
         cookie: the Erlang cookie; a random one when None. Nodes meant to form a cluster
@@ -144,8 +154,8 @@ class LocalRabbitNode:
         data_dir: str | os.PathLike[str] | None = None,
         management_port: int | None = None,
         extra_config: Sequence[str] = (),
-        username: str = "guest",
-        password: str = "guest",
+        username: str | None = None,
+        password: str | None = None,
         start_timeout: float = 90.0,
         install: RabbitInstall | None = None,
         cookie: str | None = None,
@@ -159,8 +169,9 @@ class LocalRabbitNode:
             )
         self._install = resolved
         self.host = "127.0.0.1"
-        self.username = username
-        self.password = password
+        self.username = username or NODE_ADMIN_USER
+        if self.username == GUEST_USER:
+            raise LocalNodeError("the private node never runs with 'guest': pick another administrator name")
         self.management_port = management_port
         self.start_timeout = start_timeout
         self._extra_config = list(extra_config)
@@ -173,6 +184,7 @@ class LocalRabbitNode:
         self._root = Path(tempfile.mkdtemp(prefix="fedmq-rabbit-"))
         self._owns_data_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir is not None else self._root / "data"
+        self.password = password or self._admin_password()
         self._process: subprocess.Popen[bytes] | None = None
         self._stdout_log = self._root / "log" / "node-stdout.log"
         self._closed = False
@@ -184,6 +196,20 @@ class LocalRabbitNode:
             raise
 
     # ----------------------------------------------------------------------------- layout
+    def _admin_password(self) -> str:
+        """A random password; kept beside a caller-owned data dir so restarts can log in."""
+        if self._owns_data_dir:
+            return secrets.token_urlsafe(24)
+        path = self.data_dir / "node-admin.password"
+        if path.is_file():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret + "\n")
+        return secret
+
     @staticmethod
     def _pick_user() -> pwd.struct_passwd | None:
         """The account to run the node as: ``rabbitmq`` when we are root, else ourselves."""
@@ -225,6 +251,7 @@ class LocalRabbitNode:
             "default_permissions.configure = .*",
             "default_permissions.read = .*",
             "default_permissions.write = .*",
+            *rabbitmq_conf_limits(),
             "log.console = false",
             "log.file.level = info",
         ]

@@ -15,19 +15,24 @@ basic.consume / basic.get   -                            -                      
 queue.delete / purge        queue (delete)               -                           queue (purge)
 ==========================  ===========================  ==========================  ==================
 
-Every fedmq queue is declared with ``x-dead-letter-exchange`` (see ``topology._quorum``), so
-whoever declares one needs *write* on :data:`~broker.topology.DEAD_LETTER_EXCHANGE`. That is why
-a site user may publish to the dead-letter exchange: without it, the site's own idempotent
-``queue.declare`` of its queue would be refused.
+exchange.bind (not used by fedmq) needs write on the destination exchange and read on the
+source exchange. A site therefore gets **no read on any exchange and no configure at all**:
+with read only on its own queue, no exchange can be the source of a binding it makes, so it
+cannot copy the global fanout into the dead-letter, updates or control exchange (a durable
+binding would outlive its connection and fill the broker's disk).
 
 Who declares what:
 
-- The **aggregator** (and the provisioning step, as admin: :func:`declare_topology`) declares
-  every exchange and the aggregator's queues (updates shards, control queues, dead-letter).
-- A **site** ``S`` declares and binds only ``site_queue(S)``; it relies passively on the
-  exchanges. It may publish to the updates and control exchanges (and the DLX, see above), and
-  read (= bind from) the global fanout and the site-direct exchange. It has no read on the
-  updates exchange, so it cannot bind a queue of its own to other sites' ciphertexts.
+- The **administrator** (``fedmq broker declare`` / ``fedmq broker local --provision`` /
+  the definitions file) declares every exchange, the aggregator's queues and each site's queue
+  with its bindings, before the services start.
+- The **aggregator** re-declares the exchanges and its own queues idempotently (so it also
+  needs write on :data:`~broker.topology.DEAD_LETTER_EXCHANGE`, which every fedmq queue names
+  as its ``x-dead-letter-exchange``, and which it publishes refusal copies to).
+- A **site** ``S`` only checks passively that ``site_queue(S)`` exists and consumes it, and
+  publishes to the updates and control exchanges. It needs no write on the dead-letter
+  exchange: the broker itself dead-letters from its queue. It has no read on the updates
+  exchange or queue, so it cannot see other sites' ciphertexts.
 
 Broker user names: a site's user is its site id (the aggregator checks the AMQP ``user_id``
 property against the site id inside each update), the aggregator's user is
@@ -124,13 +129,16 @@ def aggregator_permissions(shards: int = 1) -> Permissions:
 
 
 def site_permissions(site_id: str) -> Permissions:
-    """Declare+bind+consume its own queue; publish updates, snapshot requests and metrics."""
+    """Consume its own (admin-declared) queue; publish updates, snapshot requests and metrics.
+
+    Nothing else: no configure (no declare, no delete), no write on its queue (no queue.bind)
+    and read on no exchange (no exchange.bind: a binding needs read on its source).
+    """
     spec = topology.site_queue_spec(check_site_id(site_id))
-    dlx = [spec.arguments["x-dead-letter-exchange"]] if "x-dead-letter-exchange" in spec.arguments else []
     return Permissions(
-        configure=any_of([spec.name]),
-        write=any_of([topology.UPDATES_EXCHANGE, topology.CONTROL_EXCHANGE, spec.name, *dlx]),
-        read=any_of([spec.name, *(ex for ex, _ in spec.bindings)]),
+        configure=NOTHING,
+        write=any_of([topology.UPDATES_EXCHANGE, topology.CONTROL_EXCHANGE]),
+        read=any_of([spec.name]),
     )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
+
 PREFIX = "fedmq"
 
 UPDATES_EXCHANGE = f"{PREFIX}.updates"  # direct; routing key = shard name
@@ -29,6 +31,28 @@ DETAIL_HEADER = "x-fedmq-detail"
 #: bounded per-site queue of global versions: a site that falls further behind than this
 #: loses the oldest versions (drop-head) and asks for a snapshot when it sees the gap.
 SITE_QUEUE_MAX_LENGTH = 64
+
+#: RabbitMQ's ``max_message_size`` for every broker fedmq ships or starts: twice the largest
+#: chunk the codec makes (settings cannot raise ``max_message_bytes`` above it), so a real
+#: chunk always passes and a 64 MiB publish is refused by the broker before any consumer
+#: copies it anywhere. 3.10's default is 128 MiB.
+BROKER_MAX_MESSAGE_SIZE = 2 * DEFAULT_MAX_MESSAGE_BYTES
+
+#: the dead-letter queue is a bounded ring: the newest refusals are kept, the oldest dropped
+#: (``drop-head``) once it holds this many messages or bytes. Every refusal is still counted by
+#: reason in the aggregator's metrics, so dropping old copies loses evidence, never the count.
+DEAD_LETTER_MAX_LENGTH = 10_000
+DEAD_LETTER_MAX_BYTES = 64 * 1024 * 1024
+#: the aggregator's dead-letter copy of a refused message keeps its headers and this much of
+#: its body (enough to see what it was; a copy must never amplify a large message)
+DEAD_LETTER_BODY_BYTES = 1024
+#: header on a truncated dead-letter copy: the original body length in bytes
+ORIGINAL_SIZE_HEADER = "x-fedmq-original-size"
+
+
+def rabbitmq_conf_limits() -> list[str]:
+    """``rabbitmq.conf`` lines every fedmq broker carries (private node, compose, deploy)."""
+    return [f"max_message_size = {BROKER_MAX_MESSAGE_SIZE}"]
 
 
 def shard_key(shard: int) -> str:
@@ -92,7 +116,16 @@ def control_queue_specs() -> tuple[QueueSpec, ...]:
 
 
 def dead_letter_queue_spec() -> QueueSpec:
-    return QueueSpec(DEAD_LETTER_QUEUE, {"x-queue-type": "quorum"}, ((DEAD_LETTER_EXCHANGE, ""),))
+    return QueueSpec(
+        DEAD_LETTER_QUEUE,
+        {
+            "x-queue-type": "quorum",
+            "x-max-length": DEAD_LETTER_MAX_LENGTH,
+            "x-max-length-bytes": DEAD_LETTER_MAX_BYTES,
+            "x-overflow": "drop-head",
+        },
+        ((DEAD_LETTER_EXCHANGE, ""),),
+    )
 
 
 def aggregator_queue_specs(shards: int = 1) -> tuple[QueueSpec, ...]:
@@ -101,6 +134,13 @@ def aggregator_queue_specs(shards: int = 1) -> tuple[QueueSpec, ...]:
         *control_queue_specs(),
         dead_letter_queue_spec(),
     )
+
+
+def check_declared(channel: Any, queues: tuple[QueueSpec, ...]) -> None:
+    """Passive declares: a site only checks that the queues an administrator declared for it
+    exist (it has no configure right, so it cannot create or re-bind anything)."""
+    for q in queues:
+        channel.queue_declare(queue=q.name, passive=True)
 
 
 def declare(channel: Any, exchanges: tuple[ExchangeSpec, ...], queues: tuple[QueueSpec, ...]) -> None:

@@ -160,7 +160,7 @@ class Evaluator:
         try:
             ch = conn.channel()
             spec = topology.site_queue_spec(EVALUATOR_ID)
-            topology.declare(ch, (), (spec,))
+            topology.check_declared(ch, (spec,))  # declared by the administrator; sites have no configure right
             ch.basic_qos(prefetch_count=16)
 
             def on_message(channel, method, properties, body):  # noqa: ANN001

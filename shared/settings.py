@@ -25,7 +25,9 @@ class FedmqSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDMQ_", env_file=".env", extra="forbid", env_nested_delimiter="__")
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=64 * 1024, le=128 * 1024 * 1024)
+    #: largest chunk this party makes or accepts; capped at the codec's default so that the
+    #: broker's max_message_size (broker.topology.BROKER_MAX_MESSAGE_SIZE, 2x) always admits it
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=64 * 1024, le=DEFAULT_MAX_MESSAGE_BYTES)
     ckks_preset: str = DEFAULT_PRESET
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True

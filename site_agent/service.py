@@ -10,10 +10,10 @@ so a crash mid-publish re-sends the same update id on restart instead of a new o
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pika
@@ -31,19 +31,16 @@ from site_agent.update_builder import shard_of_encoded
 
 logger = logging.getLogger(__name__)
 
-#: Test hook (never set in production): ``FEDMQ_SITE_CRASH_AT=mid-publish[:n]`` SIGKILLs the site
-#: the n-th time (default 1st) it has published (and the broker confirmed) the first chunk of a
-#: multi-chunk update, before the rest: the fault-injection tests prove the re-sent update counts once.
-CRASH_ENV = "FEDMQ_SITE_CRASH_AT"
-
-
-def _crash_countdown() -> int:
-    point, _, n = os.environ.get(CRASH_ENV, "").partition(":")
-    return int(n or 1) if point == "mid-publish" else 0
+#: A test seam: called with (chunk index, chunk count) after each chunk of an update is
+#: published and confirmed. Nothing in fedmq sets it; tests inject one (tests/launcher.py) that
+#: kills the site between two chunks, to prove the re-sent update still counts once.
+ChunkPublishedHook = Callable[[int, int], None]
 
 
 class SiteAgent:
-    def __init__(self, settings: SiteSettings, runtime: SiteRuntime | None = None) -> None:
+    def __init__(
+        self, settings: SiteSettings, runtime: SiteRuntime | None = None, *, chunk_published_hook: ChunkPublishedHook | None = None
+    ) -> None:
         self.settings = settings
         self.rt = runtime or SiteRuntime.open(settings)
         self.receiver = GlobalModelReceiver(self.rt.state, self.rt.ctx, self.rt.layout.fingerprint, self.rt.layout.size,
@@ -57,7 +54,7 @@ class SiteAgent:
         self._snapshot_requested_for: dict[int, int] = {}
         self._user_id = username_of(settings.amqp_url)
         self._last_progress = time.monotonic()
-        self._crash_in = _crash_countdown()
+        self._chunk_published_hook = chunk_published_hook
 
     # -- lifecycle -------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -98,7 +95,13 @@ class SiteAgent:
         ch = self._channel = self._conn.channel()
         ch.confirm_delivery()
         spec = topology.site_queue_spec(self.settings.site_id)
-        topology.declare(ch, (), (spec,))
+        try:
+            topology.check_declared(ch, (spec,))  # declared by the administrator; sites have no configure right
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                logger.error("site queue missing: an administrator declares it (fedmq broker declare --sites %s)",
+                             self.settings.site_id, extra={"queue": spec.name})
+            raise
         ch.basic_qos(prefetch_count=8)
         ch.basic_consume(spec.name, self._on_global_message)
         logger.info("connected", extra={"queue": spec.name})
@@ -201,12 +204,8 @@ class SiteAgent:
         for i, raw in enumerate(state.pending):
             shard = shard_of_encoded(raw) if self.settings.shard_count > 1 else 0  # its aggregator shard
             self._publish(topology.UPDATES_EXCHANGE, topology.shard_key(shard), raw, "update-chunk", persistent=True)
-            if self._crash_in and i == 0 and len(state.pending) > 1:
-                self._crash_in -= 1
-                if self._crash_in == 0:
-                    logger.warning("test crash hook: SIGKILL mid-publish", extra={"seq": state.pending_seq, "chunks": len(state.pending)})
-                    logging.shutdown()
-                    os.kill(os.getpid(), signal.SIGKILL)
+            if self._chunk_published_hook is not None:
+                self._chunk_published_hook(i, len(state.pending))
         logger.info("update published", extra={"seq": state.pending_seq, "chunks": len(state.pending), "bytes": sum(map(len, state.pending))})
         self.rt.mark_pending_published()
 

@@ -20,8 +20,8 @@ from tests.security.helpers import Federation, connect
 
 @pytest.fixture(scope="module")
 def federation(broker: Broker) -> Iterator[Federation]:
-    """Aggregator + two sites (unique ids) with least privilege; the admin pre-declared the
-    exchanges, the aggregator's queues and site A's queue (site B declares its own)."""
+    """Aggregator + two sites (unique ids) with least privilege; the admin declared the
+    exchanges, the aggregator's queues and both sites' queues (sites cannot declare)."""
     if not broker.can_rabbitmqctl:
         pytest.skip(f"{broker!r} cannot be administered with rabbitmqctl")
     namespace = broker.new_namespace("security")
@@ -41,7 +41,7 @@ def federation(broker: Broker) -> Iterator[Federation]:
         urls[g.user] = provision.amqp_url(g.user, g.password, namespace.vhost, parsed.host, parsed.port)
     conn = connect(namespace.url)
     try:
-        provision.declare_topology(conn.channel(), [site_a])
+        provision.declare_topology(conn.channel(), [site_a, site_b])
     finally:
         conn.close()
     try:

@@ -51,6 +51,12 @@ REFUSED: list[tuple[str, str, Callable]] = [
     ("site", "purge the updates queue", lambda ch, f: ch.queue_purge(topology.updates_queue(0))),
     ("site", "bind its own queue to the updates exchange",
      lambda ch, f: ch.queue_bind(topology.site_queue(f.site_a), topology.UPDATES_EXCHANGE, topology.shard_key(0))),
+    # issue 15: no bindings at all (the admin bound its queue), no writes to the dead-letter exchange
+    ("site", "bind its own queue to the global exchange",
+     lambda ch, f: ch.queue_bind(topology.site_queue(f.site_a), topology.GLOBAL_EXCHANGE, "")),
+    ("site", "publish to the dead-letter exchange", _publish(CONST(topology.DEAD_LETTER_EXCHANGE), CONST(""), SITE_A)),
+    ("site", "re-declare its own queue (only the admin declares)",
+     lambda ch, f: ch.queue_declare(topology.site_queue(f.site_a), durable=True, arguments=topology.site_queue_spec(f.site_a).arguments)),
     # nor another site's traffic
     ("site", "consume another site's queue", lambda ch, f: ch.basic_consume(topology.site_queue(f.site_b), lambda *a: None)),
     ("site", "consume the metrics queue", _consume(CONST(topology.METRICS_QUEUE))),
@@ -104,6 +110,20 @@ def test_access_refused(federation: Federation, open_channel, who: str, what: st
     _expect_closed(open_channel, federation, who, action, ACCESS_REFUSED)
 
 
+#: every exchange.bind a site could try: each fedmq exchange as
+#: destination, each as source. RabbitMQ needs write on the destination and read on the source;
+#: a site has read on no exchange, so all are refused. Before issue 15 a site could bind e.g.
+#: the dead-letter exchange to the global fanout, a durable amplifier that outlived it.
+_EXCHANGE_NAMES = [e.name for e in topology.EXCHANGES]
+EXCHANGE_BINDS = [(dst, src) for dst in _EXCHANGE_NAMES for src in _EXCHANGE_NAMES]
+
+
+@pytest.mark.parametrize(("destination", "source"), EXCHANGE_BINDS, ids=[f"{d}<-{s}" for d, s in EXCHANGE_BINDS])
+def test_site_cannot_bind_exchanges(federation: Federation, open_channel, destination: str, source: str) -> None:  # noqa: ANN001
+    action = lambda ch, f: ch.exchange_bind(destination=destination, source=source, routing_key="")  # noqa: E731
+    _expect_closed(open_channel, federation, "site", action, ACCESS_REFUSED)
+
+
 @pytest.mark.parametrize(("who", "what", "action"), FORGED_USER_ID, ids=[f"{w}: {d}" for w, d, _ in FORGED_USER_ID])
 def test_forged_user_id_is_rejected(federation: Federation, open_channel, who: str, what: str, action: Callable) -> None:  # noqa: ANN001
     _expect_closed(open_channel, federation, who, action, PRECONDITION_FAILED)
@@ -139,11 +159,11 @@ def test_site_and_aggregator_positive_path(federation: Federation) -> None:
         agg_ch.confirm_delivery()
         topology.declare(agg_ch, topology.EXCHANGES, topology.aggregator_queue_specs(1))
 
-        # site B: declares + binds its own (new) queue exactly as the site agent does, consumes it
+        # site B: checks its (admin-declared) queue exactly as the site agent does, consumes it
         site_ch = site.channel()
         site_ch.confirm_delivery()
         spec = topology.site_queue_spec(site_b)
-        topology.declare(site_ch, (), (spec,))
+        topology.check_declared(site_ch, (spec,))
         site_ch.basic_qos(prefetch_count=8)
 
         # site B publishes an update chunk, a snapshot request and metrics with its own user_id
@@ -184,7 +204,7 @@ def test_site_and_aggregator_positive_path(federation: Federation) -> None:
         site_a = connect(federation.url(federation.site_a))
         try:
             a_ch = site_a.channel()
-            topology.declare(a_ch, (), (topology.site_queue_spec(federation.site_a),))
+            topology.check_declared(a_ch, (topology.site_queue_spec(federation.site_a),))
             assert [b for _, b in _drain(site_a, a_ch, topology.site_queue(federation.site_a), 1)] == [b"global v1"]
         finally:
             site_a.close()
@@ -211,7 +231,11 @@ def test_site_permission_regexes_do_not_overlap_other_sites() -> None:
     for other in ("hospital_10", "hospital_1x", "xhospital_1"):
         for regex in p.as_tuple():
             assert not re.fullmatch(regex, topology.site_queue(other))
-    assert re.search(p.configure, topology.site_queue("hospital_1"))
+    assert re.search(p.read, topology.site_queue("hospital_1"))
     assert not re.search(p.read, topology.updates_queue(0))
     assert not re.search(p.read, topology.UPDATES_EXCHANGE)
     assert not re.search(p.write, topology.GLOBAL_EXCHANGE)
+    assert not re.search(p.write, topology.DEAD_LETTER_EXCHANGE)
+    assert p.configure == provision.NOTHING
+    for exchange in topology.EXCHANGES:  # read on an exchange would make it a binding source
+        assert not re.search(p.read, exchange.name)
