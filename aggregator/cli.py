@@ -25,18 +25,24 @@ def register(parser: argparse.ArgumentParser) -> None:
     insp.set_defaults(handler=_inspect)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from aggregator.consumer import AggregatorService
+def run_settings(args: argparse.Namespace):  # noqa: ANN201 - imported lazily
+    """The settings ``aggregator run`` builds from its arguments (also used by tests/launcher.py)."""
     from aggregator.settings import AggregatorSettings
-    from shared.log import configure_logging
     from shared.settings import load_settings
 
-    settings = load_settings(
+    return load_settings(
         AggregatorSettings, args.config, state_dir=args.state_dir, amqp_url=args.amqp_url,
         public_context=args.public_context, site_keys_dir=args.site_keys_dir, mode=args.mode,
         buffer_size=args.buffer_size, metrics_port=args.metrics_port, shard_index=args.shard_index,
         shard_count=args.shard_count,
     )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from aggregator.consumer import AggregatorService
+    from shared.log import configure_logging
+
+    settings = run_settings(args)
     configure_logging(settings.log_level, settings.log_json, component="aggregator")
     return AggregatorService(settings).run()
 

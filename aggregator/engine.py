@@ -15,10 +15,9 @@ at any point folds each acknowledged update exactly once.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from aggregator import fold as foldmod
 from aggregator.metrics import AggregatorMetrics
 from aggregator.policy import Admission, Policy
 from aggregator.settings import AggregatorSettings
+from aggregator.update_guard import check_pending_room, check_update_id
 from aggregator.wal import WriteAheadLog, read_records, write_segment
 from broker.topology import DEAD_LETTER_EXCHANGE, DETAIL_HEADER, GLOBAL_EXCHANGE, REASON_HEADER, SITE_DIRECT_EXCHANGE
 from shared.atomic import atomic_write_json
@@ -55,7 +55,6 @@ from shared.signing import load_pinned_keys, verify_chunk
 logger = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
-CRASH_ENV = "FEDMQ_AGGREGATOR_CRASH_AT"
 CRASH_POINTS = ("after-wal", "before-ack", "after-fold", "after-checkpoint")
 
 
@@ -71,28 +70,10 @@ class BadCiphertext(WireError):
     reason = "ciphertext"
 
 
-class CrashHook:
-    """Test hook: ``FEDMQ_AGGREGATOR_CRASH_AT=point:n`` SIGKILLs the process the n-th time
-    (default 1st) execution reaches ``point`` (one of CRASH_POINTS). Never set in production."""
-
-    def __init__(self, spec: str | None = None) -> None:
-        spec = os.environ.get(CRASH_ENV, "") if spec is None else spec
-        self.point: str | None = None
-        self.remaining = 0
-        if spec:
-            point, _, count = spec.partition(":")
-            if point not in CRASH_POINTS:
-                raise ConfigError(f"{CRASH_ENV}: unknown point {point!r}; one of {CRASH_POINTS}")
-            self.point, self.remaining = point, int(count or 1)
-        self.enabled = True
-
-    def __call__(self, point: str) -> None:
-        if self.enabled and point == self.point:
-            self.remaining -= 1
-            if self.remaining <= 0:
-                logger.warning("test crash hook: SIGKILL at %s", point)
-                logging.shutdown()
-                os.kill(os.getpid(), signal.SIGKILL)
+#: a test seam: called with one of CRASH_POINTS as execution passes it (never during WAL
+#: replay). Nothing in fedmq sets one; tests inject a hook that kills the process there
+#: (tests/launcher.py) to prove that every acknowledged update is folded exactly once.
+CrashHook = Callable[[str], None]
 
 
 @dataclass
@@ -150,7 +131,7 @@ class AggregatorEngine:
             raise CryptoError("the aggregator must not hold a secret key")
         self.pinned = pinned if pinned is not None else load_pinned_keys(s.site_keys_dir)
         self.metrics = metrics or AggregatorMetrics()
-        self.crash = crash_hook or CrashHook()
+        self._crash_hook = crash_hook
         self.state_dir = Path(s.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.policy = Policy(
@@ -227,13 +208,11 @@ class AggregatorEngine:
         if torn:
             logger.warning("WAL %s ends in a torn record (crash during a write); ignoring it", self.segment)
         self._replaying = True
-        self.crash.enabled, was_enabled = False, self.crash.enabled
         try:
             for i, rec in enumerate(records):
                 self._replay_record(rec, records[i + 1 :])
         finally:
             self._replaying = False
-            self.crash.enabled = was_enabled
         # drop segments the checkpoint does not reference (left by a crash mid-commit)
         for p in self.state_dir.glob("wal-*.log*"):
             if p.name != self.segment:
@@ -255,6 +234,11 @@ class AggregatorEngine:
         chunk = decode_update_chunk(rec["body"], max_bytes=len(rec["body"]) + 1)
         self._register(chunk, Admission(rec["st"], rec["u"]), rec)
         self.startup_outgoing.extend(self._apply_chunk(chunk, len(rec["body"]), carry=later))
+
+    def crash(self, point: str) -> None:
+        """The injected crash hook's seam (see :data:`CrashHook`); a no-op without one."""
+        if self._crash_hook is not None and not self._replaying:
+            self._crash_hook(point)
 
     # ------------------------------------------------------------------ accept
 
@@ -283,6 +267,7 @@ class AggregatorEngine:
             chunk = decode_update_chunk(body, max_bytes=self.settings.max_message_bytes)
             if self.settings.check_user_id and user_id != chunk.site_id:
                 raise IdentityMismatch(f"AMQP user_id {user_id!r} is not the chunk's site {chunk.site_id!r}")
+            check_update_id(chunk)  # the id names its site: duplicate sets below are per (site, id)
             if chunk.site_id not in self.pinned:
                 raise UnknownSite(f"no pinned public key for site {chunk.site_id!r}")
             verify_chunk(chunk, self.pinned)
@@ -318,9 +303,8 @@ class AggregatorEngine:
                     raise InconsistentChunk(f"{uid}: chunk {chunk.chunk_index} header differs from earlier chunks")
                 admission = pend.admission
             else:
-                if uid in self.expired:
-                    raise MissingChunk(f"{uid} already expired as incomplete")
-                if chunk.seq <= self.site_seq.get(chunk.site_id, 0):
+                # an update that expired incomplete folded nothing: the site may send it again in full
+                if uid not in self.expired and chunk.seq <= self.site_seq.get(chunk.site_id, 0):
                     if redelivered:
                         return self._drop(chunk, "sequence number already consumed")
                     raise ReplayedUpdate(
@@ -331,6 +315,11 @@ class AggregatorEngine:
                 admission = self.policy.admit(
                     site_id=chunk.site_id, base_version=chunk.base_version, current_version=self.version,
                     sample_weight=chunk.sample_weight, round_sites=self.round_sites,
+                )
+            if chunk.chunk_count > 1 and not (pend is not None and len(pend.chunk_indices) + 1 == chunk.chunk_count):
+                check_pending_room(  # not for the chunk that completes an update: that frees memory
+                    self.pending, chunk, len(body), max_updates_per_site=self.settings.max_pending_updates_per_site,
+                    max_bytes_per_site=self.settings.max_pending_bytes_per_site, max_bytes=self.settings.max_pending_bytes,
                 )
         except WireError as exc:
             return self._refuse(exc, chunk)

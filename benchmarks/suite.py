@@ -583,7 +583,6 @@ def _spawn_shard(keys: Keys, url: str, state: Path, index: int, count: int, K: i
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_CHECK_USER_ID="false", FEDMQ_LOG_JSON="false",
                FEDMQ_MAX_STALENESS="1000", FEDMQ_SNAPSHOT_EVERY="0", FEDMQ_HOUSEKEEPING_S="0.5",
                FEDMQ_LOG_LEVEL="WARNING")
-    env.pop("FEDMQ_AGGREGATOR_CRASH_AT", None)
     state.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "aggregator", "--state-dir", str(state), "--amqp-url", url,
            "--public-context", str(keys.public_path), "--site-keys", str(keys.site_keys_dir),

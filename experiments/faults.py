@@ -6,16 +6,19 @@ site agents as OS processes, DP on, multi-chunk updates) and, while it trains, i
 - SIGKILL of the aggregator at random moments (restarted at once each time),
 - a restart of the broker node,
 - ``rabbitmqctl close_connection`` of every site's and the aggregator's connection,
-- a site killed between the chunks of one update (site test hook ``FEDMQ_SITE_CRASH_AT``).
+- a site killed between the chunks of one update (a crash hook, see below).
 
 Afterwards it proves exactly-once from the outside: the sites record the plaintext of every
-update they build (test hook ``FEDMQ_SITE_RECORD_PLAINTEXT``); the aggregator's durable state
+update they build (a recording hook); the aggregator's durable state
 (checkpoint + WAL replayed offline) says which update ids were counted; the committed model is
 decrypted with the sites' secret key and compared with a plaintext replay over the counted
 ids. ``fuzz_engine`` and ``fuzz_amqp`` throw random, mutated, truncated and oversized input at
 the aggregator. ``run_all`` does everything and writes ``reports/faults/results.json``.
 
-Test hooks are set only in the processes this module starts; nothing here runs in production.
+Test hooks are injected, never switched on by environment variables: the site processes this
+module starts run through ``tests/launcher.py`` (``python -m tests.launcher``), which builds the
+site agent with the hooks and runs it, so this driver needs a checkout (``make faults``), not
+just an installed fedmq. Nothing here runs in production.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from experiments.federation import VHOST, Federation, FederationSpec, SiteTraini
 logger = logging.getLogger(__name__)
 
 OBSERVER_QUEUE = "fedmq.faults.observer"
-SITE_CRASH_ENV = "FEDMQ_SITE_CRASH_AT"
-RECORD_ENV = "FEDMQ_SITE_RECORD_PLAINTEXT"
+#: the test launcher that injects the site hooks (plaintext recording, a kill mid-publish)
+LAUNCHER_MODULE = "tests.launcher"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -138,23 +142,27 @@ class LiveResult:
 
 
 class FaultFederation(Federation):
-    """A Federation whose processes carry the test hooks, with per-process extra environment."""
+    """A Federation whose site processes run with test hooks injected by ``tests/launcher.py``:
+    every site records its plaintext updates; ``extra_hooks[site]`` adds launcher options for
+    that site's next start (a kill mid-publish)."""
 
     def __init__(self, spec: FederationSpec, progress: Callable[[str], None] | None = None) -> None:
         super().__init__(spec, progress)
-        self.extra_env: dict[str, dict[str, str]] = {}
+        self.extra_hooks: dict[str, list[str]] = {}
+        if not (REPO_ROOT / "tests" / "launcher.py").is_file():
+            raise RuntimeError(f"fault injection needs a fedmq checkout: {REPO_ROOT / 'tests' / 'launcher.py'} is missing")
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.dir / "logs" / f"{name}.log", "ab")
         self._stack.callback(log.close)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        for key in (SITE_CRASH_ENV, RECORD_ENV, "FEDMQ_AGGREGATOR_CRASH_AT"):
-            env.pop(key, None)
-        if name != "aggregator":
-            env[RECORD_ENV] = "1"
-        env.update(self.extra_env.pop(name, {}))
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], stdout=log,
-                                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if name == "aggregator":
+            argv = [sys.executable, "-m", "shared.cli", *args]
+        else:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+            hooks = ["--record-plaintext", *self.extra_hooks.pop(name, [])]
+            argv = [sys.executable, "-m", LAUNCHER_MODULE, *hooks, "--", *args]
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def append_config(self, name: str, values: dict[str, Any]) -> None:
         path = self.dir / "config" / f"{name}.toml"
@@ -458,7 +466,7 @@ class LiveRun:
                                          "staleness_exponent": 0.0, "housekeeping_s": 0.5})
         declare_observer(fed.admin_url)
         if p.site_mid_publish_kills:
-            fed.extra_env[self.victim] = {SITE_CRASH_ENV: f"mid-publish:{p.mid_publish_update}"}
+            fed.extra_hooks[self.victim] = ["--crash-mid-publish", str(p.mid_publish_update)]
         self.started = time.monotonic()
         ready = _Watch(fed, "aggregator", "aggregator consuming")
         fed.spawn_aggregator()

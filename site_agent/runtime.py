@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import io
 import logging
-import os
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 from torch import nn
@@ -20,9 +19,7 @@ from torch import nn
 from shared.ckks import LoadedContext, load_context
 from shared.codec import encode_update_chunk
 from shared.errors import ConfigError
-from shared.atomic import atomic_write_bytes
 from shared.signing import load_private_key
-from shared.sparsify import sparsify
 from site_agent.data import LoadedDataset, load_dataset
 from site_agent.model_state import FederatedModel, model_vector
 from site_agent.settings import SiteSettings
@@ -33,10 +30,11 @@ from site_agent.update_builder import UpdateIdentity, build_update
 logger = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy-ledger.json"
-#: Test hook (never set in production): ``FEDMQ_SITE_RECORD_PLAINTEXT=1`` also writes each built
-#: update's plaintext sparse delta to ``<state_dir>/plaintext/<seq>.npz`` (indices, blocks) before
-#: the update is persisted as pending, so fault-injection tests can replay exactly what was sent.
-RECORD_PLAINTEXT_ENV = "FEDMQ_SITE_RECORD_PLAINTEXT"
+#: A test seam: ``SiteRuntime.update_built_hook(runtime, seq, delta, base_version, sample_weight)``
+#: runs after an update is built and before the runtime's state (residual) moves on. Nothing in
+#: fedmq sets it and no setting or environment variable can: only a test that builds the runtime
+#: itself (tests/launcher.py) injects one, e.g. to record what was sent for an exactly-once check.
+UpdateBuiltHook = Callable[["SiteRuntime", int, np.ndarray, int, float], None]
 
 
 def training_seed(site_id: str, seed: int) -> int:
@@ -86,6 +84,7 @@ class SiteRuntime:
         self.trainer = LocalTrainer(training_config(settings), store.dir / LEDGER_FILE, progress=settings.progress_bars)
         self.last_timings: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.update_built_hook: UpdateBuiltHook | None = None
 
     @classmethod
     def open(cls, settings: SiteSettings, *, load_data: bool = True) -> "SiteRuntime":
@@ -182,8 +181,8 @@ class SiteRuntime:
             shard_base_versions=shard_versions,
         )
         encoded = [encode_update_chunk(c) for c in built.chunks]
-        if os.environ.get(RECORD_PLAINTEXT_ENV, "") == "1":
-            self._record_plaintext(seq, delta, base_version, float(result.n_samples))
+        if self.update_built_hook is not None:
+            self.update_built_hook(self, seq, delta, base_version, float(result.n_samples))
         with self._lock:
             self.state.residual = built.residual
             self.state.pending = encoded
@@ -199,14 +198,6 @@ class SiteRuntime:
         }
         logger.info("update ready", extra={"seq": seq, "base_version": base_version, "blocks": len(built.sent_indices), **self.last_timings})
         return True
-
-    def _record_plaintext(self, seq: int, delta: np.ndarray, base_version: int, sample_weight: float) -> None:
-        """Test hook only (RECORD_PLAINTEXT_ENV): the exact sparse blocks the update encrypts."""
-        sparse, _ = sparsify(delta, self.state.residual, self.ctx.preset.slots, self.settings.sparsity_mode, self.settings.topk_fraction)
-        buf = io.BytesIO()
-        np.savez(buf, indices=np.asarray(sparse.indices, dtype=np.int64), blocks=sparse.blocks,
-                 base_version=base_version, sample_weight=sample_weight)
-        atomic_write_bytes(self.store.dir / "plaintext" / f"{seq}.npz", buf.getvalue())
 
     def mark_pending_published(self) -> None:
         with self._lock:

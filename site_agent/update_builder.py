@@ -26,6 +26,8 @@ from shared.ckks import LoadedContext, encrypt_block
 from shared.schema import EncryptedBlock, UpdateChunk
 from shared.signing import sign_chunk
 from shared.sparsify import SparsityMode, sparsify
+from shared.update_ids import shard_update_id
+from shared.update_ids import update_id as make_update_id
 
 
 class ShardedVersion(int):
@@ -48,11 +50,6 @@ class ShardedVersion(int):
         return (ShardedVersion, (self.per_shard,))
 
 
-def shard_update_id(update_id: str, shard_index: int, shard_count: int) -> str:
-    """``<site>:<seq>`` unchanged with one shard, ``<site>:<seq>:s<i>`` with several."""
-    return update_id if shard_count == 1 else f"{update_id}:s{shard_index}"
-
-
 def shard_of_encoded(raw: bytes) -> int:
     """The ``shard_index`` of an encoded update chunk (0 when absent), for publish routing.
 
@@ -71,7 +68,7 @@ class UpdateIdentity:
 
     @property
     def update_id(self) -> str:
-        return f"{self.site_id}:{self.seq}"
+        return make_update_id(self.site_id, self.seq)
 
 
 @dataclass(frozen=True)

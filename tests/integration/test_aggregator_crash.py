@@ -1,5 +1,5 @@
 """kill -9 at the dangerous points, restart, and the final model equals the plaintext sum of
-exactly the confirmed updates, each counted once (FEDMQ_AGGREGATOR_CRASH_AT test hook)."""
+exactly the confirmed updates, each counted once (crash hook injected by tests/launcher.py)."""
 
 from __future__ import annotations
 
@@ -27,11 +27,10 @@ def _start(fed, state: Path, url: str, crash: str | None) -> subprocess.Popen:
         PYTHONPATH=str(ROOT), FEDMQ_CHECK_USER_ID="false", FEDMQ_LOG_JSON="false", FEDMQ_STALENESS_EXPONENT="0",
         FEDMQ_MAX_STALENESS="1000", FEDMQ_HOUSEKEEPING_S="0.2", FEDMQ_PREFETCH="4",
     )
-    env.pop("FEDMQ_AGGREGATOR_CRASH_AT", None)
-    if crash:
-        env["FEDMQ_AGGREGATOR_CRASH_AT"] = crash
-    cmd = [sys.executable, "-m", "aggregator", "--state-dir", str(state), "--amqp-url", url,
+    run = ["aggregator", "run", "--state-dir", str(state), "--amqp-url", url,
            "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir), "--buffer-size", "3"]
+    # the crash point is a hook the launcher injects; the product itself has no way to crash on purpose
+    cmd = [sys.executable, "-m", "tests.launcher", "--crash-at", crash, "--", *run] if crash else [sys.executable, "-m", "shared.cli", *run]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(state.parent / "agg.log", "ab"))
 
 

@@ -7,6 +7,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from broker.topology import DEAD_LETTER_BODY_BYTES, ORIGINAL_SIZE_HEADER
 from integration.aggregator_helpers import (
     LAYOUT_FP, AggregatorThread, GlobalListener, declare_topology, drain_dead_letters, make_federation, publish,
     random_delta,
@@ -151,11 +152,39 @@ def test_bad_input_is_dead_lettered_with_reason(case, fed, running):
     assert headers["x-fedmq-detail"]
     if reason == "incomplete":
         assert decode_rejection(body).update_id == f"{_site(ctx)}:1"
-    else:
-        assert body == bodies[0]  # the original bytes travel with the reason
+    else:  # the original headers and (the first KiB of) its bytes travel with the reason
+        assert body == bodies[0][:DEAD_LETTER_BODY_BYTES]
+        assert headers.get(ORIGINAL_SIZE_HEADER) == (len(bodies[0]) if len(bodies[0]) > DEAD_LETTER_BODY_BYTES else None)
     assert agg.engine.metrics.reason_counts.get(reason) == count_before + 1
     assert agg.engine.version == version_before, "nothing of a refused input is folded"
     # still alive: a good update from charlie is folded into the next version
     running["charlie_seq"] += 1
     publish(amqp_url, _good(fed, ctx, running["charlie_seq"], site="charlie"))
     _wait_version(ctx, version_before + 1)
+
+
+def test_dead_letter_copy_keeps_headers_and_one_kib(running):
+    """A refused 300 KiB message is not duplicated into the dead-letter queue: its copy keeps
+    the sender's headers, gains the reason and the original size, and holds the first KiB."""
+    import pika
+
+    from broker.topology import DEAD_LETTER_QUEUE, UPDATES_EXCHANGE, shard_key
+    from integration.aggregator_helpers import connect
+
+    url = running["url"]
+    conn = connect(url)
+    try:
+        ch = conn.channel()
+        ch.queue_purge(DEAD_LETTER_QUEUE)
+        ch.confirm_delivery()
+        body = bytes(range(256)) * 1200  # 300 KiB, over the aggregator's 256 KiB chunk limit
+        ch.basic_publish(UPDATES_EXCHANGE, shard_key(0), body,
+                         pika.BasicProperties(headers={"x-trace": "attack-4"}, type="update-chunk", delivery_mode=2))
+    finally:
+        conn.close()
+    dead = drain_dead_letters(url, 1)
+    assert dead, "the refused message was not dead-lettered"
+    headers, copy = dead[0]
+    assert headers["x-fedmq-reason"] == "oversize" and headers["x-trace"] == "attack-4"
+    assert headers[ORIGINAL_SIZE_HEADER] == len(body)
+    assert copy == body[:DEAD_LETTER_BODY_BYTES]

@@ -142,3 +142,27 @@ def test_provision_through_the_management_http_api(tls_node: TlsNode) -> None:
     finally:
         if conn.is_open:
             conn.close()
+
+
+def test_provision_cli_never_creates_the_vhost_as_guest(tls_node: TlsNode, tmp_path: Path) -> None:
+    """``fedmq broker provision --management-url`` (issue 15): whoever creates a vhost through the
+    API gets full rights on it, so the creator must be an administrator that is neither guest
+    nor a site. The CLI refuses guest and a missing password; afterwards the vhost grants only
+    the administrator and fedmq's own users, and guest cannot log in."""
+    from shared.cli import main
+
+    vhost, site = "fedmq-http-cli", "hospital_cli"
+    secret = tmp_path / "admin.password"
+    secret.write_text(tls_node.node.password + "\n")
+    common = ["broker", "provision", "--management-url", tls_node.management_url, "--vhost", vhost,
+              "--sites", site, "--password-dir", str(tmp_path / "passwords")]
+    assert main([*common, "--admin-user", "guest", "--admin-password-file", str(secret)]) == 2
+    assert main([*common, "--admin-user", site, "--admin-password-file", str(secret)]) == 2
+    assert main([*common, "--admin-user", tls_node.node.username]) == 2  # no password file
+    assert main([*common, "--admin-user", tls_node.node.username, "--admin-password-file", str(secret)]) == 0
+    admin = (tls_node.node.username, tls_node.node.password)
+    actual = provision.list_permissions_http(tls_node.management_url, admin, vhost)
+    assert set(actual) == {tls_node.node.username, provision.AGGREGATOR_USER, site}
+    assert actual[site] == provision.site_permissions(site)
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        pika.BlockingConnection(pika.URLParameters(provision.amqp_url("guest", "guest", vhost, "127.0.0.1", tls_node.node.amqp_port)))
