@@ -99,6 +99,40 @@ def _covered(path: PurePosixPath, mounts: dict[str, str]) -> bool:
 
 
 # ----------------------------------------------------------------------------- compose
+def _assert_broker_limits(conf: str) -> None:
+    """Every broker config fedmq ships carries the size limit derived from the codec (issue 15)
+    and never a guest or a default user of its own."""
+    from broker.topology import BROKER_MAX_MESSAGE_SIZE, rabbitmq_conf_limits
+    from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
+
+    assert BROKER_MAX_MESSAGE_SIZE <= 2 * DEFAULT_MAX_MESSAGE_BYTES
+    lines = {line.strip() for line in conf.splitlines() if line.strip() and not line.lstrip().startswith("#")}
+    assert set(rabbitmq_conf_limits()) <= lines, lines
+    assert [line for line in lines if line.startswith("max_message_size")] == [f"max_message_size = {BROKER_MAX_MESSAGE_SIZE}"]
+    assert not any(line.startswith(("default_user", "default_pass")) for line in lines)
+    assert "loopback_users = none" not in lines and "loopback_users.guest = false" not in lines
+
+
+def test_private_node_config_has_no_guest_and_the_size_limit(tmp_path: Path) -> None:
+    from broker.local_node import GUEST_USER, LocalRabbitNode, find_rabbitmq_install
+    from broker.topology import rabbitmq_conf_limits
+
+    if find_rabbitmq_install() is None:
+        pytest.skip("rabbitmq-server not installed")
+    node = LocalRabbitNode(data_dir=tmp_path / "data")
+    try:
+        text = node._config_text()
+        assert set(rabbitmq_conf_limits()) <= set(text.splitlines())
+        assert f"default_user = {node.username}" in text and node.username != GUEST_USER
+        assert len(node.password) >= 24 and GUEST_USER not in text
+        # a caller-kept data dir keeps the administrator's password for the next start
+        again = LocalRabbitNode(data_dir=tmp_path / "data")
+        again.close()
+        assert again.password == node.password
+    finally:
+        node.close()
+
+
 def test_compose_services_and_broker() -> None:
     doc = _compose()
     services = doc["services"]
@@ -110,6 +144,7 @@ def test_compose_services_and_broker() -> None:
     assert mounts["/etc/rabbitmq/definitions.json"] == "./deploy/rabbitmq/definitions.json"
     conf = (ROOT / mounts["/etc/rabbitmq/rabbitmq.conf"]).read_text()
     assert "load_definitions = /etc/rabbitmq/definitions.json" in conf
+    _assert_broker_limits(conf)
     for name in ("aggregator", *SITES):
         svc = services[name]
         assert svc["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
@@ -237,7 +272,7 @@ def test_definitions_load_into_a_real_broker(broker_ctl, tmp_path: Path) -> None
         conn = pika.BlockingConnection(pika.URLParameters(url))
         try:
             ch = conn.channel()
-            topology.declare(ch, (), (topology.site_queue_spec(sites[0]),))
+            topology.check_declared(ch, (topology.site_queue_spec(sites[0]),))  # declared by the definitions
             with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
                 ch.basic_consume(topology.updates_queue(0), lambda *a: None)
             assert info.value.reply_code == 403
