@@ -286,3 +286,18 @@ def test_definitions_load_into_a_real_broker(broker_ctl, tmp_path: Path) -> None
                 broker_ctl.rabbitmqctl(*cmd)
             except Exception:  # noqa: BLE001 - cleanup only
                 pass
+
+
+def test_definitions_name_no_guest_and_cap_the_dead_letter_queue() -> None:
+    """The generated definitions (compose, the demo) grant nothing to guest, and carry the
+    dead-letter queue's caps (issue 15)."""
+    from broker import definitions as defs
+    from broker import provision, topology
+
+    grants = provision.plan(list(SITES), lambda user: "pw", include_admin=True)
+    doc = defs.definitions("fedmq", grants, sites=list(SITES))
+    assert "guest" not in {u["name"] for u in doc["users"]} | {p["user"] for p in doc["permissions"]}
+    dlq = next(q for q in doc["queues"] if q["name"] == topology.DEAD_LETTER_QUEUE)
+    assert dlq["arguments"]["x-max-length"] == topology.DEAD_LETTER_MAX_LENGTH
+    assert dlq["arguments"]["x-max-length-bytes"] == topology.DEAD_LETTER_MAX_BYTES
+    assert dlq["arguments"]["x-overflow"] == "drop-head"
