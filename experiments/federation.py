@@ -31,7 +31,7 @@ from broker.local_node import LocalRabbitNode
 from broker.definitions import definitions, write_definitions
 from broker.provision import AGGREGATOR_USER, plan
 from shared.ckks import init_keys, load_context
-from shared.signing import generate_site_key
+from shared.signing import generate_aggregator_key, generate_site_key, load_public_key, private_key_path
 from site_agent.data import load_official_split, prepare_demo_data
 from site_agent.model_state import FederatedModel
 
@@ -163,6 +163,8 @@ class Federation:
         for site in self.sites:
             priv, pub = generate_site_key(self.dir / "keys", site)
             shutil.copy(pub, self.dir / "keys" / "sites" / pub.name)
+        # the aggregator's own key: it signs versions, snapshots and audit records
+        self.aggregator_key, self.aggregator_pub = generate_aggregator_key(self.dir / "keys")
         self._broker()
         self._write_configs()
 
@@ -211,6 +213,7 @@ class Federation:
             "amqp_url": self.urls[AGGREGATOR_USER],
             "public_context": self.keys.public_context,
             "site_keys_dir": self.dir / "keys" / "sites",
+            "signing_key": self.aggregator_key,
             "state_dir": self.dir / "state" / "aggregator",
             "mode": s.mode,
             "buffer_size": s.buffer_size if s.mode == "async" else s.n_sites,
@@ -226,7 +229,8 @@ class Federation:
                 "amqp_url": self.urls[site],
                 "site_id": site,
                 "secret_context": self.keys.secret_context,
-                "signing_key": self.dir / "keys" / f"{site}.ed25519",
+                "signing_key": private_key_path(self.dir / "keys", site),
+                "aggregator_public_key": self.aggregator_pub,
                 "manifest": self.dir / "data" / site / "manifest.csv",
                 "state_dir": self.dir / "state" / site,
                 "dp_enabled": s.dp_enabled,
@@ -255,7 +259,8 @@ class Federation:
         model = FederatedModel.create(s.training.model_preset, 0)
         val = load_official_split(s.data_npz, "val")
         test = load_official_split(s.data_npz, "test")
-        self.evaluator = Evaluator(self.urls[EVALUATOR_ID], ctx, model, _tensors(val), _tensors(test))
+        self.evaluator = Evaluator(self.urls[EVALUATOR_ID], ctx, model, _tensors(val), _tensors(test),
+                                   load_public_key(self.aggregator_pub), self.dir / "state" / EVALUATOR_ID)
         self.evaluator.start()
         self._stack.callback(self.evaluator.stop)
         self.progress(f"starting the aggregator ({s.mode}) and {len(self.sites)} site agents as separate processes")
