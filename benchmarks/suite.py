@@ -144,6 +144,9 @@ def make_keys(root: Path, preset: str | None = None) -> Keys:
     secret = load_context(files.secret_context, require_secret=True)
     public = load_context(files.public_context, require_secret=False)
     (root / "site-keys").mkdir(parents=True, exist_ok=True)
+    from shared.signing import generate_aggregator_key
+
+    generate_aggregator_key(root / "keys")
     return Keys(root, secret, public, files.public_context, root / "site-keys")
 
 
@@ -168,7 +171,7 @@ def agg_settings(keys: Keys, state_dir: Path, **kw: Any):
 
     base: dict[str, Any] = dict(
         public_context=keys.public_path, site_keys_dir=keys.site_keys_dir, state_dir=state_dir,
-        check_user_id=False, log_json=False, snapshot_every=0, housekeeping_s=0.5, max_staleness=1000,
+        signing_key=keys.root / "keys" / "aggregator.hybrid", check_user_id=False, log_json=False, snapshot_every=0, housekeeping_s=0.5, max_staleness=1000,
         max_message_bytes=MAX_MESSAGE_BYTES,
     )
     base.update(kw)
@@ -457,7 +460,7 @@ def site_overhead(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, An
     import torch
 
     X, y = torch.from_numpy(X[:n]), torch.from_numpy(y[:n])
-    settings = SiteSettings(site_id="hospital-1", secret_context=tmp / "x", signing_key=tmp / "x", manifest=tmp / "x",
+    settings = SiteSettings(site_id="hospital-1", secret_context=tmp / "x", signing_key=tmp / "x", aggregator_public_key=tmp / "x", manifest=tmp / "x",
                             state_dir=tmp / "x", progress_bars=False)
     cfg = training_config(settings)
     keys = make_keys(tmp / "overhead")
@@ -587,6 +590,7 @@ def _spawn_shard(keys: Keys, url: str, state: Path, index: int, count: int, K: i
     state.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "aggregator", "--state-dir", str(state), "--amqp-url", url,
            "--public-context", str(keys.public_path), "--site-keys", str(keys.site_keys_dir),
+           "--signing-key", str(keys.root / "keys" / "aggregator.hybrid"),
            "--buffer-size", str(K), "--shard-index", str(index), "--shard-count", str(count)]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=open(state / "aggregator.log", "ab"), start_new_session=True)

@@ -146,11 +146,11 @@ class AuditChain:
         new: list[AuditRecord] = []
         head, head_hash = self.head, self.head_hash
         anchor = self.anchor_ok and not self.hashes and self.base == 0
-        last = 0
+        for before, after in zip(records, records[1:]):
+            if after.version <= before.version:
+                raise AuditFork(f"audit record of version {after.version} comes after version {before.version} "
+                                f"(reordered chain)")
         for rec in records:
-            if rec.version <= last:
-                raise AuditFork(f"audit record of version {rec.version} comes after version {last} (reordered chain)")
-            last = rec.version
             if rec.shard_index != self.shard_index:
                 raise AuditFork(f"audit record of version {rec.version} is for shard {rec.shard_index}, "
                                 f"this chain is shard {self.shard_index}")

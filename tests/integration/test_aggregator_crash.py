@@ -31,7 +31,8 @@ def _start(fed, state: Path, url: str, crash: str | None) -> subprocess.Popen:
     if crash:
         env["FEDMQ_AGGREGATOR_CRASH_AT"] = crash
     cmd = [sys.executable, "-m", "aggregator", "--state-dir", str(state), "--amqp-url", url,
-           "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir), "--buffer-size", "3"]
+           "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir), "--buffer-size", "3",
+           "--signing-key", str(fed.keys_dir / "aggregator.hybrid")]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(state.parent / "agg.log", "ab"))
 
 
