@@ -128,9 +128,9 @@ class SiteAgent:
             result = self.receiver.offer(chunk)
         except WireError as exc:
             # nothing was applied: the site keeps its last good model
-            self.version_metrics.refuse(exc.reason)
             logger.error("refused a global-version message: %s: %s", exc.reason, exc.detail,
                          extra={"reason": exc.reason, "detail": exc.detail})
+            self.version_metrics.refuse(exc.reason)
             ch.basic_ack(method.delivery_tag)
             if isinstance(exc, AuditGap):  # records missing: ask for a snapshot with them, once
                 shard = getattr(chunk, "shard_index", 0)
