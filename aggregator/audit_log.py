@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from shared.audit import AuditChain, ChainFile, chain_file, record_hash, sign_record, update_digest
-from shared.codec import encode
+from shared.codec import decode_update_chunk, encode
 from shared.errors import ConfigError
-from shared.schema import AuditContribution, AuditEpsilon, AuditRecord, Contributor, EncryptedBlock
-from shared.signing import SigningKey
+from shared.schema import AuditContribution, AuditEpsilon, AuditRecord, Contributor
+from shared.signing import SigningKey, chunk_digest
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,13 @@ class AggregatorAudit:
                 f"state directory, or start a new federation)"
             )
 
-    def note_update(self, update_id: str, blocks: Iterable[EncryptedBlock]) -> None:
-        """Digest of a folded update's ciphertexts, for its contribution line."""
-        self._digests[update_id] = update_digest(blocks)
+    def note_update(self, update_id: str, wal_records: Iterable[Mapping[str, Any]]) -> None:
+        """Digest of a folded update's ciphertexts, for its contribution line: from the chunk
+        digests its signatures were verified against (kept in the WAL records as ``dg``)."""
+        by_index = sorted(wal_records, key=lambda r: r["ci"])
+        digests = [r.get("dg") or chunk_digest(decode_update_chunk(r["body"], max_bytes=len(r["body"]) + 1))
+                   for r in by_index]
+        self._digests[update_id] = update_digest(digests)
 
     def commit(self, version: int, contributors: Iterable[Contributor], sites: Mapping[str, Mapping[str, Any]]) -> AuditRecord:
         """Sign and durably append the record of ``version``."""

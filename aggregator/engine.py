@@ -291,7 +291,7 @@ class AggregatorEngine:
                 raise IdentityMismatch(f"AMQP user_id {user_id!r} is not the chunk's site {chunk.site_id!r}")
             if chunk.site_id not in self.pinned:
                 raise UnknownSite(f"no pinned public key for site {chunk.site_id!r}")
-            verify_chunk(chunk, self.pinned)
+            digest = verify_chunk(chunk, self.pinned)  # SHA-512 of the signed payload, reused by the audit log
             if chunk.key_fingerprint != self.ctx.fingerprint:
                 raise KeyMismatch(f"key {chunk.key_fingerprint!r} is not the federation's {self.ctx.fingerprint!r}")
             if self.layout_fp is not None and chunk.layout_fingerprint != self.layout_fp:
@@ -343,7 +343,7 @@ class AggregatorEngine:
         record = {
             "t": "chunk", "body": bytes(body), "uid": chunk.update_id, "ci": chunk.chunk_index,
             "st": admission.staleness, "u": admission.weight_units, "user": user_id,
-            "redelivered": bool(redelivered), "at": time.time(),
+            "redelivered": bool(redelivered), "at": time.time(), "dg": digest,
         }
         self.wal.append(record)
         self.crash("after-wal")
@@ -395,7 +395,7 @@ class AggregatorEngine:
         except WireError as exc:
             return self._drop_pending(uid, exc)
         foldmod.fold_into(self.buffer, vectors, pend.admission.weight_units)
-        self.audit.note_update(uid, assembled.blocks)
+        self.audit.note_update(uid, pend.records)
         self.metrics.fold_seconds.observe(time.perf_counter() - t0)
         self.metrics.updates_folded.inc()
         self.updates_folded_total += 1

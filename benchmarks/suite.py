@@ -724,7 +724,10 @@ def machine() -> dict[str, Any]:
             "memory_available_bytes": _mem_available()}
 
 
-SECTIONS = ("fold", "wire", "auc", "overhead", "scaling_sites", "scaling_model", "shards", "async_vs_sync")
+SECTIONS = ("fold", "wire", "auc", "overhead", "signatures", "scaling_sites", "scaling_model", "shards", "async_vs_sync")
+
+
+from benchmarks.signatures import signature_costs  # noqa: E402  (needs the helpers above)
 
 
 def run(sz: Sizes, *, tmp: Path | None = None, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -746,6 +749,7 @@ def run(sz: Sizes, *, tmp: Path | None = None, progress: Callable[[str], None] =
             ("wire", lambda: wire_bytes(sz, tmpdir)),
             ("auc", lambda: auc_table(sz, tmpdir, wire)),
             ("overhead", lambda: site_overhead(sz, urls, tmpdir)),
+            ("signatures", lambda: signature_costs(sz, tmpdir, result.get("site_overhead"))),
             ("scaling_sites", lambda: scaling_sites(sz, tmpdir)),
             ("scaling_model", lambda: scaling_model(sz, tmpdir)),
             ("shards", lambda: shard_speedup(sz, urls, tmpdir)),
@@ -789,6 +793,9 @@ def verdicts(r: dict[str, Any]) -> dict[str, Any]:
                                            "settings_meeting_goal": [(m["preset"], m["topk_fraction"]) for m in meeting]},
         "site_overhead_fraction": v(r.get("site_overhead_fraction"), lambda x: x <= 0.10),
         "shard_speedup_2": v(r.get("shard_speedup_2"), lambda x: x >= 1.7),
+        "audit_verify_100x3_s": v(r.get("audit_verify_100x3_s"), lambda x: x <= 1.0),
+        "hybrid_sign_verify_share_of_site_round": v(
+            (r.get("signatures") or {}).get("site_sign_plus_verify_share_of_training"), lambda x: x <= 0.05),
     }
 
 
@@ -828,6 +835,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"| two aggregator shards / one shard (processes, {r['machine']['cpus']} cores) | {_f(r.get('shard_speedup_2'))} "
         f"| >= 1.7 | {met('shard_speedup_2')} |",
         f"| time to target AUC, sync / async (one 4x straggler) | {_f(r.get('async_vs_sync_speedup'))} | (reported) | |",
+        f"| audit verify, 100 versions x 3 sites | {_f(r.get('audit_verify_100x3_s'))} s | <= 1 s | "
+        f"{met('audit_verify_100x3_s')} |",
+        f"| hybrid sign (update) + verify (version) / site training round | "
+        f"{_f((r.get('signatures') or {}).get('site_sign_plus_verify_share_of_training'))} | <= 0.05 | "
+        f"{met('hybrid_sign_verify_share_of_site_round')} |",
         "| ResNet-50 GPU training throughput | not measured: no GPU machine was lent | | |",
         "",
         "## Aggregator throughput (encrypted values per second)",
@@ -857,6 +869,25 @@ def markdown(r: dict[str, Any]) -> str:
                   f"small_cnn, {so['train_samples']} images, DP-SGD {'on' if so['dp_enabled'] else 'off'}, {so['sparsity']}: "
                   f"training {so['train_s']:.2f} s, sparsify+encrypt+sign {so['sparsify_encrypt_sign_s']:.3f} s, "
                   f"publish {so['publish_s']:.3f} s.", ""]
+    sg = r.get("signatures")
+    if sg:
+        lines += ["## Signatures (hybrid Ed25519 + ML-DSA-65) and the audit chain", "",
+                  f"Sizes: Ed25519 {sg['ed25519_signature_bytes']} B, ML-DSA-65 {sg['mldsa65_signature_bytes']} B, "
+                  f"hybrid (both, msgpack) {sg['hybrid_signature_bytes']} B per signed message; public keys "
+                  f"{sg['ed25519_public_key_bytes']} + {sg['mldsa65_public_key_bytes']} B.", "",
+                  "| operation | Ed25519 | ML-DSA-65 | hybrid |", "|---|---|---|---|",
+                  f"| sign / s | {_f(sg['ed25519_sign_per_s'])} | {_f(sg['mldsa65_sign_per_s'])} | {_f(sg['hybrid_sign_per_s'])} |",
+                  f"| verify / s | {_f(sg['ed25519_verify_per_s'])} | {_f(sg['mldsa65_verify_per_s'])} | "
+                  f"{_f(sg['hybrid_verify_per_s'])} |", "",
+                  f"Aggregator, one dense update of {sg['update_values']:,} values ({sg['update_bytes']:,} B, "
+                  f"{sg['update_chunks']} chunk(s)): hybrid verification {sg['aggregator_verify_update_s'] * 1e3:.1f} ms "
+                  f"(of which SHA-512 of the payload {sg['aggregator_hash_update_s'] * 1e3:.1f} ms; Ed25519 alone would be "
+                  f"{sg['aggregator_ed25519_only_verify_update_s'] * 1e3:.1f} ms) = "
+                  f"{_f(sg['hybrid_verify_share_of_engine'])} of the engine's {sg['aggregator_engine_update_s']:.3f} s "
+                  f"for that update; the ML-DSA half adds {_f(sg['hybrid_extra_vs_ed25519_share_of_engine'])}. "
+                  f"Site: signing the update {sg['site_sign_update_s'] * 1e3:.1f} ms. "
+                  f"Audit chain of 100 versions x 3 sites ({sg['audit_chain_bytes']:,} B) verified in "
+                  f"{sg['audit_verify_100x3_s']:.3f} s. {sg['note']}.", ""]
     ss = r.get("scaling_sites")
     if ss:
         lines += ["## Aggregator time per version vs number of sites", "",

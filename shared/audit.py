@@ -31,8 +31,8 @@ from pathlib import Path
 from shared.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from shared.codec import decode, encode
 from shared.errors import ConfigError, SignatureInvalid, WireError
-from shared.schema import AuditRecord, EncryptedBlock, UpdateChunk
-from shared.signing import SigningKey, VerifyKey, sign, verify
+from shared.schema import AuditRecord, UpdateChunk
+from shared.signing import SigningKey, VerifyKey, chunk_digest, sign, verify
 
 GENESIS_HASH = "0" * 64
 OWN_UPDATES_FILE = "audit-own-updates.json"
@@ -71,13 +71,14 @@ def chain_file(state_dir: str | Path, shard_index: int = 0, shard_count: int = 1
 # ---------------------------------------------------------------------------------- records
 
 
-def update_digest(blocks: Iterable[EncryptedBlock]) -> str:
-    """sha256 over (index, length, ciphertext) of every block, by index: what a site sent and
-    what the aggregator folded hash alike, whichever way the blocks were chunked."""
+def update_digest(chunk_digests: Sequence[bytes]) -> str:
+    """The ciphertext digest of an update: sha256 over the signed digests of its chunks, in
+    chunk order (``shared.signing.chunk_digest``: SHA-512 of each chunk, ciphertexts included).
+    The aggregator has them from verifying the signatures, so this costs no pass over the
+    ciphertexts; the site computes the same from the chunks it built."""
     h = hashlib.sha256(b"fedmq/update-ciphertexts/v1\x00")
-    for b in sorted(blocks, key=lambda b: b.index):
-        h.update(struct.pack(">IQ", b.index, len(b.ciphertext)))
-        h.update(b.ciphertext)
+    for d in chunk_digests:
+        h.update(d)
     return h.hexdigest()
 
 
@@ -252,12 +253,12 @@ def load_chain(path: str | Path, key: VerifyKey, shard_index: int = 0, anchor_ok
 def record_own_updates(state_dir: str | Path, chunks: Iterable[UpdateChunk]) -> dict[str, str]:
     """Remember the ciphertext digest of each update (one per shard) a site built, before it
     is published: what the aggregator's record must list if it folded it (proof of inclusion)."""
-    blocks: dict[str, list[EncryptedBlock]] = {}
-    seqs: dict[str, int] = {}
+    parts: dict[str, list[UpdateChunk]] = {}
     for c in chunks:
-        blocks.setdefault(c.update_id, []).extend(c.blocks)
-        seqs[c.update_id] = c.seq
-    digests = {uid: update_digest(b) for uid, b in blocks.items()}
+        parts.setdefault(c.update_id, []).append(c)
+    digests = {uid: update_digest([chunk_digest(c) for c in sorted(cs, key=lambda c: c.chunk_index)])
+               for uid, cs in parts.items()}
+    seqs = {uid: cs[0].seq for uid, cs in parts.items()}
     own = load_own_updates(state_dir)
     own.update({uid: {"digest": d, "seq": seqs[uid]} for uid, d in digests.items()})
     atomic_write_json(Path(state_dir) / OWN_UPDATES_FILE, own)

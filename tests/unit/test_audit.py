@@ -21,7 +21,7 @@ from shared.audit import (
 )
 from shared.audit_cli import tables
 from shared.cli import main
-from shared.schema import AuditContribution, AuditEpsilon, AuditRecord, EncryptedBlock
+from shared.schema import AuditContribution, AuditEpsilon, AuditRecord
 from shared.signing import generate_aggregator_key, load_private_key, new_signing_key
 
 SITES = ("hospital_1", "hospital_2", "hospital_3")
@@ -33,7 +33,7 @@ def make_chain(key, n: int, sites=SITES) -> list[AuditRecord]:  # type: ignore[n
     for v in range(1, n + 1):
         contributions = tuple(
             AuditContribution(site_id=s, update_id=f"{s}:{v}", ciphertext_digest=update_digest(
-                [EncryptedBlock(index=0, ciphertext=f"{s}{v}".encode())]), base_version=v - 1, staleness=i % 2,
+                [f"{s}{v}".encode()]), base_version=v - 1, staleness=i % 2,
                 weight_units=64 - i)
             for i, s in enumerate(sites)
         )
