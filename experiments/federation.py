@@ -31,6 +31,7 @@ from broker.local_node import LocalRabbitNode
 from broker.definitions import definitions, write_definitions
 from broker.provision import AGGREGATOR_USER, plan
 from shared.ckks import init_keys, load_context
+from shared.errors import FedmqError
 from shared.signing import generate_aggregator_key, generate_site_key, load_public_key, private_key_path
 from site_agent.data import load_official_split, prepare_demo_data
 from site_agent.model_state import FederatedModel
@@ -94,6 +95,8 @@ class FederationResult:
     stop_reason: str
     data_summary: dict
     aggregator_status: dict = field(default_factory=dict)
+    #: the audit chain as one hospital holds it, verified offline (``audit_summary``)
+    audit: dict = field(default_factory=dict)
 
     @property
     def best(self) -> VersionScore | None:
@@ -371,7 +374,26 @@ class Federation:
             stop_reason=reason,
             data_summary=self.summary,
             aggregator_status=status,
+            audit=self.audit_summary(self.sites[0]),
         )
+
+    def audit_summary(self, site: str) -> dict:
+        """Verify the audit chain ``site`` kept, as ``fedmq audit verify`` does: versions covered,
+        head hash, seconds, and the per-site tables (markdown) for the report."""
+        from shared.audit import chain_file, load_chain
+        from shared.audit_cli import tables
+
+        path = chain_file(self.dir / "state" / site)
+        if not path.exists():
+            return {"site": site, "ok": False, "error": f"no audit chain at {path}"}
+        t = time.perf_counter()
+        try:
+            chain = load_chain(path, load_public_key(self.aggregator_pub), anchor_ok=True)
+        except FedmqError as exc:
+            return {"site": site, "ok": False, "error": str(exc)}
+        return {"site": site, "ok": True, "versions": [chain.base + 1, chain.head], "head_hash": chain.head_hash,
+                "verify_seconds": round(time.perf_counter() - t, 4),
+                "tables_markdown": tables(chain.records, markdown=True)}
 
     def close(self) -> None:
         self._terminate()
