@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: records a targeted snapshot carries at most (a site further behind asks again)
 MAX_RECORDS_PER_SNAPSHOT = 128
+#: share of the message-size limit the records of one snapshot may take
+SNAPSHOT_AUDIT_SHARE = 4
 
 
 class AggregatorAudit:
@@ -89,9 +91,18 @@ class AggregatorAudit:
         rec = self.chain.record(version)
         return () if rec is None else (encode(rec),)
 
-    def records_for_snapshot(self, version: int, since: int | None) -> tuple[bytes, ...]:
-        """The records after ``since`` (a requester's version) up to ``version``; a broadcast
-        (``since`` None) carries the last one, which a site that is up to date links to."""
+    def records_for_snapshot(self, version: int, since: int | None, max_bytes: int) -> tuple[bytes, ...]:
+        """The records after ``since`` (a requester's version) towards ``version``, oldest first,
+        as many as fit ``max_bytes // SNAPSHOT_AUDIT_SHARE`` (at most MAX_RECORDS_PER_SNAPSHOT).
+        A site further behind extends its chain with them, refuses the snapshot (audit gap) and
+        asks again from its new head. A broadcast (``since`` None) carries the last record."""
         lo = version - 1 if since is None else max(0, since)
-        lo = max(lo, version - MAX_RECORDS_PER_SNAPSHOT)
-        return tuple(encode(r) for r in self.chain.records[lo:version])
+        out: list[bytes] = []
+        budget = max_bytes // SNAPSHOT_AUDIT_SHARE
+        for rec in self.chain.records[lo:version][:MAX_RECORDS_PER_SNAPSHOT]:
+            data = encode(rec)
+            if out and budget - len(data) < 0:
+                break
+            out.append(data)
+            budget -= len(data)
+        return tuple(out)

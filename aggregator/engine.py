@@ -508,7 +508,8 @@ class AggregatorEngine:
         """Every block of the current version, with the audit records a site needs to reach it
         (those after ``since``, the requester's version; the last one for a broadcast)."""
         return self._version_messages("snapshot", sorted(self._D_bytes), target_site=target_site,
-                                      audit=self.audit.records_for_snapshot(self.version, since))
+                                      audit=self.audit.records_for_snapshot(self.version, since,
+                                                                            self.settings.max_message_bytes))
 
     def drain_startup(self) -> list[Outgoing]:
         out, self.startup_outgoing = self.startup_outgoing, []

@@ -111,6 +111,9 @@ class VersionGuard:
             raise self.refuse(type(exc)(f"global version {head.version} ({head.mode}): {exc.detail}")) from None
         reach = new[-1].version if new else chain.head
         if reach < head.version:
+            if new:  # verified and linked: keep them, so the next snapshot continues from there
+                self.files[head.shard_index].append(new)
+                chain.extend(new)
             if not records:
                 raise self.refuse(AuditMissing(f"global version {head.version} ({head.mode}) carries no audit record"))
             raise self.refuse(AuditGap(f"global version {head.version} ({head.mode}): its audit records reach "

@@ -177,6 +177,10 @@ def test_site_refuses_bad_versions_and_audit_chains(setup, caplog) -> None:  # t
             "records 2..2 missing")  # a snapshot whose chain skips version 2
     refused([_resign(b, agg_key, audit=(rec3, rec2)) for b in s3], "audit-fork", "reordered chain")
     assert np.array_equal(state.global_sum, held)
+    # records that link but stop short of the snapshot's version: the chain keeps them (a site far
+    # behind catches up over several snapshots), the model does not move
+    refused([_resign(b, agg_key, audit=(rec2,)) for b in s3], "audit-gap", "reach version 2 only")
+    assert (agent.guard.chains[0].head, state.version) == (2, 1)
 
     send(deltas[2])
     site.wait(lambda: state.version == 2, "version 2 applied")
