@@ -71,7 +71,9 @@ class VersionGuard:
             chain = AuditChain(key, i, anchor_ok=True)
             chain.extend(f.read())  # a chain file that does not verify is refused at start-up
             self.chains.append(chain)
-        #: digests of the signatures of chunks already applied (replay detection), recent only
+        #: digests of the signatures of chunks applied by this process (replay detection). After a
+        #: restart a replay of the held version is merely "old" (ignored, not counted): nothing of
+        #: it is applied either way; only the label differs.
         self._applied: deque[bytes] = deque(maxlen=4096)
 
     @staticmethod
