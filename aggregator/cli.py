@@ -13,7 +13,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--state-dir")
     run.add_argument("--amqp-url")
     run.add_argument("--public-context", help="public CKKS context (refused if it holds a secret key)")
-    run.add_argument("--site-keys", dest="site_keys_dir", help="directory of pinned <site>.ed25519.pub files")
+    run.add_argument("--site-keys", dest="site_keys_dir", help="directory of pinned <site>.hybrid.pub files")
+    run.add_argument("--signing-key", help="the aggregator's own aggregator.hybrid key (fedmq keys aggregator)")
     run.add_argument("--mode", choices=("async", "sync"))
     run.add_argument("--buffer-size", type=int, help="K: updates per version (async)")
     run.add_argument("--metrics-port", type=int)
@@ -32,7 +33,8 @@ def run_settings(args: argparse.Namespace):  # noqa: ANN201 - imported lazily
 
     return load_settings(
         AggregatorSettings, args.config, state_dir=args.state_dir, amqp_url=args.amqp_url,
-        public_context=args.public_context, site_keys_dir=args.site_keys_dir, mode=args.mode,
+        public_context=args.public_context, site_keys_dir=args.site_keys_dir, signing_key=args.signing_key,
+        mode=args.mode,
         buffer_size=args.buffer_size, metrics_port=args.metrics_port, shard_index=args.shard_index,
         shard_count=args.shard_count,
     )

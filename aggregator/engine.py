@@ -26,6 +26,7 @@ import tenseal as ts
 
 from aggregator import checkpoint as cpmod
 from aggregator import fold as foldmod
+from aggregator.audit_log import AggregatorAudit
 from aggregator.metrics import AggregatorMetrics
 from aggregator.policy import Admission, Policy
 from aggregator.settings import AggregatorSettings
@@ -50,7 +51,7 @@ from shared.errors import (
     WireError,
 )
 from shared.schema import Contributor, EncryptedBlock, GlobalVersionChunk, Rejection, UpdateChunk
-from shared.signing import load_pinned_keys, verify_chunk
+from shared.signing import SigningKey, load_pinned_keys, load_private_key, sign_version, verify_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class AggregatorEngine:
         pinned: dict[str, Any] | None = None,
         metrics: AggregatorMetrics | None = None,
         crash_hook: CrashHook | None = None,
+        signing_key: SigningKey | None = None,
     ) -> None:
         self.settings = s = settings
         self.ctx = context or load_context(s.public_context, require_secret=False)
@@ -134,6 +136,9 @@ class AggregatorEngine:
         self._crash_hook = crash_hook
         self.state_dir = Path(s.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # every version, snapshot and audit record goes out signed with the aggregator's own key
+        self.signing_key = signing_key or load_private_key(s.signing_key)
+        self.audit = AggregatorAudit(self.state_dir, self.signing_key, s.shard_index, s.shard_count)
         self.policy = Policy(
             mode=s.mode, buffer_size=s.buffer_size, staleness_exponent=s.staleness_exponent,
             max_staleness=s.max_staleness, weight_quantum=s.weight_quantum,
@@ -204,6 +209,7 @@ class AggregatorEngine:
                 self._known.update(ids)
             self.sites = {k: dict(v) for k, v in cp.sites.items()}
             self.segment = cp.wal_segment
+        self.audit.recover(self.version)  # the chain, cut back to the checkpoint (audit_log.py)
         records, _, torn = read_records(self.state_dir / self.segment)
         if torn:
             logger.warning("WAL %s ends in a torn record (crash during a write); ignoring it", self.segment)
@@ -270,7 +276,7 @@ class AggregatorEngine:
             check_update_id(chunk)  # the id names its site: duplicate sets below are per (site, id)
             if chunk.site_id not in self.pinned:
                 raise UnknownSite(f"no pinned public key for site {chunk.site_id!r}")
-            verify_chunk(chunk, self.pinned)
+            digest = verify_chunk(chunk, self.pinned)  # SHA-512 of the signed payload, reused by the audit log
             if chunk.key_fingerprint != self.ctx.fingerprint:
                 raise KeyMismatch(f"key {chunk.key_fingerprint!r} is not the federation's {self.ctx.fingerprint!r}")
             if self.layout_fp is not None and chunk.layout_fingerprint != self.layout_fp:
@@ -326,7 +332,7 @@ class AggregatorEngine:
         record = {
             "t": "chunk", "body": bytes(body), "uid": chunk.update_id, "ci": chunk.chunk_index,
             "st": admission.staleness, "u": admission.weight_units, "user": user_id,
-            "redelivered": bool(redelivered), "at": time.time(),
+            "redelivered": bool(redelivered), "at": time.time(), "dg": digest,
         }
         self.wal.append(record)
         self.crash("after-wal")
@@ -378,6 +384,7 @@ class AggregatorEngine:
         except WireError as exc:
             return self._drop_pending(uid, exc)
         foldmod.fold_into(self.buffer, vectors, pend.admission.weight_units)
+        self.audit.note_update(uid, pend.records)
         self.metrics.fold_seconds.observe(time.perf_counter() - t0)
         self.metrics.updates_folded.inc()
         self.updates_folded_total += 1
@@ -437,6 +444,7 @@ class AggregatorEngine:
         old_segment, self.segment = self.segment, _segment_name(self.version)
         carried = [r for p in self.pending.values() for r in p.records] + list(carry)
         write_segment(self.state_dir / self.segment, carried)
+        self.audit.commit(self.version, contributors, self.sites)  # before the checkpoint (audit_log.py)
         self._write_checkpoint()
         self.crash("after-checkpoint")
         if not self._replaying:
@@ -447,7 +455,8 @@ class AggregatorEngine:
         self._update_gauges()
         logger.info("version %d committed: %d updates, %d blocks changed", self.version, len(ids), len(changed),
                     extra={"version": self.version})
-        out = self._version_messages("delta", changed, contributors=contributors)
+        out = self._version_messages("delta", changed, contributors=contributors,
+                                     audit=self.audit.records_for_delta(self.version))
         if self.settings.snapshot_every and self.version % self.settings.snapshot_every == 0:
             out += self.snapshot()
         if not self._replaying:
@@ -466,7 +475,7 @@ class AggregatorEngine:
 
     def _version_messages(
         self, mode: Literal["delta", "snapshot"], indices: list[int], *,
-        contributors: tuple[Contributor, ...] = (), target_site: str | None = None,
+        contributors: tuple[Contributor, ...] = (), target_site: str | None = None, audit: tuple[bytes, ...] = (),
     ) -> list[Outgoing]:
         if self.layout_fp is None or self.total_blocks is None:
             return []  # nothing folded yet: every party already has x_0
@@ -477,15 +486,19 @@ class AggregatorEngine:
             layout_fingerprint=self.layout_fp, shard_index=self.settings.shard_index,
             shard_count=self.settings.shard_count, version=self.version, mode=mode, value_scale=self.value_scale,
             target_site=target_site, contributors=contributors,
-            weight_units_sum=sum(c.weight_units for c in contributors), created_at=time.time(),
+            weight_units_sum=sum(c.weight_units for c in contributors), created_at=time.time(), audit=audit,
         )
-        chunks = chunk_blocks(template, blocks, self.settings.max_message_bytes)
+        chunks = [sign_version(c, self.signing_key) for c in chunk_blocks(template, blocks, self.settings.max_message_bytes)]
         if target_site is None:
             return [Outgoing(GLOBAL_EXCHANGE, "", encode(c), mode) for c in chunks]
         return [Outgoing(SITE_DIRECT_EXCHANGE, target_site, encode(c), mode) for c in chunks]
 
-    def snapshot(self, target_site: str | None = None) -> list[Outgoing]:
-        return self._version_messages("snapshot", sorted(self._D_bytes), target_site=target_site)
+    def snapshot(self, target_site: str | None = None, since: int | None = None) -> list[Outgoing]:
+        """Every block of the current version, with the audit records a site needs to reach it
+        (those after ``since``, the requester's version; the last one for a broadcast)."""
+        return self._version_messages("snapshot", sorted(self._D_bytes), target_site=target_site,
+                                      audit=self.audit.records_for_snapshot(self.version, since,
+                                                                            self.settings.max_message_bytes))
 
     def drain_startup(self) -> list[Outgoing]:
         out, self.startup_outgoing = self.startup_outgoing, []
@@ -509,7 +522,7 @@ class AggregatorEngine:
                         "shard's next periodic snapshot", req.shard_index, req.site_id, self.settings.shard_index)
             return Decision("accept", site_id=req.site_id), []
         logger.info("snapshot requested by %s (has %d, reason %s)", req.site_id, req.have_version, req.reason)
-        return Decision("accept", site_id=req.site_id), self.snapshot(target_site=req.site_id)
+        return Decision("accept", site_id=req.site_id), self.snapshot(target_site=req.site_id, since=req.have_version)
 
     def handle_site_metrics(self, body: bytes, *, user_id: str | None = None) -> Decision:
         try:

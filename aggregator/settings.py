@@ -13,8 +13,11 @@ from shared.settings import FedmqSettings
 class AggregatorSettings(FedmqSettings):
     #: public (evaluation-only) CKKS context; loading refuses a file holding a secret key
     public_context: Path = Path("keys/aggregator-public.ckks")
-    #: directory of pinned ``<site>.ed25519.pub`` files: the list of known sites
+    #: directory of pinned ``<site>.hybrid.pub`` files: the list of known sites
     site_keys_dir: Path = Path("keys/sites")
+    #: the aggregator's own hybrid signing key (``fedmq keys aggregator``): it signs every
+    #: version, snapshot and audit record; sites pin ``aggregator.hybrid.pub``
+    signing_key: Path = Path("keys/aggregator.hybrid")
     #: checkpoint, write-ahead log and status.json live here
     state_dir: Path = Path("state/aggregator")
     mode: Literal["async", "sync"] = "async"

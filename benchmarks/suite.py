@@ -144,6 +144,9 @@ def make_keys(root: Path, preset: str | None = None) -> Keys:
     secret = load_context(files.secret_context, require_secret=True)
     public = load_context(files.public_context, require_secret=False)
     (root / "site-keys").mkdir(parents=True, exist_ok=True)
+    from shared.signing import generate_aggregator_key
+
+    generate_aggregator_key(root / "keys")
     return Keys(root, secret, public, files.public_context, root / "site-keys")
 
 
@@ -168,7 +171,7 @@ def agg_settings(keys: Keys, state_dir: Path, **kw: Any):
 
     base: dict[str, Any] = dict(
         public_context=keys.public_path, site_keys_dir=keys.site_keys_dir, state_dir=state_dir,
-        check_user_id=False, log_json=False, snapshot_every=0, housekeeping_s=0.5, max_staleness=1000,
+        signing_key=keys.root / "keys" / "aggregator.hybrid", check_user_id=False, log_json=False, snapshot_every=0, housekeeping_s=0.5, max_staleness=1000,
         max_message_bytes=MAX_MESSAGE_BYTES,
     )
     base.update(kw)
@@ -457,7 +460,7 @@ def site_overhead(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, An
     import torch
 
     X, y = torch.from_numpy(X[:n]), torch.from_numpy(y[:n])
-    settings = SiteSettings(site_id="hospital-1", secret_context=tmp / "x", signing_key=tmp / "x", manifest=tmp / "x",
+    settings = SiteSettings(site_id="hospital-1", secret_context=tmp / "x", signing_key=tmp / "x", aggregator_public_key=tmp / "x", manifest=tmp / "x",
                             state_dir=tmp / "x", progress_bars=False)
     cfg = training_config(settings)
     keys = make_keys(tmp / "overhead")
@@ -586,6 +589,7 @@ def _spawn_shard(keys: Keys, url: str, state: Path, index: int, count: int, K: i
     state.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "aggregator", "--state-dir", str(state), "--amqp-url", url,
            "--public-context", str(keys.public_path), "--site-keys", str(keys.site_keys_dir),
+           "--signing-key", str(keys.root / "keys" / "aggregator.hybrid"),
            "--buffer-size", str(K), "--shard-index", str(index), "--shard-count", str(count)]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=open(state / "aggregator.log", "ab"), start_new_session=True)
@@ -719,7 +723,10 @@ def machine() -> dict[str, Any]:
             "memory_available_bytes": _mem_available()}
 
 
-SECTIONS = ("fold", "wire", "auc", "overhead", "scaling_sites", "scaling_model", "shards", "async_vs_sync")
+SECTIONS = ("fold", "wire", "auc", "overhead", "signatures", "scaling_sites", "scaling_model", "shards", "async_vs_sync")
+
+
+from benchmarks.signatures import signature_costs  # noqa: E402  (needs the helpers above)
 
 
 def run(sz: Sizes, *, tmp: Path | None = None, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -741,6 +748,7 @@ def run(sz: Sizes, *, tmp: Path | None = None, progress: Callable[[str], None] =
             ("wire", lambda: wire_bytes(sz, tmpdir)),
             ("auc", lambda: auc_table(sz, tmpdir, wire)),
             ("overhead", lambda: site_overhead(sz, urls, tmpdir)),
+            ("signatures", lambda: signature_costs(sz, tmpdir, result.get("site_overhead"))),
             ("scaling_sites", lambda: scaling_sites(sz, tmpdir)),
             ("scaling_model", lambda: scaling_model(sz, tmpdir)),
             ("shards", lambda: shard_speedup(sz, urls, tmpdir)),
@@ -784,6 +792,9 @@ def verdicts(r: dict[str, Any]) -> dict[str, Any]:
                                            "settings_meeting_goal": [(m["preset"], m["topk_fraction"]) for m in meeting]},
         "site_overhead_fraction": v(r.get("site_overhead_fraction"), lambda x: x <= 0.10),
         "shard_speedup_2": v(r.get("shard_speedup_2"), lambda x: x >= 1.7),
+        "audit_verify_100x3_s": v(r.get("audit_verify_100x3_s"), lambda x: x <= 1.0),
+        "hybrid_sign_verify_share_of_site_round": v(
+            (r.get("signatures") or {}).get("site_sign_plus_verify_share_of_training"), lambda x: x <= 0.05),
     }
 
 
@@ -823,6 +834,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"| two aggregator shards / one shard (processes, {r['machine']['cpus']} cores) | {_f(r.get('shard_speedup_2'))} "
         f"| >= 1.7 | {met('shard_speedup_2')} |",
         f"| time to target AUC, sync / async (one 4x straggler) | {_f(r.get('async_vs_sync_speedup'))} | (reported) | |",
+        f"| audit verify, 100 versions x 3 sites | {_f(r.get('audit_verify_100x3_s'))} s | <= 1 s | "
+        f"{met('audit_verify_100x3_s')} |",
+        f"| hybrid sign (update) + verify (version) / site training round | "
+        f"{_f((r.get('signatures') or {}).get('site_sign_plus_verify_share_of_training'))} | <= 0.05 | "
+        f"{met('hybrid_sign_verify_share_of_site_round')} |",
         "| ResNet-50 GPU training throughput | not measured: no GPU machine was lent | | |",
         "",
         "## Aggregator throughput (encrypted values per second)",
@@ -852,6 +868,25 @@ def markdown(r: dict[str, Any]) -> str:
                   f"small_cnn, {so['train_samples']} images, DP-SGD {'on' if so['dp_enabled'] else 'off'}, {so['sparsity']}: "
                   f"training {so['train_s']:.2f} s, sparsify+encrypt+sign {so['sparsify_encrypt_sign_s']:.3f} s, "
                   f"publish {so['publish_s']:.3f} s.", ""]
+    sg = r.get("signatures")
+    if sg:
+        lines += ["## Signatures (hybrid Ed25519 + ML-DSA-65) and the audit chain", "",
+                  f"Sizes: Ed25519 {sg['ed25519_signature_bytes']} B, ML-DSA-65 {sg['mldsa65_signature_bytes']} B, "
+                  f"hybrid (both, msgpack) {sg['hybrid_signature_bytes']} B per signed message; public keys "
+                  f"{sg['ed25519_public_key_bytes']} + {sg['mldsa65_public_key_bytes']} B.", "",
+                  "| operation | Ed25519 | ML-DSA-65 | hybrid |", "|---|---|---|---|",
+                  f"| sign / s | {_f(sg['ed25519_sign_per_s'])} | {_f(sg['mldsa65_sign_per_s'])} | {_f(sg['hybrid_sign_per_s'])} |",
+                  f"| verify / s | {_f(sg['ed25519_verify_per_s'])} | {_f(sg['mldsa65_verify_per_s'])} | "
+                  f"{_f(sg['hybrid_verify_per_s'])} |", "",
+                  f"Aggregator, one dense update of {sg['update_values']:,} values ({sg['update_bytes']:,} B, "
+                  f"{sg['update_chunks']} chunk(s)): hybrid verification {sg['aggregator_verify_update_s'] * 1e3:.1f} ms "
+                  f"(of which SHA-512 of the payload {sg['aggregator_hash_update_s'] * 1e3:.1f} ms; Ed25519 alone would be "
+                  f"{sg['aggregator_ed25519_only_verify_update_s'] * 1e3:.1f} ms) = "
+                  f"{_f(sg['hybrid_verify_share_of_engine'])} of the engine's {sg['aggregator_engine_update_s']:.3f} s "
+                  f"for that update; the ML-DSA half adds {_f(sg['hybrid_extra_vs_ed25519_share_of_engine'])}. "
+                  f"Site: signing the update {sg['site_sign_update_s'] * 1e3:.1f} ms. "
+                  f"Audit chain of 100 versions x 3 sites ({sg['audit_chain_bytes']:,} B) verified in "
+                  f"{sg['audit_verify_100x3_s']:.3f} s. {sg['note']}.", ""]
     ss = r.get("scaling_sites")
     if ss:
         lines += ["## Aggregator time per version vs number of sites", "",

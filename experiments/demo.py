@@ -85,6 +85,7 @@ def results_json(result: FederationResult, spec: FederationSpec) -> dict:
         "settings": json.loads(spec.model_dump_json(exclude={"workdir", "data_npz", "amqp_url"})),
         "data": {k: v for k, v in result.data_summary.items()},
         "history": [s.__dict__ for s in result.scores],
+        "audit": {k: v for k, v in result.audit.items() if k != "tables_markdown"},
     }
 
 
@@ -100,7 +101,8 @@ def write_report(result: FederationResult, spec: FederationSpec, out: Path) -> N
         f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `fedmq demo` ({sys.platform}, {os.cpu_count()} CPU cores).",
         "",
         "Every part is real: a RabbitMQ broker with one least-privilege user per party, the aggregator and",
-        "three site agents as separate OS processes, CKKS-encrypted sparse updates signed with Ed25519,",
+        "three site agents as separate OS processes, CKKS-encrypted sparse updates signed with hybrid Ed25519 +",
+        "ML-DSA-65 signatures, global versions signed by the aggregator and hash-chained in an audit log,",
         "Opacus DP-SGD at each hospital, images loaded through MONAI from DICOM (hospital 1), PNG",
         "(hospital 2) and NIfTI (hospital 3). The evaluator is a key holder (like a site), never the aggregator.",
         "",
@@ -147,9 +149,28 @@ def write_report(result: FederationResult, spec: FederationSpec, out: Path) -> N
             f"| {s.version} | {s.wall_s:.1f} | {s.val_auc:.3f} | {s.test_auc:.3f} | {s.test_accuracy:.3f} "
             f"| {s.ema_val_auc:.3f} | {s.ema_test_auc:.3f} |"
         )
+    lines += _audit_section(result.audit)
     if best is None:
         lines += ["", "No global version was published: see the logs under the work directory."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _audit_section(audit: dict) -> list[str]:
+    """The audit chain as a hospital holds it: who contributed what to each version, at what
+    privacy cost, every record checked against the aggregator's key (``fedmq audit verify``)."""
+    lines = ["", "## Audit chain", ""]
+    if not audit:
+        return lines + ["Not collected."]
+    if not audit.get("ok"):
+        return lines + [f"Verification FAILED at {audit.get('site')}: {audit.get('error')}"]
+    first, head = audit["versions"]
+    return lines + [
+        f"As held by {audit['site']}: versions {first}..{head}, every record's hybrid signature and hash link",
+        f"verified in {audit['verify_seconds']} s; head hash `{audit['head_hash'][:16]}`. Digest = the update's",
+        "ciphertext digest (a site proves inclusion with `fedmq audit prove`); epsilon = as the site last reported it.",
+        "",
+        audit["tables_markdown"],
+    ]
 
 
 def _f(x: float | None) -> str:

@@ -18,6 +18,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pika
@@ -30,10 +31,12 @@ from shared.ckks import LoadedContext
 from shared.codec import CONTENT_TYPE, decode_global_version, encode
 from shared.errors import WireError
 from shared.schema import SnapshotRequest
+from shared.signing import VerifyKey
 from site_agent.global_model import GlobalModelReceiver
 from site_agent.model_state import FederatedModel
 from site_agent.state import SiteState
 from site_agent.training import evaluate, predict_proba
+from site_agent.version_guard import VersionGuard
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,10 @@ class Evaluator:
     model: FederatedModel
     val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
+    #: the aggregator's public key and a directory for the evaluator's verified audit chain:
+    #: the evaluator checks versions exactly as a site does (site_agent/version_guard.py)
+    aggregator_key: VerifyKey
+    audit_dir: Path
     started: float = field(default_factory=time.monotonic)
     scores: list[VersionScore] = field(default_factory=list)
     bytes_received: int = 0
@@ -90,7 +97,8 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         self.state = SiteState(EVALUATOR_ID, self.ctx.fingerprint, self.model.layout.fingerprint)
-        self.receiver = GlobalModelReceiver(self.state, self.ctx, self.model.layout.fingerprint, self.model.layout.size)
+        self.receiver = GlobalModelReceiver(self.state, self.ctx, self.model.layout.fingerprint, self.model.layout.size,
+                                            guard=VersionGuard(self.aggregator_key, self.audit_dir))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()

@@ -657,9 +657,10 @@ class FuzzKit:
     @classmethod
     def create(cls, root: Path, n_params: int = 3 * 2048 + 100, site: str = "alpha") -> "FuzzKit":
         from shared.ckks import init_keys, load_context
-        from shared.signing import generate_site_key, load_private_key, private_key_path
+        from shared.signing import generate_aggregator_key, generate_site_key, load_private_key, private_key_path
 
         keys = init_keys(root / "keys")
+        generate_aggregator_key(root / "keys")
         generate_site_key(root / "site-keys", site)
         secret = load_context(keys.secret_context, require_secret=True)
         return cls(root, secret, keys.public_context, root / "site-keys", site,
@@ -669,6 +670,7 @@ class FuzzKit:
         from aggregator.settings import AggregatorSettings
 
         base: dict[str, Any] = dict(public_context=self.public_path, site_keys_dir=self.site_keys_dir, state_dir=state_dir,
+                                    signing_key=self.root / "keys" / "aggregator.hybrid",
                                     check_user_id=False, log_json=False, buffer_size=1, housekeeping_s=0.2,
                                     incomplete_timeout_s=30.0, snapshot_every=0, max_message_bytes=256 * 1024,
                                     staleness_exponent=0.0, max_staleness=10_000)

@@ -31,7 +31,8 @@ from broker.local_node import LocalRabbitNode
 from broker.definitions import definitions, write_definitions
 from broker.provision import AGGREGATOR_USER, plan
 from shared.ckks import init_keys, load_context
-from shared.signing import generate_site_key
+from shared.errors import FedmqError
+from shared.signing import generate_aggregator_key, generate_site_key, load_public_key, private_key_path
 from site_agent.data import load_official_split, prepare_demo_data
 from site_agent.model_state import FederatedModel
 
@@ -94,6 +95,8 @@ class FederationResult:
     stop_reason: str
     data_summary: dict
     aggregator_status: dict = field(default_factory=dict)
+    #: the audit chain as one hospital holds it, verified offline (``audit_summary``)
+    audit: dict = field(default_factory=dict)
 
     @property
     def best(self) -> VersionScore | None:
@@ -163,6 +166,8 @@ class Federation:
         for site in self.sites:
             priv, pub = generate_site_key(self.dir / "keys", site)
             shutil.copy(pub, self.dir / "keys" / "sites" / pub.name)
+        # the aggregator's own key: it signs versions, snapshots and audit records
+        self.aggregator_key, self.aggregator_pub = generate_aggregator_key(self.dir / "keys")
         self._broker()
         self._write_configs()
 
@@ -211,6 +216,7 @@ class Federation:
             "amqp_url": self.urls[AGGREGATOR_USER],
             "public_context": self.keys.public_context,
             "site_keys_dir": self.dir / "keys" / "sites",
+            "signing_key": self.aggregator_key,
             "state_dir": self.dir / "state" / "aggregator",
             "mode": s.mode,
             "buffer_size": s.buffer_size if s.mode == "async" else s.n_sites,
@@ -226,7 +232,8 @@ class Federation:
                 "amqp_url": self.urls[site],
                 "site_id": site,
                 "secret_context": self.keys.secret_context,
-                "signing_key": self.dir / "keys" / f"{site}.ed25519",
+                "signing_key": private_key_path(self.dir / "keys", site),
+                "aggregator_public_key": self.aggregator_pub,
                 "manifest": self.dir / "data" / site / "manifest.csv",
                 "state_dir": self.dir / "state" / site,
                 "dp_enabled": s.dp_enabled,
@@ -255,7 +262,8 @@ class Federation:
         model = FederatedModel.create(s.training.model_preset, 0)
         val = load_official_split(s.data_npz, "val")
         test = load_official_split(s.data_npz, "test")
-        self.evaluator = Evaluator(self.urls[EVALUATOR_ID], ctx, model, _tensors(val), _tensors(test))
+        self.evaluator = Evaluator(self.urls[EVALUATOR_ID], ctx, model, _tensors(val), _tensors(test),
+                                   load_public_key(self.aggregator_pub), self.dir / "state" / EVALUATOR_ID)
         self.evaluator.start()
         self._stack.callback(self.evaluator.stop)
         self.progress(f"starting the aggregator ({s.mode}) and {len(self.sites)} site agents as separate processes")
@@ -366,7 +374,26 @@ class Federation:
             stop_reason=reason,
             data_summary=self.summary,
             aggregator_status=status,
+            audit=self.audit_summary(self.sites[0]),
         )
+
+    def audit_summary(self, site: str) -> dict:
+        """Verify the audit chain ``site`` kept, as ``fedmq audit verify`` does: versions covered,
+        head hash, seconds, and the per-site tables (markdown) for the report."""
+        from shared.audit import chain_file, load_chain
+        from shared.audit_cli import tables
+
+        path = chain_file(self.dir / "state" / site)
+        if not path.exists():
+            return {"site": site, "ok": False, "error": f"no audit chain at {path}"}
+        t = time.perf_counter()
+        try:
+            chain = load_chain(path, load_public_key(self.aggregator_pub), anchor_ok=True)
+        except FedmqError as exc:
+            return {"site": site, "ok": False, "error": str(exc)}
+        return {"site": site, "ok": True, "versions": [chain.base + 1, chain.head], "head_hash": chain.head_hash,
+                "verify_seconds": round(time.perf_counter() - t, 4),
+                "tables_markdown": tables(chain.records, markdown=True)}
 
     def close(self) -> None:
         self._terminate()

@@ -385,14 +385,13 @@ class _Crypto:
     """Keys for one simulated federation: sites hold the secret context, the aggregator the public one."""
 
     def __init__(self, preset: str, tmp: Path, site_names: Sequence[str]) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
         from shared.ckks import init_keys, load_context
+        from shared.signing import new_signing_key
 
         files = init_keys(tmp / "keys", preset)
         self.secret = load_context(files.secret_context, require_secret=True)
         self.public = load_context(files.public_context, require_secret=False)
-        self.signing = {n: Ed25519PrivateKey.generate() for n in site_names}
+        self.signing = {n: new_signing_key() for n in site_names}
         self.pinned = {n: k.public_key() for n, k in self.signing.items()}
 
 

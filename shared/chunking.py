@@ -19,7 +19,9 @@ C = TypeVar("C", bound=ChunkedMessage)
 
 #: msgpack framing per block (map header, keys, bin header) plus the signature, rounded up.
 _PER_BLOCK_OVERHEAD = 48
-_HEADER_MARGIN = 256
+#: header framing, plus room for the hybrid Ed25519 + ML-DSA-65 signature (shared.signing,
+#: at most 4 KiB) that is added after chunking
+_HEADER_MARGIN = 256 + 4096
 _PER_CHUNK_EXCLUDED = {"chunk_index", "blocks", "signature"}
 
 

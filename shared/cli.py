@@ -15,7 +15,8 @@ from shared.errors import FedmqError
 
 GROUPS: tuple[tuple[str, str, str], ...] = (
     ("broker", "broker.cli", "broker topology, users and permissions, a private local node"),
-    ("keys", "shared.keys_cli", "create CKKS contexts and site signing keys"),
+    ("keys", "shared.keys_cli", "create CKKS contexts and site and aggregator signing keys"),
+    ("audit", "shared.audit_cli", "verify a federation's audit chain offline; prove an update's inclusion"),
     ("aggregator", "aggregator.cli", "the central consumer that folds encrypted updates"),
     ("site", "site_agent.cli", "the hospital site agent and its data tools"),
     ("status", "aggregator.status_cli", "the federation at a glance"),

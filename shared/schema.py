@@ -136,6 +136,13 @@ class GlobalVersionChunk(ChunkedMessage):
     contributors: tuple[Contributor, ...] = ()
     weight_units_sum: Annotated[int, Field(ge=0)] = 0
     created_at: float
+    #: issue 15/16 additions, kept apart from the fold fields above. ``audit``: the encoded,
+    #: aggregator-signed ``AuditRecord``s a site needs to extend its chain to this version
+    #: (a delta: the record of ``version``; a snapshot: the records since the requester's
+    #: version, or the last one). ``signature``: the aggregator's hybrid signature of this
+    #: chunk (shared.signing); sites refuse a chunk without one.
+    audit: tuple[Annotated[bytes, Field(min_length=1, max_length=64 * 1024)], ...] = ()
+    signature: bytes = b""
 
     _check_scale = field_validator("value_scale", "created_at")(_finite)
 
@@ -177,6 +184,57 @@ class SiteMetrics(WireModel):
     timestamp: float
 
 
+HexDigest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class AuditContribution(BaseModel):
+    """One update folded into a version: who, which update, which ciphertext, with what weight."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    site_id: SiteId
+    update_id: UpdateId
+    #: sha256 over the update's (block index, ciphertext) pairs (shared.audit.update_digest):
+    #: the site computes the same digest from what it sent, so it can prove inclusion.
+    ciphertext_digest: HexDigest
+    base_version: Version
+    staleness: Annotated[int, Field(ge=0)]
+    weight_units: Annotated[int, Field(ge=1)]
+
+
+class AuditEpsilon(BaseModel):
+    """A site's privacy spend as it last reported it (its plaintext metrics message)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    site_id: SiteId
+    epsilon_spent: Annotated[float, Field(ge=0)]
+    epsilon_target: float | None = None
+    #: the version the site had evaluated when it reported
+    reported_at_version: Version
+
+
+class AuditRecord(WireModel):
+    """One link of the aggregator's hash-chained audit log: what went into ``version``.
+
+    ``prev_hash`` is the sha256 of the previous record's full encoding (signature included),
+    or ``shared.audit.GENESIS_HASH`` for version 1. Signed by the aggregator (shared.signing,
+    domain ``audit-record``) over the encoding with an empty ``signature``.
+    """
+
+    kind: Literal["audit-record"] = "audit-record"
+    version: Annotated[int, Field(ge=1)]
+    shard_index: ShardIndex = 0
+    prev_hash: HexDigest
+    #: fingerprint of the aggregator's public key (shared.signing.VerifyKey.fingerprint)
+    signer: Annotated[str, Field(min_length=8, max_length=64)]
+    contributions: tuple[AuditContribution, ...]
+    epsilons: tuple[AuditEpsilon, ...] = ()
+    weight_units_sum: Annotated[int, Field(ge=0)]
+    created_at: float
+    signature: bytes = b""
+
+    _check_created = field_validator("created_at")(_finite)
+
+
 Message = Union[UpdateChunk, GlobalVersionChunk, SnapshotRequest, Rejection, SiteMetrics]
 MESSAGE_TYPES: dict[str, type[WireModel]] = {
     "update-chunk": UpdateChunk,
@@ -184,4 +242,5 @@ MESSAGE_TYPES: dict[str, type[WireModel]] = {
     "snapshot-request": SnapshotRequest,
     "rejection": Rejection,
     "site-metrics": SiteMetrics,
+    "audit-record": AuditRecord,
 }

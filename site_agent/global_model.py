@@ -25,6 +25,7 @@ from shared.errors import KeyMismatch, LayoutMismatch
 from shared.schema import GlobalVersionChunk
 from site_agent.model_state import model_vector
 from site_agent.state import SiteState
+from site_agent.version_guard import VersionGuard
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,11 @@ class ShardMismatch(LayoutMismatch):
 class GlobalModelReceiver:
     def __init__(
         self, state: SiteState, ctx: LoadedContext, layout_fingerprint: str, model_size: int, shard_count: int = 1,
+        *, guard: VersionGuard,
     ) -> None:
         self.state = state
+        #: signatures, rollback/replay and the audit chain (site_agent/version_guard.py)
+        self.guard = guard
         self.ctx = ctx
         self.layout_fingerprint = layout_fingerprint
         self.model_size = model_size
@@ -84,6 +88,7 @@ class GlobalModelReceiver:
     def offer(self, chunk: GlobalVersionChunk) -> ApplyResult:
         """Feed one chunk; returns what happened once its version is complete."""
         shard = chunk.shard_index
+        self.guard.check_signature(chunk)
         if chunk.target_site is not None and chunk.target_site != self.state.site_id:
             return ApplyResult("not-for-us", self.shard_version(0), chunk.version, shard)
         if chunk.key_fingerprint != self.ctx.fingerprint:
@@ -94,7 +99,7 @@ class GlobalModelReceiver:
             raise ShardMismatch(f"global version from a {chunk.shard_count}-shard aggregator; "
                                 f"this site expects {self.shard_count} shard(s)")
         held = self.shard_version(shard)
-        if chunk.version <= held:
+        if not self.guard.check_not_old(chunk, held):
             # Nothing newer; still consume the chunks so a partial set never lingers.
             self.assembler.discard(version_key(chunk))
             return ApplyResult("old", held, chunk.version, shard)
@@ -109,6 +114,7 @@ class GlobalModelReceiver:
         held = self.shard_version(shard)
         if head.mode == "delta" and head.version != held + 1:
             return ApplyResult("gap", held, head.version, shard)
+        new_records = self.guard.check_audit(head)
         block = head.block_size
         size = head.total_blocks * block
         if self.state.global_sum.size != size:
@@ -125,6 +131,7 @@ class GlobalModelReceiver:
             target[lo * block : hi * block] = 0.0
         for b in done.blocks:
             target[b.index * block : (b.index + 1) * block] = decrypt_block(self.ctx, b.ciphertext)[:block]
+        self.guard.commit(head, new_records, done.chunks)
         self.state.global_sum = target
         if self.shard_count == 1:
             self.state.version = head.version

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from torch import nn
 
+from shared.audit import record_own_updates
 from shared.ckks import LoadedContext, load_context
 from shared.codec import encode_update_chunk
 from shared.errors import ConfigError
@@ -181,6 +182,7 @@ class SiteRuntime:
             shard_base_versions=shard_versions,
         )
         encoded = [encode_update_chunk(c) for c in built.chunks]
+        record_own_updates(self.store.dir, built.chunks)  # ciphertext digests, for proofs of inclusion
         if self.update_built_hook is not None:
             self.update_built_hook(self, seq, delta, base_version, float(result.n_samples))
         with self._lock:

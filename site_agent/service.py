@@ -24,10 +24,12 @@ from broker.connection import Backoff, connect, username_of
 from shared.codec import CONTENT_TYPE, decode_global_version, encode
 from shared.errors import FedmqError, WireError
 from shared.schema import SiteMetrics, SnapshotRequest
+from shared.signing import load_public_key
 from site_agent.global_model import GlobalModelReceiver
 from site_agent.runtime import SiteRuntime
 from site_agent.settings import SiteSettings
 from site_agent.update_builder import shard_of_encoded
+from site_agent.version_guard import AuditGap, SiteVersionMetrics, VersionGuard
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,10 @@ class SiteAgent:
     ) -> None:
         self.settings = settings
         self.rt = runtime or SiteRuntime.open(settings)
+        self.guard = VersionGuard(load_public_key(settings.aggregator_public_key), settings.state_dir, settings.shard_count)
+        self.version_metrics = SiteVersionMetrics()
         self.receiver = GlobalModelReceiver(self.rt.state, self.rt.ctx, self.rt.layout.fingerprint, self.rt.layout.size,
-                                            shard_count=settings.shard_count)
+                                            shard_count=settings.shard_count, guard=self.guard)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._conn: pika.BlockingConnection | None = None
@@ -67,6 +71,7 @@ class SiteAgent:
     def run(self) -> None:
         """Connect, consume and train until stopped; reconnects with backoff after broker loss."""
         logger.info("site agent starting", extra={"site": self.settings.site_id, "version": self.rt.state.version})
+        self.version_metrics.serve(self.settings.metrics_port)
         while not self._stop.is_set():
             try:
                 self._run_connected()
@@ -120,12 +125,22 @@ class SiteAgent:
 
     # -- global versions -----------------------------------------------------------------
     def _on_global_message(self, ch: Any, method: Any, properties: Any, body: bytes) -> None:
+        chunk = None
         try:
             chunk = decode_global_version(body, max_bytes=self.settings.max_message_bytes)
             result = self.receiver.offer(chunk)
         except WireError as exc:
-            logger.error("refused a global-version message", extra={"reason": exc.reason, "detail": exc.detail})
+            # nothing was applied: the site keeps its last good model
+            logger.error("refused a global-version message: %s: %s", exc.reason, exc.detail,
+                         extra={"reason": exc.reason, "detail": exc.detail})
+            self.version_metrics.refuse(exc.reason)
             ch.basic_ack(method.delivery_tag)
+            if isinstance(exc, AuditGap):  # records missing: ask for a snapshot with them, once
+                shard = getattr(chunk, "shard_index", 0)
+                have = self.guard.chains[shard].head
+                if self._snapshot_requested_for.get(shard) != have:
+                    self._request_snapshot(have, f"audit gap: {exc.detail}"[:200], shard)
+                    self._snapshot_requested_for[shard] = have
             return
         if result.outcome == "applied":
             self._last_progress = time.monotonic()
@@ -165,6 +180,8 @@ class SiteAgent:
     def _maybe_train(self, same_version_ok: bool = False) -> None:
         if self._stop.is_set() or (self._worker is not None and self._worker.is_alive()):
             return
+        if self.rt.train is None:
+            return  # opened without data (an observer): follows versions, never trains
         if self.rt.state.pending is not None:
             return
         if self.rt.state.last_trained_base >= self.rt.state.version and not same_version_ok:

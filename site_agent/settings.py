@@ -14,6 +14,9 @@ class SiteSettings(FedmqSettings):
     site_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     secret_context: Path
     signing_key: Path
+    #: the aggregator's public signing key (``aggregator.hybrid.pub``): the site's trust anchor.
+    #: Versions, snapshots and audit records not signed by it are refused.
+    aggregator_public_key: Path
     manifest: Path
     state_dir: Path
     #: federation-wide: every site must use the same preset and seed (x_0 is built from them)
@@ -49,5 +52,7 @@ class SiteSettings(FedmqSettings):
     #: done or down), and a site that only waited would stall the federation.
     retrain_after_s: float = Field(60.0, gt=0)
     progress_bars: bool = True
+    #: prometheus port for the site's refusal counters (fedmq_site_versions_refused_total); 0 = off
+    metrics_port: int = Field(0, ge=0, le=65535)
     train_split: Literal["train"] = "train"
     val_split: Literal["val"] = "val"

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import msgpack
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.chunking import chunk_blocks
 from shared.ckks import LoadedContext, encrypt_block
 from shared.schema import EncryptedBlock, UpdateChunk
-from shared.signing import sign_chunk
+from shared.signing import SigningKey, sign_chunk
 from shared.sparsify import SparsityMode, sparsify
 from shared.update_ids import shard_update_id
 from shared.update_ids import update_id as make_update_id
@@ -85,7 +84,7 @@ def build_update(
     identity: UpdateIdentity,
     ctx: LoadedContext,
     layout_fingerprint: str,
-    signing_key: Ed25519PrivateKey,
+    signing_key: SigningKey,
     *,
     mode: SparsityMode = "topk",
     fraction: float = 0.5,

@@ -20,7 +20,9 @@ from aggregator.settings import AggregatorSettings
 from shared.ckks import LoadedContext, decrypt_block, init_keys, load_context
 from shared.codec import decode_global_version, encode_update_chunk
 from shared.schema import GlobalVersionChunk
-from shared.signing import generate_site_key, load_private_key, private_key_path
+from shared.signing import (
+    AGGREGATOR_KEY_NAME, generate_aggregator_key, generate_site_key, load_private_key, private_key_path,
+)
 from site_agent.update_builder import UpdateIdentity, build_update
 
 LAYOUT_FP = "layout-test-0000000000000001"
@@ -46,6 +48,7 @@ class Federation:
     def settings(self, state_dir: Path | str | None = None, **overrides: Any) -> AggregatorSettings:
         base: dict[str, Any] = dict(
             public_context=self.public_path, site_keys_dir=self.site_keys_dir,
+            signing_key=private_key_path(self.keys_dir, AGGREGATOR_KEY_NAME),
             state_dir=Path(state_dir) if state_dir else self.root / "state", check_user_id=False,
             log_json=False, buffer_size=3, incomplete_timeout_s=30.0, housekeeping_s=0.2,
             snapshot_every=0, max_message_bytes=256 * 1024,
@@ -77,6 +80,7 @@ class Federation:
 
 def make_federation(root: Path, sites: tuple[str, ...] = SITES, n_params: int = 3 * SLOTS + 100) -> Federation:
     keys = init_keys(root / "keys")
+    generate_aggregator_key(root / "keys")
     site_keys = root / "site-keys"
     signing = {}
     for s in sites:

@@ -28,7 +28,8 @@ def _start(fed, state: Path, url: str, crash: str | None) -> subprocess.Popen:
         FEDMQ_MAX_STALENESS="1000", FEDMQ_HOUSEKEEPING_S="0.2", FEDMQ_PREFETCH="4",
     )
     run = ["aggregator", "run", "--state-dir", str(state), "--amqp-url", url,
-           "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir), "--buffer-size", "3"]
+           "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir), "--buffer-size", "3",
+           "--signing-key", str(fed.keys_dir / "aggregator.hybrid")]
     # the crash point is a hook the launcher injects; the product itself has no way to crash on purpose
     cmd = [sys.executable, "-m", "tests.launcher", "--crash-at", crash, "--", *run] if crash else [sys.executable, "-m", "shared.cli", *run]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(state.parent / "agg.log", "ab"))

@@ -68,6 +68,28 @@ def case_bad_signature(fed, ctx):
     return [encode_update_chunk(forged)], "bad-signature"
 
 
+def _strip_half(fed, ctx, half):
+    chunk = decode_update_chunk(_good(fed, ctx, 1)[0])
+    sig = msgpack.unpackb(chunk.signature, raw=False)
+    del sig[half]  # the other half stays valid: a downgrade attempt
+    return [encode_update_chunk(chunk.model_copy(update={"signature": msgpack.packb(sig, use_bin_type=True)}))]
+
+
+def case_mldsa_missing(fed, ctx):
+    return _strip_half(fed, ctx, "ml-dsa-65"), "bad-signature"
+
+
+def case_ed25519_missing(fed, ctx):
+    return _strip_half(fed, ctx, "ed25519"), "bad-signature"
+
+
+def case_wrong_key(fed, ctx):
+    from shared.signing import sign_chunk
+
+    chunk = decode_update_chunk(_good(fed, ctx, 1)[0])
+    return [encode_update_chunk(sign_chunk(chunk, fed.signing["charlie"]))], "bad-signature"  # charlie's key
+
+
 def case_future_version(fed, ctx):
     return _good(fed, ctx, 1, base=ctx["agg"].engine.version + 7)[:1], "future-version"
 
@@ -104,9 +126,15 @@ def case_incomplete(fed, ctx):
 
 CASES = {f.__name__.removeprefix("case_"): f for f in (
     case_undecodable, case_oversize, case_schema_version, case_key_fingerprint, case_layout_fingerprint,
-    case_unknown_site, case_bad_signature, case_future_version, case_too_stale, case_duplicate, case_replay,
+    case_unknown_site, case_bad_signature, case_mldsa_missing, case_ed25519_missing, case_wrong_key,
+    case_future_version, case_too_stale, case_duplicate, case_replay,
     case_incomplete,
 )}
+
+
+#: the refusal names which half of the hybrid signature failed
+DETAILS = {"mldsa_missing": "ML-DSA-65 signature missing", "ed25519_missing": "Ed25519 signature missing",
+           "wrong_key": "Ed25519 signature does not verify"}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +178,8 @@ def test_bad_input_is_dead_lettered_with_reason(case, fed, running):
     headers, body = dead[0]
     assert headers["x-fedmq-reason"] == reason, headers
     assert headers["x-fedmq-detail"]
+    if case in DETAILS:
+        assert DETAILS[case] in str(headers["x-fedmq-detail"]), headers
     if reason == "incomplete":
         assert decode_rejection(body).update_id == f"{_site(ctx)}:1"
     else:  # the original headers and (the first KiB of) its bytes travel with the reason

@@ -21,7 +21,9 @@ from integration.aggregator_helpers import (
 )
 from shared.codec import decode_global_version, decode_update_chunk, encode_snapshot_request, encode_update_chunk
 from shared.schema import SnapshotRequest, UpdateChunk
+from shared.signing import AGGREGATOR_KEY_NAME, load_public_key, public_key_path
 from site_agent.global_model import GlobalModelReceiver
+from site_agent.version_guard import VersionGuard
 from site_agent.state import SiteState, SiteStateStore
 from site_agent.update_builder import ShardedVersion, UpdateIdentity, build_update, shard_of_encoded
 
@@ -125,7 +127,10 @@ def test_two_shards_fold_to_the_plaintext_replay(tmp_path, amqp_url):
     ]
     listener = RawGlobalListener(amqp_url, site="alpha")
     state = SiteState("alpha", fed.secret.fingerprint, LAYOUT_FP)
-    receiver = GlobalModelReceiver(state, fed.secret, LAYOUT_FP, fed.n_params, shard_count=N_SHARDS)
+    # one audit chain per shard, each checked against the aggregator key the shards share
+    guard = VersionGuard(load_public_key(public_key_path(fed.keys_dir, AGGREGATOR_KEY_NAME)), tmp_path / "site",
+                         shard_count=N_SHARDS)
+    receiver = GlobalModelReceiver(state, fed.secret, LAYOUT_FP, fed.n_params, shard_count=N_SHARDS, guard=guard)
     rng = np.random.default_rng(5)
     weight = {"alpha": 1.0, "bravo": 2.0, "charlie": 0.5}
     sent_by_uid: dict[str, dict[int, np.ndarray]] = {}
@@ -164,6 +169,7 @@ def test_two_shards_fold_to_the_plaintext_replay(tmp_path, amqp_url):
                     pump()
                 assert receiver.versions() == (rnd + 1, rnd + 1), receiver.versions()
             assert state.version == 6
+            assert [c.head for c in guard.chains] == [3, 3]
             assert agg0.engine.version == agg1.engine.version == 3
 
             # each shard holds only its own blocks and folded only its own sub-updates

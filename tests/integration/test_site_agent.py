@@ -85,6 +85,15 @@ def test_three_sites_end_with_identical_global_model(tmp_path: Path, small_npz: 
         # The model moved: three short rounds on 600 images make no accuracy promise worth a
         # flaky threshold (learning is measured by the demo and the reproduction, not here).
         assert len({round(sc.val_auc, 6) for sc in scores}) > 1
+        # every site holds the same verified audit chain: 3 records, each folding one update per site
+        from experiments.demo import _audit_section
+
+        summaries = [fed.audit_summary(s) for s in fed.sites]
+        assert all(a["ok"] and a["versions"] == [1, 3] for a in summaries), summaries
+        assert len({a["head_hash"] for a in summaries}) == 1
+        report = "\n".join(_audit_section(summaries[0]))
+        for s in fed.sites:
+            assert all(f"{s}:{seq}" in report for seq in (1, 2, 3)), report
 
 
 def test_site_killed_mid_round_resumes_and_keeps_its_budget(tmp_path: Path, small_npz: Path, amqp_url: str) -> None:

@@ -86,3 +86,17 @@ def test_broker_sections_keys(tmp_path, amqp_url):
         assert fold[key] > 0
     shards = suite.shard_speedup(TINY, urls, tmp_path)
     assert shards["shard_speedup_2"] > 0 and len(shards["shard_workload"]["two_shards_seconds"]) == TINY.repeats
+
+
+def test_signatures_section_keys(tmp_path):
+    """Signature sizes and rates, the aggregator's verification share, the 100 x 3 audit chain."""
+    out = suite.signature_costs(TINY, tmp_path, {"train_s": 2.0})
+    sg = out["signatures"]
+    assert (sg["ed25519_signature_bytes"], sg["mldsa65_signature_bytes"]) == (64, 3309)
+    assert sg["hybrid_signature_bytes"] > 64 + 3309 and sg["mldsa65_public_key_bytes"] == 1952
+    for key in ("ed25519_sign_per_s", "mldsa65_sign_per_s", "hybrid_sign_per_s", "hybrid_verify_per_s"):
+        assert sg[key] > 0
+    assert 0 < sg["hybrid_verify_share_of_engine"] and sg["site_sign_plus_verify_share_of_training"] > 0
+    assert out["audit_verify_100x3_s"] > 0 and sg["audit_chain_bytes"] > 100 * sg["hybrid_signature_bytes"]
+    md = suite.markdown({**out, "machine": suite.machine(), "verdicts": suite.verdicts(out)})
+    assert "hybrid Ed25519 + ML-DSA-65" in md and "audit verify, 100 versions x 3 sites" in md

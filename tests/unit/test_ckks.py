@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tenseal as ts
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import ckks
 from shared.chunking import ChunkAssembler
@@ -28,7 +27,7 @@ from shared.ckks import (
 )
 from shared.codec import decode_update_chunk, encode
 from shared.errors import CryptoError, SecretKeyPresentError
-from shared.signing import verify_chunk
+from shared.signing import new_signing_key, verify_chunk
 from shared.sparsify import densify
 
 #: HomomorphicEncryption.org standard, 128-bit classical security, ternary secret
@@ -181,7 +180,7 @@ def test_update_builder_end_to_end(tmp_path: Path) -> None:
     files = init_keys(tmp_path)
     secret = load_context(files.secret_context, require_secret=True)
     public = load_context(files.public_context, require_secret=False)
-    key = Ed25519PrivateKey.generate()
+    key = new_signing_key()
     rng = np.random.default_rng(5)
     size, slots = 10 * 2048 + 77, secret.preset.slots
     delta = rng.uniform(-0.5, 0.5, size) * np.repeat(rng.uniform(0, 1, 11), slots)[:size]

@@ -65,10 +65,18 @@ def test_keys_init_with_preset(tmp_path: Path) -> None:
 
 def test_keys_site(tmp_path: Path) -> None:
     assert main(["keys", "site", "--site-id", "site-a", "--out", str(tmp_path)]) == 0
-    load_private_key(tmp_path / "site-a.ed25519")
-    load_public_key(tmp_path / "site-a.ed25519.pub")
+    load_private_key(tmp_path / "site-a.hybrid")
+    load_public_key(tmp_path / "site-a.hybrid.pub")
     assert main(["keys", "site", "--site-id", "site-a", "--out", str(tmp_path)]) == 2
     assert main(["keys", "site", "--site-id", "Not Valid", "--out", str(tmp_path)]) == 2
+
+
+def test_keys_aggregator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "aggregator", "--out", str(tmp_path)]) == 0
+    key = load_private_key(tmp_path / "aggregator.hybrid")
+    pub = load_public_key(tmp_path / "aggregator.hybrid.pub")
+    assert pub.fingerprint == key.public_key().fingerprint and pub.fingerprint in capsys.readouterr().out
+    assert main(["keys", "aggregator", "--out", str(tmp_path)]) == 2  # never overwritten
 
 
 def test_parser_has_the_keys_group() -> None:

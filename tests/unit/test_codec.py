@@ -19,6 +19,9 @@ from shared.errors import (
 )
 from shared.schema import (
     MESSAGE_TYPES,
+    AuditContribution,
+    AuditEpsilon,
+    AuditRecord,
     Contributor,
     EncryptedBlock,
     GlobalVersionChunk,
@@ -118,6 +121,24 @@ site_metrics = st.builds(
     updates_sent=st.integers(0, 10**6),
     timestamp=finite,
 )
+hex_digests = st.binary(min_size=32, max_size=32).map(bytes.hex)
+audit_records = st.builds(
+    AuditRecord,
+    version=st.integers(1, 2**40),
+    prev_hash=hex_digests,
+    signer=st.just("0123456789abcdef"),
+    contributions=st.lists(st.builds(
+        AuditContribution, site_id=site_ids, update_id=st.just("site-a:1"), ciphertext_digest=hex_digests,
+        base_version=versions, staleness=st.integers(0, 100), weight_units=st.integers(1, 1 << 20),
+    ), max_size=4).map(tuple),
+    epsilons=st.lists(st.builds(
+        AuditEpsilon, site_id=site_ids, epsilon_spent=st.floats(0, 100),
+        epsilon_target=st.none() | st.floats(0, 100), reported_at_version=versions,
+    ), max_size=4).map(tuple),
+    weight_units_sum=st.integers(0, 1 << 30),
+    created_at=finite,
+    signature=st.binary(max_size=64),
+)
 
 ALL_MESSAGES = {
     "update-chunk": (update_chunks(), codec.encode_update_chunk, codec.decode_update_chunk),
@@ -125,6 +146,8 @@ ALL_MESSAGES = {
     "snapshot-request": (snapshot_requests, codec.encode_snapshot_request, codec.decode_snapshot_request),
     "rejection": (rejections, codec.encode_rejection, codec.decode_rejection),
     "site-metrics": (site_metrics, codec.encode_site_metrics, codec.decode_site_metrics),
+    "audit-record": (audit_records, codec.encode,
+                     lambda data, max_bytes: codec.decode(data, max_bytes=max_bytes, expect=AuditRecord)),
 }
 
 

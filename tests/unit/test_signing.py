@@ -1,21 +1,26 @@
-"""shared.signing: Ed25519 over each chunk; forged, altered or unknown-site chunks are refused."""
+"""shared.signing: hybrid Ed25519 + ML-DSA-65 over each chunk; forged, altered, half-signed or
+unknown-site chunks are refused."""
 
 from __future__ import annotations
 
 import stat
 
+import msgpack
 import pytest
 
 from shared.codec import decode_update_chunk, encode
 from shared.errors import ConfigError, SignatureInvalid, UnknownSite
 from shared.schema import EncryptedBlock, UpdateChunk
 from shared.signing import (
+    generate_aggregator_key,
     generate_site_key,
     load_pinned_keys,
     load_private_key,
     load_public_key,
+    sign,
     sign_chunk,
     signing_payload,
+    verify,
     verify_chunk,
 )
 
@@ -43,7 +48,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
 def test_sign_and_verify_round_trip(keys) -> None:  # type: ignore[no-untyped-def]
     _, key_a, _, pinned = keys
     signed = sign_chunk(_chunk(), key_a)
-    assert len(signed.signature) == 64
+    assert 64 + 3309 < len(signed.signature) <= 4096  # both halves
     verify_chunk(signed, pinned)
     verify_chunk(decode_update_chunk(encode(signed)), pinned)  # survives the wire
     assert signing_payload(signed) == signing_payload(_chunk())
@@ -91,12 +96,71 @@ def test_unknown_site(keys) -> None:  # type: ignore[no-untyped-def]
 def test_key_files(keys, tmp_path) -> None:  # type: ignore[no-untyped-def]
     d, _, _, pinned = keys
     assert sorted(pinned) == ["site-a", "site-b"]
-    assert stat.S_IMODE((d / "site-a.ed25519").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "site-a.hybrid").stat().st_mode) == 0o600
     with pytest.raises(ConfigError):
         generate_site_key(d, "site-a")  # refuses to overwrite an identity
     with pytest.raises(ConfigError):
         generate_site_key(tmp_path, "Bad Site")
     with pytest.raises(ConfigError):
-        load_public_key(d / "site-a.ed25519")  # a private key is not a public key
+        load_public_key(d / "site-a.hybrid")  # a private key is not a public key
     with pytest.raises(ConfigError):
-        load_private_key(tmp_path / "missing.ed25519")
+        load_private_key(tmp_path / "missing.hybrid")
+
+
+def _strip(signature: bytes, half: str) -> bytes:
+    obj = msgpack.unpackb(signature, raw=False)
+    del obj[half]
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    ("half", "message"),
+    [("ml-dsa-65", "ML-DSA-65 signature missing"), ("ed25519", "Ed25519 signature missing")],
+)
+def test_one_half_missing_is_refused(keys, half: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    """A downgrade: the other half is valid, yet the chunk is refused, naming the missing half."""
+    _, key_a, _, pinned = keys
+    signed = sign_chunk(_chunk(), key_a)
+    with pytest.raises(SignatureInvalid, match=message):
+        verify_chunk(signed.model_copy(update={"signature": _strip(signed.signature, half)}), pinned)
+
+
+@pytest.mark.parametrize("half", ["ed25519", "ml-dsa-65"])
+def test_one_half_from_another_key_is_refused(keys, half: str) -> None:  # type: ignore[no-untyped-def]
+    _, key_a, key_b, pinned = keys
+    good = msgpack.unpackb(sign_chunk(_chunk(), key_a).signature, raw=False)
+    bad = msgpack.unpackb(sign_chunk(_chunk(), key_b).signature, raw=False)
+    mixed = msgpack.packb({**good, half: bad[half]}, use_bin_type=True)
+    name = "Ed25519" if half == "ed25519" else "ML-DSA-65"
+    with pytest.raises(SignatureInvalid, match=f"{name} signature does not verify"):
+        verify_chunk(_chunk(signature=mixed), pinned)
+
+
+def test_domains_are_separated(keys) -> None:  # type: ignore[no-untyped-def]
+    """An update signature cannot pass as a version or audit-record signature of the same bytes."""
+    _, key_a, _, pinned = keys
+    payload = b"same bytes"
+    sig = sign(key_a, "update-chunk", payload)
+    verify(pinned["site-a"], "update-chunk", payload, sig)
+    for other in ("global-version", "audit-record"):
+        with pytest.raises(SignatureInvalid):
+            verify(pinned["site-a"], other, payload, sig)
+
+
+def test_legacy_ed25519_only_key_is_refused_clearly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    old = tmp_path / "site-a.ed25519"
+    old.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with pytest.raises(ConfigError, match="Ed25519-only key"):
+        load_private_key(old)
+
+
+def test_aggregator_key_is_not_a_site(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    generate_aggregator_key(tmp_path)
+    generate_site_key(tmp_path, "site-a")
+    assert sorted(load_pinned_keys(tmp_path)) == ["site-a"]
+    assert load_public_key(tmp_path / "aggregator.hybrid.pub").fingerprint == load_private_key(
+        tmp_path / "aggregator.hybrid").public_key().fingerprint
