@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tenseal as ts
-
 from aggregator import checkpoint as cpmod
 from aggregator import fold as foldmod
 from aggregator.metrics import AggregatorMetrics
@@ -34,7 +32,9 @@ from aggregator.wal import WriteAheadLog, read_records, write_segment
 from broker.topology import DEAD_LETTER_EXCHANGE, DETAIL_HEADER, GLOBAL_EXCHANGE, REASON_HEADER, SITE_DIRECT_EXCHANGE
 from shared.atomic import atomic_write_json
 from shared.chunking import Assembled, ChunkAssembler, chunk_blocks, header_of
-from shared.ckks import LoadedContext, load_ciphertext, load_context
+from aggregator.he_guard import check_chunk_ciphertexts, check_headroom
+from shared.ckks import HeVector, LoadedContext, load_ciphertext, load_context, serialize
+from shared.ckks_wire import CiphertextError
 from shared.codec import decode_site_metrics, decode_snapshot_request, decode_update_chunk, encode, encode_rejection
 from shared.errors import (
     ConfigError,
@@ -162,12 +162,12 @@ class AggregatorEngine:
             raise ConfigError("sync mode needs pinned site keys (K = number of sites)")
         self.K = self.policy.commit_after
         self.value_scale = foldmod.value_scale(s.server_lr, s.weight_quantum, self.K)
-        self.block_size = self.ctx.preset.slots
+        self.block_size = self.ctx.block_size
 
         self.version = 0
-        self.D: dict[int, ts.CKKSVector] = {}
+        self.D: dict[int, HeVector] = {}
         self._D_bytes: dict[int, bytes] = {}
-        self.buffer: dict[int, ts.CKKSVector] = {}
+        self.buffer: dict[int, HeVector] = {}
         self.contributors: list[Contributor] = []
         self.buffer_ids: list[str] = []
         self.round_sites: set[str] = set()
@@ -332,6 +332,9 @@ class AggregatorEngine:
                     site_id=chunk.site_id, base_version=chunk.base_version, current_version=self.version,
                     sample_weight=chunk.sample_weight, round_sites=self.round_sites,
                 )
+                check_headroom(self.ctx, [c.weight_units for c in self.contributors]
+                               + [p.admission.weight_units for p in self.pending.values()], admission.weight_units)
+            check_chunk_ciphertexts(self.ctx, chunk)
         except WireError as exc:
             return self._refuse(exc, chunk)
         record = {
@@ -409,9 +412,12 @@ class AggregatorEngine:
             return self._commit(carry)
         return []
 
-    def _load(self, block: EncryptedBlock) -> ts.CKKSVector:
+    def _load(self, block: EncryptedBlock) -> HeVector:
         try:
             return load_ciphertext(self.ctx, block.ciphertext)
+        except CiphertextError as exc:  # keeps its own reason (ciphertext-corrupt, -key, ...)
+            exc.detail = f"block {block.index}: {exc.detail}"
+            raise
         except CryptoError as exc:
             raise BadCiphertext(f"block {block.index}: {exc}") from None
 
@@ -435,7 +441,7 @@ class AggregatorEngine:
         changed = foldmod.commit(self.D, self.buffer)
         self.version += 1
         for index in changed:
-            self._D_bytes[index] = self.D[index].serialize()
+            self._D_bytes[index] = serialize(self.D[index])
         contributors, ids = tuple(self.contributors), list(self.buffer_ids)
         if len(self.recent) == self.recent.maxlen:
             _, old = self.recent[0]

@@ -516,7 +516,7 @@ class LiveRun:
         from aggregator.engine import AggregatorEngine
         from aggregator.fold import weight_units
         from aggregator.settings import AggregatorSettings
-        from shared.ckks import decrypt_block, load_context
+        from shared.ckks import decrypt_block, load_context, serialize
         from shared.settings import load_settings
         from site_agent.runtime import LEDGER_FILE
         from site_agent.training import PrivacyLedger
@@ -529,9 +529,9 @@ class LiveRun:
             counted_list = [u for _, ids in committed for u in ids] + list(engine.buffer_ids)
             partial = sorted(engine.pending)
             secret = load_context(fed.keys.secret_context, require_secret=True)
-            slots = secret.preset.slots
+            slots = secret.block_size
             D = {i: decrypt_block(secret, b) for i, b in engine._D_bytes.items()}
-            B = {i: decrypt_block(secret, v.serialize()) for i, v in engine.buffer.items()}
+            B = {i: decrypt_block(secret, serialize(v)) for i, v in engine.buffer.items()}
             version, value_scale = engine.version, engine.value_scale
         finally:
             engine.close()
@@ -647,7 +647,7 @@ class FuzzKit:
     slots: int
 
     @classmethod
-    def create(cls, root: Path, n_params: int = 3 * 2048 + 100, site: str = "alpha") -> "FuzzKit":
+    def create(cls, root: Path, n_params: int | None = None, site: str = "alpha") -> "FuzzKit":
         from shared.ckks import init_keys, load_context
         from shared.signing import generate_site_key, load_private_key, private_key_path
 
@@ -655,7 +655,8 @@ class FuzzKit:
         generate_site_key(root / "site-keys", site)
         secret = load_context(keys.secret_context, require_secret=True)
         return cls(root, secret, keys.public_context, root / "site-keys", site,
-                   load_private_key(private_key_path(root / "site-keys", site)), n_params, secret.preset.slots)
+                   load_private_key(private_key_path(root / "site-keys", site)),
+                   3 * secret.block_size + 100 if n_params is None else n_params, secret.block_size)
 
     def settings(self, state_dir: Path, **over: Any) -> Any:
         from aggregator.settings import AggregatorSettings

@@ -202,7 +202,7 @@ class SiteRuntime:
 
     def _record_plaintext(self, seq: int, delta: np.ndarray, base_version: int, sample_weight: float) -> None:
         """Test hook only (RECORD_PLAINTEXT_ENV): the exact sparse blocks the update encrypts."""
-        sparse, _ = sparsify(delta, self.state.residual, self.ctx.preset.slots, self.settings.sparsity_mode, self.settings.topk_fraction)
+        sparse, _ = sparsify(delta, self.state.residual, self.ctx.block_size, self.settings.sparsity_mode, self.settings.topk_fraction)
         buf = io.BytesIO()
         np.savez(buf, indices=np.asarray(sparse.indices, dtype=np.int64), blocks=sparse.blocks,
                  base_version=base_version, sample_weight=sample_weight)
