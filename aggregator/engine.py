@@ -303,6 +303,7 @@ class AggregatorEngine:
                 for b in chunk.block_indices:
                     if foldmod.block_shard(b, chunk.total_blocks, self.settings.shard_count) != self.settings.shard_index:
                         raise WrongShard(f"block {b} belongs to another shard")
+            check_chunk_ciphertexts(self.ctx, chunk)  # each block's bytes; a reason per kind of damage
             uid = chunk.update_id
             pend = self.pending.get(uid)
             if uid in self._known or uid in self.buffer_ids:
@@ -334,7 +335,6 @@ class AggregatorEngine:
                 )
                 check_headroom(self.ctx, [c.weight_units for c in self.contributors]
                                + [p.admission.weight_units for p in self.pending.values()], admission.weight_units)
-            check_chunk_ciphertexts(self.ctx, chunk)
         except WireError as exc:
             return self._refuse(exc, chunk)
         record = {
