@@ -32,8 +32,9 @@ from aggregator.wal import WriteAheadLog, read_records, write_segment
 from broker.topology import DEAD_LETTER_EXCHANGE, DETAIL_HEADER, GLOBAL_EXCHANGE, REASON_HEADER, SITE_DIRECT_EXCHANGE
 from shared.atomic import atomic_write_json
 from shared.chunking import Assembled, ChunkAssembler, chunk_blocks, header_of
+from aggregator.blockstore import CiphertextStore
 from aggregator.he_guard import check_chunk_ciphertexts, check_headroom
-from shared.ckks import HeVector, LoadedContext, load_ciphertext, load_context, serialize
+from shared.ckks import HeVector, LoadedContext, check_ciphertext, load_ciphertext, load_context
 from shared.ckks_wire import CiphertextError
 from shared.codec import decode_site_metrics, decode_snapshot_request, decode_update_chunk, encode, encode_rejection
 from shared.errors import (
@@ -130,6 +131,14 @@ class _Pending:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _drain(items: list[Any]) -> Any:
+    """Yield a list's items first to last, dropping each from the list (its memory goes back as
+    the fold proceeds, instead of after it)."""
+    items.reverse()
+    while items:
+        yield items.pop()
+
+
 def _segment_name(version: int) -> str:
     return f"wal-{version:06d}.log"
 
@@ -165,8 +174,8 @@ class AggregatorEngine:
         self.block_size = self.ctx.block_size
 
         self.version = 0
-        self.D: dict[int, HeVector] = {}
         self._D_bytes: dict[int, bytes] = {}
+        self.D = CiphertextStore(self.ctx, self._D_bytes)  # D_v as wire bytes only
         self.buffer: dict[int, HeVector] = {}
         self.contributors: list[Contributor] = []
         self.buffer_ids: list[str] = []
@@ -215,7 +224,7 @@ class AggregatorEngine:
             self.layout_fp = cp.config.get("layout_fingerprint") or self.layout_fp
             self.total_blocks = cp.config.get("total_blocks")
             for index, data in cp.blocks.items():
-                self.D[index] = load_ciphertext(self.ctx, data)
+                check_ciphertext(self.ctx, data)
                 self._D_bytes[index] = data
             self.site_seq = dict(cp.site_seq)
             for v, ids in cp.recent:
@@ -391,7 +400,9 @@ class AggregatorEngine:
             vectors = [(b.index, self._load(b)) for b in assembled.blocks]
         except WireError as exc:
             return self._drop_pending(uid, exc)
-        foldmod.fold_into(self.buffer, vectors, pend.admission.weight_units)
+        del assembled
+        pend.records.clear()  # folded now: its chunk bytes are no longer needed in memory
+        foldmod.fold_into(self.buffer, _drain(vectors), pend.admission.weight_units)
         self.metrics.fold_seconds.observe(time.perf_counter() - t0)
         self.metrics.updates_folded.inc()
         self.updates_folded_total += 1
@@ -438,10 +449,8 @@ class AggregatorEngine:
         return Outgoing(DEAD_LETTER_EXCHANGE, "", body, "dead-letter", {REASON_HEADER: reason, DETAIL_HEADER: detail[:2000]})
 
     def _commit(self, carry: list[dict[str, Any]]) -> list[Outgoing]:
-        changed = foldmod.commit(self.D, self.buffer)
+        changed = foldmod.commit(self.D, self.buffer)  # the store serializes each changed block
         self.version += 1
-        for index in changed:
-            self._D_bytes[index] = serialize(self.D[index])
         contributors, ids = tuple(self.contributors), list(self.buffer_ids)
         if len(self.recent) == self.recent.maxlen:
             _, old = self.recent[0]

@@ -64,13 +64,13 @@ def fold_into(
 
 
 def commit(state: MutableMapping[int, HeVector], buffer: MutableMapping[int, HeVector]) -> list[int]:
-    """D[b] += buffer[b] for touched blocks; empties the buffer; returns changed indices (sorted)."""
+    """D[b] += buffer[b] for touched blocks; empties the buffer (block by block, so a large buffer's
+    memory is given back while D is written); returns changed indices (sorted)."""
     changed = sorted(buffer)
     for index in changed:
-        vec = buffer[index]
+        vec = buffer.pop(index)
         current = state.get(index)
         state[index] = vec if current is None else add_inplace(current, vec)
-    buffer.clear()
     return changed
 
 
