@@ -105,6 +105,21 @@ class Outgoing:
     headers: dict[str, Any] | None = None
 
 
+class _VersionMessage(Outgoing):
+    """A version chunk encoded when it is published, not when it is committed: a ResNet-50-size
+    version is ~290 MB of messages, which would otherwise sit in memory beside D until sent. The
+    chunk holds the block bytes of its own commit, so a later commit cannot change it."""
+
+    def __init__(self, exchange: str, routing_key: str, chunk: GlobalVersionChunk,
+                 kind: Literal["delta", "snapshot"]) -> None:
+        self.exchange, self.routing_key, self.kind, self.headers = exchange, routing_key, kind, None
+        self.chunk = chunk
+
+    @property  # type: ignore[override]
+    def body(self) -> bytes:
+        return encode(self.chunk)
+
+
 @dataclass
 class Decision:
     action: Literal["accept", "reject", "drop"]
@@ -507,8 +522,8 @@ class AggregatorEngine:
         )
         chunks = chunk_blocks(template, blocks, self.settings.max_message_bytes)
         if target_site is None:
-            return [Outgoing(GLOBAL_EXCHANGE, "", encode(c), mode) for c in chunks]
-        return [Outgoing(SITE_DIRECT_EXCHANGE, target_site, encode(c), mode) for c in chunks]
+            return [_VersionMessage(GLOBAL_EXCHANGE, "", c, mode) for c in chunks]
+        return [_VersionMessage(SITE_DIRECT_EXCHANGE, target_site, c, mode) for c in chunks]
 
     def snapshot(self, target_site: str | None = None) -> list[Outgoing]:
         return self._version_messages("snapshot", sorted(self._D_bytes), target_site=target_site)
