@@ -85,8 +85,8 @@ def aggregation_error(
     worst = 0.0
     for _ in range(trials):
         if corner:
-            updates = np.where(rng.random((n_sites, size)) < 0.5, -bound, bound) * np.ones((n_sites, 1))
-            updates[:, : size // 2] = bound  # half the values at +bound in every update: |sum| = 64 * 1000 * 100
+            updates = np.where(rng.random((n_sites, size)) < 0.5, -bound, bound)
+            updates[:, : size // 2] = bound  # half the values at +bound in every update: |sum| = n * 1000 * bound
             units = np.full(n_sites, 1000)
         else:
             updates = rng.uniform(-bound, bound, size=(n_sites, size))
@@ -94,7 +94,8 @@ def aggregation_error(
         folded = None
         for u, w in zip(updates, units):
             folded = accumulate(folded, load_ciphertext(public, encrypt_block(secret, u)), int(w))
-        assert folded is not None
+        if folded is None:
+            raise ValueError("aggregation_error needs at least one update")
         got = decrypt_block(secret, serialize(folded)) / units.sum()
         expected = (units[:, None] * updates).sum(axis=0) / units.sum()
         worst = max(worst, float(np.max(np.abs(got - expected))))
