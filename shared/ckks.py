@@ -173,8 +173,12 @@ def _save(obj: object, tag: str) -> bytes:
     except FileNotFoundError:
         pass
     obj.save(path)  # type: ignore[attr-defined]
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        if tag == "key":
+            os.unlink(path)
 
 
 def _load_into(obj: object, sctx: seal.SEALContext, data: bytes, tag: str) -> None:
@@ -191,7 +195,8 @@ def _load_into(obj: object, sctx: seal.SEALContext, data: bytes, tag: str) -> No
     try:
         obj.load(sctx, path)  # type: ignore[attr-defined]
     finally:
-        os.unlink(path)
+        if tag == "key":  # key material never stays on disk; ciphertexts are unlinked by the next write
+            os.unlink(path)
 
 
 # --------------------------------------------------------------------- contexts and keys

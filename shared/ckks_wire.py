@@ -104,8 +104,11 @@ class WireParams:
         return _HEAD.size + seeded + polys * self.poly_bytes()
 
 
-def _checksum(data: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(data, digest_size=4).digest()
+def _checksum(*parts: bytes | memoryview) -> bytes:
+    h = hashlib.blake2b(digest_size=4)
+    for part in parts:
+        h.update(part)
+    return h.digest()
 
 
 def _pack_poly(coeffs: np.ndarray, bits: int) -> bytes:
@@ -179,7 +182,7 @@ def seal_to_wire(seal_file_bytes: bytes, params: WireParams) -> bytes:
     bits = params.bits
     rest = extra + b"".join(_pack_poly(p, bits) for p in polys)
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, params.preset_id, kind, params.key_id, b"\0\0\0\0")
-    checksum = _checksum(head[:13] + rest)
+    checksum = _checksum(head[:13], rest)
     return head[:13] + checksum + rest
 
 
@@ -207,7 +210,8 @@ def check_wire(data: bytes, params: WireParams) -> int:
         raise CiphertextTruncated(f"ciphertext of {len(data)} bytes; this preset's are {expected}")
     if len(data) > expected:
         raise CiphertextMalformed(f"ciphertext of {len(data)} bytes; this preset's are {expected}")
-    if _checksum(memoryview(data)[:13].tobytes() + memoryview(data)[_HEAD.size :].tobytes()) != checksum:
+    mv = memoryview(data)
+    if _checksum(mv[:13], mv[_HEAD.size :]) != checksum:
         raise CiphertextCorrupt("ciphertext checksum mismatch (corrupted or bit-flipped)")
     if key_id != params.key_id:
         raise CiphertextWrongKey(f"ciphertext made with key id {key_id.hex()}, not this federation's {params.key_id.hex()}")

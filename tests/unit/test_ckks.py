@@ -183,6 +183,11 @@ def test_public_context_cannot_decrypt_or_encrypt(tmp_path: Path) -> None:
 
 def test_key_files_and_refusals(tmp_path: Path) -> None:
     files = init_keys(tmp_path)
+    scratch = Path(ckks._scratch_path("probe")).parent  # sealapi's file I/O: the key never stays there
+    assert not [p for p in scratch.iterdir() if p.name.startswith("key-")]
+    load_context(files.secret_context, require_secret=True)
+    scratch = Path(ckks._scratch_path("probe")).parent  # sealapi's file I/O: the key never stays there
+    assert not [p for p in scratch.iterdir() if p.name.startswith("key-")]
     assert files.fingerprint.startswith(f"{DEFAULT_PRESET}:")
     assert (tmp_path / ckks.FINGERPRINT_FILE).read_text().strip() == files.fingerprint
     assert stat.S_IMODE(files.secret_context.stat().st_mode) == 0o600
@@ -273,7 +278,7 @@ def test_a_coefficient_beyond_the_prime_is_refused(keys: tuple[LoadedContext, Lo
     ct = bytearray(encrypt_block(secret, np.zeros(4)))
     ct[head : head + 6] = b"\xff" * 6
     ct[head + 6 * n] |= 1  # top bit of coefficient 0: 2^49 - 1 >= q
-    ct[13:17] = ckks_wire._checksum(bytes(ct[:13]) + bytes(ct[17:]))
+    ct[13:17] = ckks_wire._checksum(bytes(ct[:13]), bytes(ct[17:]))
     with pytest.raises(WireError) as info:
         load_ciphertext(public, bytes(ct))
     assert info.value.reason == "ciphertext-malformed"
