@@ -54,7 +54,7 @@ def test_presets_meet_128_bit_security_and_the_budget_on_paper(name: str) -> Non
     # headroom: 64 updates x weight 1000 x |x| 100 must fit; the fold guard allows at least that
     assert 64 * 1000 * 100 < p.headroom and p.fold_units_limit >= 64 * 1000
     assert p.fold_units_limit * p.value_bound <= p.headroom
-    assert p.error_bound(1000) < AGGREGATION_ERROR_BUDGET
+    assert p.error_bound < AGGREGATION_ERROR_BUDGET
 
 
 def test_seal_refuses_a_modulus_beyond_the_128_bit_bound() -> None:
