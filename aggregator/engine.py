@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tenseal as ts
-
 from aggregator import checkpoint as cpmod
 from aggregator import fold as foldmod
 from aggregator.audit_log import AggregatorAudit
@@ -35,7 +33,10 @@ from aggregator.wal import WriteAheadLog, read_records, write_segment
 from broker.topology import DEAD_LETTER_EXCHANGE, DETAIL_HEADER, GLOBAL_EXCHANGE, REASON_HEADER, SITE_DIRECT_EXCHANGE
 from shared.atomic import atomic_write_json
 from shared.chunking import Assembled, ChunkAssembler, chunk_blocks, header_of
-from shared.ckks import LoadedContext, load_ciphertext, load_context
+from aggregator.blockstore import CiphertextStore
+from aggregator.he_guard import check_chunk_ciphertexts, check_headroom
+from shared.ckks import HeVector, LoadedContext, check_ciphertext, load_ciphertext, load_context
+from shared.ckks_wire import CiphertextError
 from shared.codec import decode_site_metrics, decode_snapshot_request, decode_update_chunk, encode, encode_rejection
 from shared.errors import (
     ConfigError,
@@ -86,6 +87,21 @@ class Outgoing:
     headers: dict[str, Any] | None = None
 
 
+class _VersionMessage(Outgoing):
+    """A version chunk encoded when it is published, not when it is committed: a ResNet-50-size
+    version is ~290 MB of messages, which would otherwise sit in memory beside D until sent. The
+    chunk holds the block bytes of its own commit, so a later commit cannot change it."""
+
+    def __init__(self, exchange: str, routing_key: str, chunk: GlobalVersionChunk,
+                 kind: Literal["delta", "snapshot"]) -> None:
+        self.exchange, self.routing_key, self.kind, self.headers = exchange, routing_key, kind, None
+        self.chunk = chunk
+
+    @property  # type: ignore[override]
+    def body(self) -> bytes:
+        return encode(self.chunk)
+
+
 @dataclass
 class Decision:
     action: Literal["accept", "reject", "drop"]
@@ -110,6 +126,14 @@ class _Pending:
     header: dict[str, Any]
     chunk_indices: set[int] = field(default_factory=set)
     records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _drain(items: list[Any]) -> Any:
+    """Yield a list's items first to last, dropping each from the list (its memory goes back as
+    the fold proceeds, instead of after it)."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _segment_name(version: int) -> str:
@@ -148,12 +172,12 @@ class AggregatorEngine:
             raise ConfigError("sync mode needs pinned site keys (K = number of sites)")
         self.K = self.policy.commit_after
         self.value_scale = foldmod.value_scale(s.server_lr, s.weight_quantum, self.K)
-        self.block_size = self.ctx.preset.slots
+        self.block_size = self.ctx.block_size
 
         self.version = 0
-        self.D: dict[int, ts.CKKSVector] = {}
         self._D_bytes: dict[int, bytes] = {}
-        self.buffer: dict[int, ts.CKKSVector] = {}
+        self.D = CiphertextStore(self.ctx, self._D_bytes)  # D_v as wire bytes only
+        self.buffer: dict[int, HeVector] = {}
         self.contributors: list[Contributor] = []
         self.buffer_ids: list[str] = []
         self.round_sites: set[str] = set()
@@ -201,7 +225,7 @@ class AggregatorEngine:
             self.layout_fp = cp.config.get("layout_fingerprint") or self.layout_fp
             self.total_blocks = cp.config.get("total_blocks")
             for index, data in cp.blocks.items():
-                self.D[index] = load_ciphertext(self.ctx, data)
+                check_ciphertext(self.ctx, data)
                 self._D_bytes[index] = data
             self.site_seq = dict(cp.site_seq)
             for v, ids in cp.recent:
@@ -294,6 +318,7 @@ class AggregatorEngine:
                 for b in chunk.block_indices:
                     if foldmod.block_shard(b, chunk.total_blocks, self.settings.shard_count) != self.settings.shard_index:
                         raise WrongShard(f"block {b} belongs to another shard")
+            check_chunk_ciphertexts(self.ctx, chunk)  # each block's bytes; a reason per kind of damage
             uid = chunk.update_id
             pend = self.pending.get(uid)
             if uid in self._known or uid in self.buffer_ids:
@@ -322,6 +347,8 @@ class AggregatorEngine:
                     site_id=chunk.site_id, base_version=chunk.base_version, current_version=self.version,
                     sample_weight=chunk.sample_weight, round_sites=self.round_sites,
                 )
+                check_headroom(self.ctx, [c.weight_units for c in self.contributors]
+                               + [p.admission.weight_units for p in self.pending.values()], admission.weight_units)
             if chunk.chunk_count > 1 and not (pend is not None and len(pend.chunk_indices) + 1 == chunk.chunk_count):
                 check_pending_room(  # not for the chunk that completes an update: that frees memory
                     self.pending, chunk, len(body), max_updates_per_site=self.settings.max_pending_updates_per_site,
@@ -383,8 +410,10 @@ class AggregatorEngine:
             vectors = [(b.index, self._load(b)) for b in assembled.blocks]
         except WireError as exc:
             return self._drop_pending(uid, exc)
-        foldmod.fold_into(self.buffer, vectors, pend.admission.weight_units)
+        del assembled
         self.audit.note_update(uid, pend.records)
+        pend.records.clear()  # folded now: its chunk bytes are no longer needed in memory
+        foldmod.fold_into(self.buffer, _drain(vectors), pend.admission.weight_units)
         self.metrics.fold_seconds.observe(time.perf_counter() - t0)
         self.metrics.updates_folded.inc()
         self.updates_folded_total += 1
@@ -405,9 +434,12 @@ class AggregatorEngine:
             return self._commit(carry)
         return []
 
-    def _load(self, block: EncryptedBlock) -> ts.CKKSVector:
+    def _load(self, block: EncryptedBlock) -> HeVector:
         try:
             return load_ciphertext(self.ctx, block.ciphertext)
+        except CiphertextError as exc:  # keeps its own reason (ciphertext-corrupt, -key, ...)
+            exc.detail = f"block {block.index}: {exc.detail}"
+            raise
         except CryptoError as exc:
             raise BadCiphertext(f"block {block.index}: {exc}") from None
 
@@ -428,10 +460,8 @@ class AggregatorEngine:
         return Outgoing(DEAD_LETTER_EXCHANGE, "", body, "dead-letter", {REASON_HEADER: reason, DETAIL_HEADER: detail[:2000]})
 
     def _commit(self, carry: list[dict[str, Any]]) -> list[Outgoing]:
-        changed = foldmod.commit(self.D, self.buffer)
+        changed = foldmod.commit(self.D, self.buffer)  # the store serializes each changed block
         self.version += 1
-        for index in changed:
-            self._D_bytes[index] = self.D[index].serialize()
         contributors, ids = tuple(self.contributors), list(self.buffer_ids)
         if len(self.recent) == self.recent.maxlen:
             _, old = self.recent[0]
@@ -490,8 +520,8 @@ class AggregatorEngine:
         )
         chunks = [sign_version(c, self.signing_key) for c in chunk_blocks(template, blocks, self.settings.max_message_bytes)]
         if target_site is None:
-            return [Outgoing(GLOBAL_EXCHANGE, "", encode(c), mode) for c in chunks]
-        return [Outgoing(SITE_DIRECT_EXCHANGE, target_site, encode(c), mode) for c in chunks]
+            return [_VersionMessage(GLOBAL_EXCHANGE, "", c, mode) for c in chunks]
+        return [_VersionMessage(SITE_DIRECT_EXCHANGE, target_site, c, mode) for c in chunks]
 
     def snapshot(self, target_site: str | None = None, since: int | None = None) -> list[Outgoing]:
         """Every block of the current version, with the audit records a site needs to reach it

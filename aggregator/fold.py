@@ -1,7 +1,7 @@
 """Pure fold maths: staleness weights, integer weight units, folding and committing.
 
-Nothing here touches a broker or a file. Ciphertext operations are additions only
-(``scale_by_int`` is double-and-add), so no multiplicative level is consumed.
+Nothing here touches a broker or a file. Ciphertext operations go through the HE seam
+(``shared.ckks``): an exact integer scaling and additions, so no multiplicative level is consumed.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, MutableMapping
 
 import numpy as np
-import tenseal as ts
 
-from shared.ckks import scale_by_int
+from shared.ckks import HeVector, accumulate, add_inplace
 
 
 def staleness_weight(tau: int, exponent: float) -> float:
@@ -51,35 +50,27 @@ def block_shard(block: int, total_blocks: int, shard_count: int) -> int:
 
 
 def fold_into(
-    buffer: MutableMapping[int, ts.CKKSVector],
-    blocks: Iterable[tuple[int, ts.CKKSVector]],
+    buffer: MutableMapping[int, HeVector],
+    blocks: Iterable[tuple[int, HeVector]],
     units: int,
 ) -> list[int]:
     """buffer[b] += units * ct_b for each block. The given vectors must be owned by the caller
     (freshly deserialized): they may end up inside ``buffer``. Returns the touched indices."""
     touched = []
     for index, vec in blocks:
-        scaled = scale_by_int(vec, units)
-        current = buffer.get(index)
-        if current is None:
-            buffer[index] = scaled
-        else:
-            current += scaled  # buffer entries are always vectors we own
+        buffer[index] = accumulate(buffer.get(index), vec, units)  # buffer entries are vectors we own
         touched.append(index)
     return touched
 
 
-def commit(state: MutableMapping[int, ts.CKKSVector], buffer: MutableMapping[int, ts.CKKSVector]) -> list[int]:
-    """D[b] += buffer[b] for touched blocks; empties the buffer; returns changed indices (sorted)."""
+def commit(state: MutableMapping[int, HeVector], buffer: MutableMapping[int, HeVector]) -> list[int]:
+    """D[b] += buffer[b] for touched blocks; empties the buffer (block by block, so a large buffer's
+    memory is given back while D is written); returns changed indices (sorted)."""
     changed = sorted(buffer)
     for index in changed:
-        vec = buffer[index]
+        vec = buffer.pop(index)
         current = state.get(index)
-        if current is None:
-            state[index] = vec
-        else:
-            current += vec
-    buffer.clear()
+        state[index] = vec if current is None else add_inplace(current, vec)
     return changed
 
 

@@ -41,9 +41,11 @@ from typing import Any
 
 import numpy as np
 
+from shared.ckks import DEFAULT_PRESET, PRESETS, get_preset
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-SLOTS = 2048  # default preset n4096-q54
+SLOTS = get_preset(DEFAULT_PRESET).block_size
 MAX_MESSAGE_BYTES = 4 << 20
 
 #: parameter counts of the model presets (site_agent.models); small_cnn is measured at run time
@@ -54,6 +56,10 @@ GOALS = {
     "wire_bytes_ratio_vs_dense_fp32": "<= 1.0 at <= 1 AUC point of cost",
     "site_overhead_fraction": "<= 0.10",
     "shard_speedup_2": ">= 1.7 (2 cores)",
+    "ckks_bytes_per_value": "<= 7.1 (goal 6.2)",
+    "resnet50_site_build_seconds": "<= 5 (2 cores)",
+    "resnet50_fold_seconds": "<= 5 (2 cores)",
+    "aggregator_peak_rss_vs_encrypted_model": "<= 3",
 }
 
 log = logging.getLogger("benchmarks")
@@ -82,7 +88,7 @@ class Sizes:
     overhead_train_samples: int | None = None  # None = one third of the training split
     # AUC table (simulation)
     auc_levels: tuple[float, ...] = (1.0, 0.5, 0.25, 0.12)
-    auc_presets: tuple[str, ...] = ("n4096-q50", "n4096-q54", "n8192-q60", "n8192-q60-40-60")
+    auc_presets: tuple[str, ...] = tuple(PRESETS)
     auc_rounds: int = 3
     auc_train_per_site: int | None = 400
     auc_seeds: tuple[int, ...] = (0,)
@@ -90,6 +96,8 @@ class Sizes:
     avs_time_limit_s: float = 150.0
     avs_target_auc: float = 0.90
     avs_train: int = 1500
+    # privacy at ResNet-50 scale (benchmarks.resnet50)
+    resnet50_params: int = 23_500_000
     skip: tuple[str, ...] = ()
 
     @classmethod
@@ -101,8 +109,8 @@ class Sizes:
         return cls(
             repeats=1, fold_params=4 * SLOTS, fold_updates=2, fold_buffer=2, site_counts=(1, 2), site_params=2 * SLOTS,
             model_presets=("small_cnn",), memory_budget_bytes=1 << 30, shard_params=4 * SLOTS, shard_updates=2,
-            overhead_rounds=1, overhead_train_samples=64, auc_levels=(1.0, 0.5), auc_presets=("n4096-q54",),
-            auc_rounds=1, auc_train_per_site=48, avs_time_limit_s=30.0,
+            overhead_rounds=1, overhead_train_samples=64, auc_levels=(1.0, 0.5), auc_presets=(DEFAULT_PRESET,),
+            auc_rounds=1, auc_train_per_site=48, avs_time_limit_s=30.0, resnet50_params=160 * SLOTS,
         )
 
 
@@ -350,7 +358,7 @@ def small_cnn_params() -> int:
 
 def wire_bytes(sz: Sizes, tmp: Path) -> dict[str, Any]:
     """Bytes on the wire per update / dense float32 bytes, for the small_cnn size, default site settings
-    (top-k 0.5, n4096-q54) and over top-k levels x presets."""
+    (top-k 0.5, the default CKKS preset) and over top-k levels x presets."""
     from site_agent.settings import SiteSettings
 
     defaults = SiteSettings.model_fields
@@ -368,14 +376,14 @@ def wire_bytes(sz: Sizes, tmp: Path) -> dict[str, Any]:
             ratio = sum(map(len, bodies)) / (4 * P)
             table.append({"preset": preset, "topk_fraction": level, "blocks_sent": len(built.sent_indices),
                           "bytes": sum(map(len, bodies)), "ratio_vs_dense_fp32": ratio})
-            if preset == "n4096-q54" and m == mode and (m == "dense" or abs(level - frac) < 1e-9):
+            if preset == DEFAULT_PRESET and m == mode and (m == "dense" or abs(level - frac) < 1e-9):
                 default_ratio = ratio
     if default_ratio is None:  # the default level was not in the table: measure it
         keys = make_keys(tmp / "wire-default")
         bodies, _ = build(keys, "site-a", 1, delta, mode=mode, fraction=frac)
         default_ratio = sum(map(len, bodies)) / (4 * P)
     return {"wire_bytes_ratio_vs_dense_fp32": default_ratio, "wire_default": {"sparsity_mode": mode,
-            "topk_fraction": frac, "ckks_preset": "n4096-q54", "params": P}, "wire_table": table}
+            "topk_fraction": frac, "ckks_preset": DEFAULT_PRESET, "params": P}, "wire_table": table}
 
 
 def data_npz() -> Path | None:
@@ -440,7 +448,7 @@ def auc_table(sz: Sizes, tmp: Path, wire: dict[str, Any]) -> dict[str, Any]:
 
 
 def site_overhead(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, Any]:
-    """Per round, small_cnn, the site agent's defaults (DP-SGD on, top-k 0.5, n4096-q54): local
+    """Per round, small_cnn, the site agent's defaults (DP-SGD on, top-k 0.5, the default CKKS preset): local
     training vs sparsify + encrypt + sign + publish with confirms to the private broker."""
     from experiments.simulation import load_federation_data
     from shared.codec import encode_update_chunk
@@ -557,7 +565,7 @@ def scaling_model(sz: Sizes, tmp: Path) -> dict[str, Any]:
     for preset in sz.model_presets:
         P = small_cnn_params() if preset == "small_cnn" else MODEL_PARAMS[preset]
         blocks = -(-P // SLOTS)
-        dense_bytes = blocks * 61_800
+        dense_bytes = blocks * (keys.public.preset.seeded_bytes + 48)
         dense = 5 * dense_bytes <= budget
         frac = 1.0 if dense else sz.model_topk
         rng = np.random.default_rng(3)
@@ -663,6 +671,16 @@ def shard_speedup(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, An
 # ----------------------------------------------------------------------------- 6. async vs sync
 
 
+def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int) -> dict[str, Any]:
+    """Issue 13's figures: CKKS bytes/value, a dense ResNet-50-size update built and folded (benchmarks.resnet50)."""
+    from benchmarks.resnet50 import resnet50_scale as run_resnet50
+
+    return run_resnet50(urls, tmp, params=params)
+
+
+# ----------------------------------------------------------------------------- 7. async vs sync
+
+
 def async_vs_sync(sz: Sizes, tmp: Path) -> dict[str, Any]:
     reported = ROOT / "reports" / "reproduce" / "results.json"
     if reported.is_file():
@@ -715,15 +733,17 @@ def async_vs_sync(sz: Sizes, tmp: Path) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    import tenseal
+    from importlib import metadata
+
     import torch
 
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "tenseal": getattr(tenseal, "__version__", "?"),
+            "torch": torch.__version__, "tenseal": metadata.version("tenseal"), "load_average": os.getloadavg(),
             "memory_available_bytes": _mem_available()}
 
 
-SECTIONS = ("fold", "wire", "auc", "overhead", "signatures", "scaling_sites", "scaling_model", "shards", "async_vs_sync")
+SECTIONS = ("fold", "wire", "auc", "overhead", "signatures", "scaling_sites", "scaling_model", "resnet50", "shards",
+            "async_vs_sync")
 
 
 from benchmarks.signatures import signature_costs  # noqa: E402  (needs the helpers above)
@@ -737,7 +757,7 @@ def run(sz: Sizes, *, tmp: Path | None = None, progress: Callable[[str], None] =
         # the private RabbitMQ node runs as the rabbitmq user when we are root: it must reach the
         # definitions file run_federation writes under this directory
         os.chmod(tmpdir, 0o755)
-        needs_broker = {"fold", "overhead", "shards"} - set(sz.skip)
+        needs_broker = {"fold", "overhead", "shards", "resnet50"} - set(sz.skip)
         node = stack.enter_context(private_broker()) if needs_broker else None
 
         def urls() -> str:
@@ -751,6 +771,7 @@ def run(sz: Sizes, *, tmp: Path | None = None, progress: Callable[[str], None] =
             ("signatures", lambda: signature_costs(sz, tmpdir, result.get("site_overhead"))),
             ("scaling_sites", lambda: scaling_sites(sz, tmpdir)),
             ("scaling_model", lambda: scaling_model(sz, tmpdir)),
+            ("resnet50", lambda: resnet50_scale(urls, tmpdir, params=sz.resnet50_params)),
             ("shards", lambda: shard_speedup(sz, urls, tmpdir)),
             ("async_vs_sync", lambda: async_vs_sync(sz, tmpdir)),
         ]
@@ -795,6 +816,10 @@ def verdicts(r: dict[str, Any]) -> dict[str, Any]:
         "audit_verify_100x3_s": v(r.get("audit_verify_100x3_s"), lambda x: x <= 1.0),
         "hybrid_sign_verify_share_of_site_round": v(
             (r.get("signatures") or {}).get("site_sign_plus_verify_share_of_training"), lambda x: x <= 0.05),
+        "ckks_bytes_per_value": v(r.get("ckks_bytes_per_value"), lambda x: x <= 7.1),
+        "resnet50_site_build_seconds": v(r.get("resnet50_site_build_seconds"), lambda x: x <= 5.0),
+        "resnet50_fold_seconds": v(r.get("resnet50_fold_seconds"), lambda x: x <= 5.0),
+        "aggregator_peak_rss_vs_encrypted_model": v(r.get("aggregator_peak_rss_vs_encrypted_model"), lambda x: x <= 3.0),
     }
 
 
@@ -827,7 +852,7 @@ def markdown(r: dict[str, Any]) -> str:
         "| figure | this run | goal | verdict |",
         "|---|---|---|---|",
         f"| aggregator end to end / floor | {_f(r.get('aggregator_vs_floor'))} | >= 0.5 | {met('aggregator_vs_floor')} |",
-        f"| wire bytes per update / dense float32 (defaults: top-k 0.5, n4096-q54) | "
+        f"| wire bytes per update / dense float32 (defaults: top-k 0.5, {DEFAULT_PRESET}) | "
         f"{_f(r.get('wire_bytes_ratio_vs_dense_fp32'))} | <= 1.0 at <= 1 AUC point | {met('wire_bytes_ratio_vs_dense_fp32')} |",
         f"| site overhead (sparsify+encrypt+sign+publish) / local training | {_f(r.get('site_overhead_fraction'))} | "
         f"<= 0.10 | {met('site_overhead_fraction')} |",
@@ -839,6 +864,14 @@ def markdown(r: dict[str, Any]) -> str:
         f"| hybrid sign (update) + verify (version) / site training round | "
         f"{_f((r.get('signatures') or {}).get('site_sign_plus_verify_share_of_training'))} | <= 0.05 | "
         f"{met('hybrid_sign_verify_share_of_site_round')} |",
+        f"| CKKS bytes per value ({DEFAULT_PRESET}) | {_f(r.get('ckks_bytes_per_value'))} | <= 7.1 (goal 6.2) | "
+        f"{met('ckks_bytes_per_value')} |",
+        f"| dense ResNet-50-size update built at the site (sparsify + encrypt + sign), s | "
+        f"{_f(r.get('resnet50_site_build_seconds'))} | <= 5 | {met('resnet50_site_build_seconds')} |",
+        f"| the same update folded by the aggregator from the broker, s | {_f(r.get('resnet50_fold_seconds'))} | <= 5 | "
+        f"{met('resnet50_fold_seconds')} |",
+        f"| aggregator peak RSS / encrypted model size | {_f(r.get('aggregator_peak_rss_vs_encrypted_model'))} "
+        f"({_f(r.get('aggregator_peak_rss_bytes'))} B) | <= 3 | {met('aggregator_peak_rss_vs_encrypted_model')} |",
         "| ResNet-50 GPU training throughput | not measured: no GPU machine was lent | | |",
         "",
         "## Aggregator throughput (encrypted values per second)",
@@ -907,6 +940,18 @@ def markdown(r: dict[str, Any]) -> str:
                   f"{x['dense_update_bytes_estimate']:,} | {x['site_build_seconds']:.1f} | "
                   f"{x['aggregator_seconds_per_version']:.2f} | {_f(x['values_per_s'])} |" for x in sm["rows"]]
         lines.append("")
+    r50 = r.get("resnet50")
+    if r50:
+        lines += ["## Privacy at ResNet-50 scale", "",
+                  f"One dense update of {r50['params']:,} values ({r50['blocks']} blocks): "
+                  f"{_f(r.get('resnet50_update_bytes'))} bytes = {r50['update_vs_dense_fp32']:.2f}x its float32 form; "
+                  f"built in {_f(r.get('resnet50_site_build_seconds'))} s on {r50['encrypt_workers']} encryption workers "
+                  f"(load average {r50['load_average_at_build']:.1f} when it started); folded end to end in "
+                  f"{_f(r.get('resnet50_fold_seconds'))} s (floor: deserialize + fold alone "
+                  f"{_f(r.get('resnet50_floor_seconds'))} s, ratio {_f(r.get('resnet50_fold_vs_floor'))}); version 1 "
+                  f"committed and published in {_f(r.get('resnet50_version_seconds'))} s; aggregator peak RSS "
+                  f"{_f(r.get('aggregator_peak_rss_bytes'))} B for an encrypted model of {r50['encrypted_model_bytes']:,} B. "
+                  f"{r50['note']}.", ""]
     sw = r.get("shard_workload")
     if sw:
         lines += ["## Shards", "",
@@ -941,6 +986,9 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
         f"site overhead {_f(r.get('site_overhead_fraction'))} of training (goal <= 0.10: {vd['site_overhead_fraction']['met']})",
         f"two shards {_f(r.get('shard_speedup_2'))}x one (goal >= 1.7: {vd['shard_speedup_2']['met']})",
         f"sync / async time to target {_f(r.get('async_vs_sync_speedup'))}",
+        f"CKKS {_f(r.get('ckks_bytes_per_value'))} bytes/value; dense ResNet-50 update: built in "
+        f"{_f(r.get('resnet50_site_build_seconds'))} s, folded in {_f(r.get('resnet50_fold_seconds'))} s, aggregator "
+        f"peak RSS {_f(r.get('aggregator_peak_rss_vs_encrypted_model'))}x the encrypted model",
         "ResNet-50 GPU training: not measured: no GPU machine was lent",
     ]
 

@@ -68,7 +68,9 @@ class FaultPlan:
     planned_rounds: int = 30
     buffer_size: int = 2
     target_epsilon: float = 1.2
-    max_message_bytes: int = 128 * 1024
+    #: the settings' minimum: small enough that small_cnn's top-k update (three 25 kB ciphertexts)
+    #: takes two chunks, so a site can be killed between them
+    max_message_bytes: int = 64 * 1024
     #: random pause before each event, counted from the moment the aggregator consumes again
     pause_s: tuple[float, float] = (0.3, 2.5)
     seed: int = 0
@@ -524,7 +526,7 @@ class LiveRun:
         from aggregator.engine import AggregatorEngine
         from aggregator.fold import weight_units
         from aggregator.settings import AggregatorSettings
-        from shared.ckks import decrypt_block, load_context
+        from shared.ckks import decrypt_block, load_context, serialize
         from shared.settings import load_settings
         from site_agent.runtime import LEDGER_FILE
         from site_agent.training import PrivacyLedger
@@ -537,9 +539,9 @@ class LiveRun:
             counted_list = [u for _, ids in committed for u in ids] + list(engine.buffer_ids)
             partial = sorted(engine.pending)
             secret = load_context(fed.keys.secret_context, require_secret=True)
-            slots = secret.preset.slots
+            slots = secret.block_size
             D = {i: decrypt_block(secret, b) for i, b in engine._D_bytes.items()}
-            B = {i: decrypt_block(secret, v.serialize()) for i, v in engine.buffer.items()}
+            B = {i: decrypt_block(secret, serialize(v)) for i, v in engine.buffer.items()}
             version, value_scale = engine.version, engine.value_scale
         finally:
             engine.close()
@@ -655,7 +657,7 @@ class FuzzKit:
     slots: int
 
     @classmethod
-    def create(cls, root: Path, n_params: int = 3 * 2048 + 100, site: str = "alpha") -> "FuzzKit":
+    def create(cls, root: Path, n_params: int | None = None, site: str = "alpha") -> "FuzzKit":
         from shared.ckks import init_keys, load_context
         from shared.signing import generate_aggregator_key, generate_site_key, load_private_key, private_key_path
 
@@ -664,7 +666,8 @@ class FuzzKit:
         generate_site_key(root / "site-keys", site)
         secret = load_context(keys.secret_context, require_secret=True)
         return cls(root, secret, keys.public_context, root / "site-keys", site,
-                   load_private_key(private_key_path(root / "site-keys", site)), n_params, secret.preset.slots)
+                   load_private_key(private_key_path(root / "site-keys", site)),
+                   3 * secret.block_size + 100 if n_params is None else n_params, secret.block_size)
 
     def settings(self, state_dir: Path, **over: Any) -> Any:
         from aggregator.settings import AggregatorSettings
@@ -700,8 +703,41 @@ class FuzzKit:
         return err
 
 
-def _mutations(valid: list[bytes]):  # type: ignore[no-untyped-def]
-    """Hypothesis strategy of bodies: random bytes, msgpack of random structures, and mutated valid chunks."""
+def damage_ciphertext(ct: bytes, how: int, pos: int, junk: bytes, foreign: bytes) -> bytes:
+    """One of the ways a ciphertext can be damaged (``shared.ckks_wire``'s layout): truncated,
+    bit-flipped, spliced, wrong seed length, wrong parameters byte, another key's ciphertext."""
+    how %= 6
+    if how == 0:
+        return ct[: pos % len(ct)]
+    if how == 1:
+        b = bytearray(ct)
+        b[pos % len(b)] ^= 1 << (pos % 8)
+        return bytes(b)
+    if how == 2:
+        p = pos % (len(ct) + 1)
+        return ct[:p] + junk + ct[p:]
+    if how == 3:
+        return ct[:17] + bytes([(64 + 1 + pos) % 64 or 1]) + ct[18:]  # any seed length but 64
+    if how == 4:
+        return ct[:3] + bytes([ct[3] ^ (1 + pos % 255)]) + ct[4:]
+    return foreign
+
+
+def resign_with_ciphertext(kit: "FuzzKit", body: bytes, damage: Any) -> bytes:
+    """The chunk with its first block's ciphertext replaced by ``damage(ct)``, signed again by the
+    site: a broken site, whose signature verifies, so only the ciphertext checks can refuse it."""
+    from shared.codec import decode_update_chunk, encode_update_chunk
+    from shared.signing import sign_chunk
+
+    chunk = decode_update_chunk(body, max_bytes=1 << 24)
+    first, *rest = chunk.blocks
+    bad = first.model_copy(update={"ciphertext": damage(first.ciphertext)})
+    return encode_update_chunk(sign_chunk(chunk.model_copy(update={"blocks": (bad, *rest)}), kit.signing))
+
+
+def _mutations(valid: list[bytes], resign: Any = None):  # type: ignore[no-untyped-def]
+    """Hypothesis strategy of bodies: random bytes, msgpack of random structures, mutated valid chunks
+    and (with ``resign``) valid chunks whose ciphertext is damaged and signed again."""
     import msgpack
     from hypothesis import strategies as st
 
@@ -751,6 +787,8 @@ def _mutations(valid: list[bytes]):  # type: ignore[no-untyped-def]
         st.tuples(base, st.integers(0, 1 << 30), st.binary(min_size=1, max_size=32)).map(splice),
         st.tuples(base, st.text(max_size=16), tree).map(field_swap),
         st.tuples(base, st.integers(0, 100)).map(drop_field),
+        *([st.tuples(base, st.integers(0, 5), st.integers(0, 1 << 30), st.binary(min_size=1, max_size=32)).map(
+            lambda a: resign(*a))] if resign else []),
     )
 
 
@@ -766,6 +804,7 @@ def fuzz_engine(root: Path, max_examples: int = 500, seed: int = 0) -> dict[str,
     rng = np.random.default_rng(seed)
     chunks, sent = kit.update(1, rng)
     originals = [decode_update_chunk(b, max_bytes=1 << 24) for b in chunks]
+    foreign = _foreign_ciphertext(root)
     engine = AggregatorEngine(kit.settings(root / "state"))
     reasons: Counter = Counter()
     stats = {"cases": 0, "accepted_equivalent": 0}
@@ -787,6 +826,19 @@ def fuzz_engine(root: Path, max_examples: int = 500, seed: int = 0) -> dict[str,
 
     try:
         case()
+        # the ciphertext corpus: every kind of damage, at spread positions, signed again by the site
+        # (so the signature verifies and only the ciphertext checks stand between it and the fold)
+        prng = random.Random(seed)
+        for how in range(6):
+            for _ in range(8):
+                pos, junk = prng.randrange(1 << 30), prng.randbytes(prng.randint(1, 32))
+                body = resign_with_ciphertext(kit, prng.choice(chunks),
+                                              lambda ct: damage_ciphertext(ct, how, pos, junk, foreign))
+                stats["cases"] += 1
+                d = engine.accept(body, user_id=None, redelivered=False)
+                if d.action != "reject" or not d.reason.startswith("ciphertext-"):
+                    raise AssertionError(f"damaged ciphertext (kind {how}) not refused as one: {d.action} {d.reason}")
+                reasons[d.reason] += 1
         # the genuine update still goes through, once
         for b in chunks:
             d = engine.accept(b, user_id=None, redelivered=False)
@@ -798,6 +850,14 @@ def fuzz_engine(root: Path, max_examples: int = 500, seed: int = 0) -> dict[str,
     finally:
         engine.close()
     return {"cases": stats["cases"], "accepted_equivalent": stats["accepted_equivalent"], "reasons": dict(reasons)}
+
+
+def _foreign_ciphertext(root: Path) -> bytes:
+    """A ciphertext made under another key (same preset), for the "another key" case."""
+    from shared.ckks import encrypt_block, init_keys, load_context
+
+    other = load_context(init_keys(root / "foreign-key").secret_context, require_secret=True)
+    return encrypt_block(other, np.linspace(-1, 1, 64))
 
 
 def fuzz_amqp(url: str, root: Path, n_random: int = 60, seed: int = 0) -> dict[str, Any]:
@@ -820,8 +880,9 @@ def fuzz_amqp(url: str, root: Path, n_random: int = 60, seed: int = 0) -> dict[s
         return pika.BasicProperties(delivery_mode=2, **over)
 
     junk_types = ["text/plain", "application/json", "", "application/x-msgpack; charset=evil", "\u00e9\u00e8" * 10]
+    foreign = _foreign_ciphertext(root)
     for i in range(n_random):
-        kind = i % 6
+        kind = i % 7
         if kind == 0:
             body = prng.randbytes(prng.randint(0, 4096))
         elif kind == 1:
@@ -836,6 +897,10 @@ def fuzz_amqp(url: str, root: Path, n_random: int = 60, seed: int = 0) -> dict[s
             body = prng.randbytes(300 * 1024)  # oversized (limit 256 KiB)
         elif kind == 4:
             body = json.dumps({"kind": "update_chunk", "site_id": kit.site, "n": i}).encode()
+        elif kind == 5:  # a signed chunk whose ciphertext is damaged (or another key's)
+            how, pos, junk = prng.randrange(6), prng.randrange(1 << 30), prng.randbytes(prng.randint(1, 32))
+            body = resign_with_ciphertext(kit, prng.choice(chunks),
+                                          lambda ct: damage_ciphertext(ct, how, pos, junk, foreign))
         else:
             body = b""
         hdrs = {"x-fuzz": prng.choice([1, "two", -7, True, b"\x00\x01", {"nested": [1, 2, {"x": None}]}])}

@@ -29,6 +29,7 @@ from experiments.simulation import (
     run_centralized,
     run_federation_sim,
 )
+from shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class ReproduceConfig(BaseModel):
     weight_quantum: int = 64
     topk_fraction: float = 0.5
     encrypted: bool = True
-    ckks_preset: str = "n4096-q54"
+    ckks_preset: str = DEFAULT_CKKS_PRESET
     #: key-holder EMA of the global versions (post-processing, no privacy cost), all arms;
     #: selection on validation picks between x_v and ema_v. None = off.
     ema_beta: float | None = 0.7

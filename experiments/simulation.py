@@ -39,6 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator import fold as foldmod
+from shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
 from shared.sparsify import sparsify
 from site_agent.data.demo_data import dirichlet_partition, load_npz_split, load_official_split
 from site_agent.model_state import FederatedModel
@@ -91,7 +92,7 @@ class FederationSettings(BaseModel):
     sparsity_mode: Literal["dense", "topk"] = "topk"
     topk_fraction: float = Field(0.5, gt=0, le=1)
     encrypted: bool = True
-    ckks_preset: str = "n4096-q54"
+    ckks_preset: str = DEFAULT_CKKS_PRESET
     #: per-site slowdown factors (missing entries = 1.0)
     slowdowns: tuple[float, ...] = ()
     #: stop as soon as the validation AUC reaches this (time-to-target runs); None = run all rounds
@@ -396,24 +397,19 @@ class _Crypto:
 
 
 def ciphertext_bytes_per_block(preset: str) -> int:
-    """Measured size of one serialized CKKS block of the preset (for plaintext-mode byte counts)."""
+    """Wire size of one fresh (site-made) ciphertext block of the preset (plaintext-mode byte counts)."""
     return _ct_size(preset)
 
 
-@lru_cache(maxsize=8)
-def _ct_size(preset: str) -> int:
-    from shared.ckks import get_preset, new_secret_context
+def _ct_size(preset: str, *, folded: bool = False) -> int:
+    from shared.ckks import get_preset
 
     p = get_preset(preset)
-    import tenseal as ts
-
-    ctx = new_secret_context(p)
-    vec = ts.ckks_vector(ctx, np.random.default_rng(0).normal(0, 0.01, p.slots).tolist())
-    return len(vec.serialize())
+    return p.folded_bytes if folded else p.seeded_bytes
 
 
 class _Aggregator:
-    """Buffer + state, encrypted (TenSEAL, public context) or plaintext, and the key holder's view."""
+    """Buffer + state, encrypted (through the HE seam, public context) or plaintext, and the key holder's view."""
 
     def __init__(self, fed: FederationSettings, fm: FederatedModel, K: int, crypto: _Crypto | None, block_size: int,
                  n_receivers: int) -> None:
@@ -454,15 +450,15 @@ class _Aggregator:
             changed = foldmod.commit_plain(self.state, self.buffer)
             for i in changed:
                 self.plain_D[i] = self.state[i]
-            self.bytes_down += self.n_receivers * len(changed) * (_ct_size(self.fed.ckks_preset) + 48)
+            self.bytes_down += self.n_receivers * len(changed) * (_ct_size(self.fed.ckks_preset, folded=True) + 48)
         else:
             from shared.chunking import chunk_blocks
-            from shared.ckks import decrypt_block
+            from shared.ckks import decrypt_block, serialize
             from shared.codec import DEFAULT_MAX_MESSAGE_BYTES, encode
             from shared.schema import EncryptedBlock, GlobalVersionChunk
 
             changed = foldmod.commit(self.state, self.buffer)
-            serialized = {i: self.state[i].serialize() for i in changed}
+            serialized = {i: serialize(self.state[i]) for i in changed}
             template = GlobalVersionChunk(
                 chunk_index=0, chunk_count=1, block_size=self.block_size, total_blocks=self._total_blocks(),
                 block_indices=(), blocks=(), key_fingerprint=self.crypto.public.fingerprint,
@@ -506,7 +502,7 @@ def run_federation_sim(
     from site_agent.update_builder import UpdateIdentity, build_update
 
     fm = FederatedModel.create(fed.preset, fed.init_seed)
-    block_size = get_preset(fed.ckks_preset).slots
+    block_size = get_preset(fed.ckks_preset).block_size
     n = len(data.sites)
     K = n if fed.mode == "sync" else fed.buffer_size
     exponent = 0.0 if fed.mode == "sync" else fed.staleness_exponent

@@ -1,107 +1,275 @@
-"""CKKS parameters, key files and block encryption: the one place that knows TenSEAL.
+"""The HE seam: CKKS presets, key files, encrypt / load / fold / serialize / decrypt.
 
-Our homomorphic workload is additions only: the aggregator weights updates by small
-integers (double-and-add, see ``aggregator.fold``) instead of plaintext multiplies, so a
-ciphertext never needs a spare modulus level. Every preset therefore has exactly one data
-prime plus the special prime TenSEAL requires, and a ciphertext already sits at the last
-modulus when it is encrypted: about 29-32 bytes per value on the wire instead of ~57 for
-the usual ``[60, 40, 40, 60]``-style chains. ``docs/crypto.md`` holds the measurements.
+This is the only module that imports TenSEAL (its SEAL binding, ``tenseal.sealapi``); every
+other module sees blocks of float64 values, opaque :class:`HeVector` handles and bytes, plus
+``block_size`` and ``bytes_per_value``. Swapping the HE scheme means rewriting this module
+and ``shared.ckks_wire`` (the byte format), nothing else.
 
-Security: every preset's total modulus stays within the HomomorphicEncryption.org
-standard's 128-bit bound for its ring dimension (N=4096: 109 bits, N=8192: 218 bits),
-which SEAL enforces itself when the context is built.
+Why the default format is what it is (``docs/crypto.md`` has the measurements):
+
+* **Additions only.** The aggregator weights updates by small integers (a plaintext integer
+  multiply, exact and scale-free), so a ciphertext never needs a spare modulus level, and one
+  prime suffices: SEAL accepts a single-prime context with key switching off.
+* **Symmetric, seeded.** Only key holders (the sites) encrypt, so a fresh ciphertext's second
+  polynomial is the expansion of a 64-byte PRNG seed and travels as that seed.
+* **Coefficient encoding.** Values are written onto the plaintext polynomial's coefficients
+  (through the inverse of SEAL's slot embedding, one numpy FFT), N reals per ciphertext
+  instead of N/2, and encoding noise lands on coefficients, which saves modulus bits.
+* **Bit-packed.** ``shared.ckks_wire`` stores c0 at exactly the prime's bit length.
+
+Security: N = 4096 with one 49-bit prime is far inside the HomomorphicEncryption.org
+standard's 128-bit bound (109 bits for N = 4096); SEAL enforces the bound itself when the
+context is built (``sec_level_type.tc128``).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import tenseal as ts
+import tenseal.sealapi as seal
 
+from shared import ckks_wire as wire
 from shared.atomic import atomic_write_bytes
-from shared.errors import CryptoError, SecretKeyPresentError
+from shared.errors import CryptoError, SecretKeyPresentError, WireError
 
-PresetName = Literal["n4096-q50", "n4096-q54", "n8192-q60", "n8192-q60-40-60"]
+PresetName = Literal["n4096-q49"]
+
+#: Largest |sum| relative to the wrap point that ``decrypt_block`` accepts as surely unwrapped.
+_WRAP_GUARD = 0.9
+#: Fresh-encryption noise bound in coefficient units: SEAL clips its error distribution at
+#: 6 sigma (sigma = 3.2).
+FRESH_NOISE_BOUND = 19.2
 
 
 @dataclass(frozen=True)
 class CkksPreset:
+    """One set of CKKS parameters plus the value bound the federation promises to respect."""
+
     name: str
+    wire_id: int
     poly_modulus_degree: int
-    coeff_mod_bit_sizes: tuple[int, ...]
+    prime_bits: int
     scale_bits: int
-    #: largest |value| a folded ciphertext may hold: data prime / scale, with a 2x margin.
-    max_abs_value: float
+    #: largest |value| a site may encrypt (checked before encryption)
+    value_bound: float
 
     @property
-    def slots(self) -> int:
-        return self.poly_modulus_degree // 2
+    def block_size(self) -> int:
+        """Values per ciphertext: coefficient encoding puts one real on each of the N coefficients."""
+        return self.poly_modulus_degree
 
+    @property
+    def modulus_bits(self) -> int:
+        return self.prime_bits
 
-def _preset(name: str, n: int, coeffs: tuple[int, ...], scale_bits: int) -> CkksPreset:
-    return CkksPreset(name, n, coeffs, scale_bits, float(2 ** (coeffs[0] - scale_bits - 2)))
+    @property
+    def headroom(self) -> float:
+        """Largest |weighted sum| a folded ciphertext can hold before it wraps (q/2 / scale),
+        less the noise allowance: the prime is just below 2^bits, hence the 0.999."""
+        return 0.999 * 2.0 ** (self.prime_bits - 1 - self.scale_bits)
+
+    @property
+    def max_abs_value(self) -> float:
+        return self.value_bound
+
+    @property
+    def fold_units_limit(self) -> int:
+        """Most integer weight units one buffer may sum before |sum| could reach the headroom."""
+        return int(self.headroom // self.value_bound)
+
+    @property
+    def seeded_bytes(self) -> int:
+        """Wire size of one fresh (seeded) ciphertext, as a site sends it."""
+        return _wire_params_shape(self).size(wire.KIND_SEEDED)
+
+    @property
+    def folded_bytes(self) -> int:
+        """Wire size of one folded ciphertext (both polynomials), as a version carries it."""
+        return _wire_params_shape(self).size(wire.KIND_FULL)
+
+    @property
+    def bytes_per_value(self) -> float:
+        return self.seeded_bytes / self.block_size
+
+    @property
+    def error_bound(self) -> float:
+        """Worst-case |error| per value of a decrypted weighted average, whatever the integer
+        weights: a weighted average of errors is at most the largest one, the clipped fresh noise
+        plus the encoding's rounding, over the scale. (float64 decoding adds < 1e-9 at the
+        headroom; the tests and bench-crypto measure the total.)"""
+        return (FRESH_NOISE_BOUND + 0.5) / 2.0**self.scale_bits
 
 
 PRESETS: dict[str, CkksPreset] = {
     p.name: p
     for p in (
-        _preset("n4096-q50", 4096, (50, 50), 32),
-        _preset("n4096-q54", 4096, (54, 54), 36),
-        _preset("n8192-q60", 8192, (60, 60), 40),
-        # The common textbook chain with one multiplicative level, kept as the baseline the
-        # benchmark compares against; fedmq itself never needs the extra level.
-        _preset("n8192-q60-40-60", 8192, (60, 40, 60), 40),
+        # 49 bits = 1 sign + 23 bits of headroom (64 updates x weight 1000 x |x| 100 = 6.4e6 < 2^23)
+        # + 25 bits of scale (fresh noise <= 19.2 / 2^25 = 5.7e-7 < the 1e-6 error budget)
+        CkksPreset("n4096-q49", 1, 4096, 49, 25, 100.0),
     )
 }
-DEFAULT_PRESET: PresetName = "n4096-q54"
+DEFAULT_PRESET: PresetName = "n4096-q49"
+#: TenSEAL CKKSVector presets of key-file format 1; their key files are refused with advice.
+RETIRED_PRESETS = ("n4096-q50", "n4096-q54", "n8192-q60", "n8192-q60-40-60")
 
-#: Error budget we test against: the decrypted weighted average of updates whose values
-#: lie in [-1, 1] differs from the float64 plaintext one by at most this, per value.
+#: Error budget we test against: the decrypted weighted average of 64 updates, integer weights
+#: up to 1000, values in [-100, 100], differs from the float64 one by at most this, per value.
 AGGREGATION_ERROR_BUDGET = 1e-6
 
 SECRET_CONTEXT_FILE = "site-secret.ckks"
 PUBLIC_CONTEXT_FILE = "aggregator-public.ckks"
 FINGERPRINT_FILE = "fingerprint.txt"
 
+_MAGIC = b"FEDMQHE2\n"
+_OLD_MAGIC = b"FEDMQCKKS1\n"
+
 
 def get_preset(name: str) -> CkksPreset:
     try:
         return PRESETS[name]
     except KeyError:
+        if name in RETIRED_PRESETS:
+            raise CryptoError(
+                f"CKKS preset {name!r} is retired (TenSEAL CKKSVector format); use {DEFAULT_PRESET!r}"
+            ) from None
         raise CryptoError(f"unknown CKKS preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
-def new_secret_context(preset: CkksPreset) -> ts.Context:
-    """A fresh key: symmetric encryption, since only key holders (sites) ever encrypt."""
-    ctx = ts.context(
-        ts.SCHEME_TYPE.CKKS,
-        preset.poly_modulus_degree,
-        coeff_mod_bit_sizes=list(preset.coeff_mod_bit_sizes),
-        encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
+# --------------------------------------------------------------------- scratch files
+
+_scratch_lock = threading.Lock()
+_scratch_dir: dict[int, str] = {}
+
+
+def _scratch_path(tag: str) -> str:
+    """A per-process, per-thread file path for sealapi, which saves and loads through paths.
+
+    On tmpfs when the machine has one; the file is unlinked before each write (overwriting an
+    existing file forces a flush, ~30x slower). Only ciphertexts and, for one instant while a
+    key file is read, the secret key pass through here, in a 0700 directory."""
+    pid = os.getpid()
+    with _scratch_lock:
+        d = _scratch_dir.get(pid)
+        if d is None:
+            base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            d = tempfile.mkdtemp(prefix="fedmq-he-", dir=base)
+            _scratch_dir[pid] = d
+            atexit.register(shutil.rmtree, d, True)
+    return os.path.join(d, f"{tag}-{threading.get_ident()}")
+
+
+def _save(obj: object, tag: str) -> bytes:
+    path = _scratch_path(tag)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    obj.save(path)  # type: ignore[attr-defined]
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        if tag == "key":
+            os.unlink(path)
+
+
+def _load_into(obj: object, sctx: seal.SEALContext, data: bytes, tag: str) -> None:
+    path = _scratch_path(tag)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    try:
+        obj.load(sctx, path)  # type: ignore[attr-defined]
+    finally:
+        if tag == "key":  # key material never stays on disk; ciphertexts are unlinked by the next write
+            os.unlink(path)
+
+
+# --------------------------------------------------------------------- contexts and keys
+
+
+def _seal_context(preset: CkksPreset) -> seal.SEALContext:
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(preset.poly_modulus_degree)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(preset.poly_modulus_degree, [preset.prime_bits]))
+    sctx = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    if not sctx.parameters_set():
+        raise CryptoError(f"SEAL refuses preset {preset.name}: {sctx.parameters_error_message()}")
+    return sctx
+
+
+_SEAL_VERSION: tuple[int, int] | None = None
+
+
+def _seal_version() -> tuple[int, int]:
+    """SEAL's serialization version, read from a header it writes (no other API exposes it)."""
+    global _SEAL_VERSION
+    if _SEAL_VERSION is None:
+        head = _save(seal.Ciphertext(), "probe")
+        _SEAL_VERSION = (head[3], head[4])
+    return _SEAL_VERSION
+
+
+def _wire_params(preset: CkksPreset, sctx: seal.SEALContext, key_id: bytes) -> wire.WireParams:
+    q = sctx.first_context_data().parms().coeff_modulus()[0].value()
+    return wire.WireParams(
+        preset_id=preset.wire_id, key_id=key_id, n=preset.poly_modulus_degree, modulus=int(q),
+        scale=float(2**preset.scale_bits), parms_id=tuple(sctx.first_parms_id()),  # type: ignore[arg-type]
+        seal_version=_seal_version(),
     )
-    ctx.global_scale = float(2**preset.scale_bits)
-    return ctx
 
 
-def serialize_public(ctx: ts.Context) -> bytes:
-    """The evaluation context: parameters only, no secret, public, Galois or relin keys."""
-    return ctx.serialize(
-        save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
-    )
+def _wire_params_shape(preset: CkksPreset) -> wire.WireParams:
+    """Only the sizes: prime of exactly ``prime_bits`` bits."""
+    return wire.WireParams(preset.wire_id, b"\0" * 8, preset.poly_modulus_degree, 2**preset.prime_bits - 1,
+                           float(2**preset.scale_bits), (0, 0, 0, 0), (0, 0))
 
 
-def context_fingerprint(ctx: ts.Context) -> str:
-    """Identifies the key: hash of the public parameters plus a hash bound to the secret.
+class _SlotMap:
+    """SEAL's CKKS slot embedding for ring degree N, so values can sit on coefficients.
 
-    The public file carries the fingerprint it was made with (next to it on disk and in
-    every message), so the aggregator can check a message's key id without the secret.
-    """
-    return hashlib.sha256(serialize_public(ctx)).hexdigest()[:32]
+    SEAL's slot j holds the plaintext polynomial evaluated at w^(3^j mod 2N), w = e^(i pi / N)
+    (its ``matrix_reps_index_map_``). ``to_slots`` evaluates the polynomial whose coefficients
+    are the values there, so that SEAL's encoder rounds scale * value onto each coefficient;
+    ``from_slots`` undoes it after decoding."""
+
+    def __init__(self, n: int) -> None:
+        m = 2 * n
+        g = np.empty(n // 2, dtype=np.int64)
+        p = 1
+        for j in range(n // 2):
+            g[j] = p
+            p = p * 3 % m
+        self.n = n
+        self.index = (g - 1) // 2
+        self.twist = np.exp(1j * np.pi * np.arange(n) / n)
+        self.untwist = np.conj(self.twist) / n
+
+    def to_slots(self, x: np.ndarray) -> np.ndarray:
+        return (self.n * np.fft.ifft(x * self.twist))[self.index]
+
+    def from_slots(self, z: np.ndarray) -> np.ndarray:
+        full = np.zeros(self.n, dtype=np.complex128)
+        full[self.index] = z
+        full[self.n - 1 - self.index] = np.conj(z)
+        return np.real(np.fft.fft(full) * self.untwist)
 
 
 @dataclass(frozen=True)
@@ -112,7 +280,7 @@ class KeyFiles:
 
 
 def init_keys(out_dir: str | Path, preset_name: str = DEFAULT_PRESET) -> KeyFiles:
-    """Write the site secret context and the aggregator's public one, refusing to overwrite."""
+    """Write the site secret key file and the aggregator's public one, refusing to overwrite."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     secret_path, public_path = out / SECRET_CONTEXT_FILE, out / PUBLIC_CONTEXT_FILE
@@ -120,132 +288,247 @@ def init_keys(out_dir: str | Path, preset_name: str = DEFAULT_PRESET) -> KeyFile
         if p.exists():
             raise CryptoError(f"{p} exists; refusing to overwrite key material")
     preset = get_preset(preset_name)
-    ctx = new_secret_context(preset)
-    # A key id that differs for every generated key, even with equal parameters.
-    nonce = hashlib.sha256(ctx.serialize(save_secret_key=True)).hexdigest()[:16]
+    sctx = _seal_context(preset)
+    secret = _save(seal.KeyGenerator(sctx).secret_key(), "key")
+    # The key id differs for every generated key, even with equal parameters, and reveals
+    # nothing about the secret (a hash of it, cut to 64 bits).
+    nonce = hashlib.sha256(b"fedmq key id\0" + secret).hexdigest()[:16]
     fingerprint = f"{preset.name}:{nonce}"
-    atomic_write_bytes(secret_path, _frame(fingerprint, ctx.serialize(save_secret_key=True)))
+    q = int(sctx.first_context_data().parms().coeff_modulus()[0].value())
+    atomic_write_bytes(secret_path, _frame(fingerprint, preset, q, secret))
     secret_path.chmod(0o600)
-    atomic_write_bytes(public_path, _frame(fingerprint, serialize_public(ctx)))
+    atomic_write_bytes(public_path, _frame(fingerprint, preset, q, b""))
     (out / FINGERPRINT_FILE).write_text(fingerprint + "\n")
     return KeyFiles(secret_path, public_path, fingerprint)
 
 
-_MAGIC = b"FEDMQCKKS1\n"
+def _frame(fingerprint: str, preset: CkksPreset, modulus: int, secret: bytes) -> bytes:
+    head = {"fingerprint": fingerprint, "preset": preset.name, "modulus": modulus,
+            "n": preset.poly_modulus_degree, "scale_bits": preset.scale_bits, "secret": bool(secret)}
+    return _MAGIC + json.dumps(head, sort_keys=True).encode() + b"\n" + secret
 
 
-def _frame(fingerprint: str, body: bytes) -> bytes:
-    return _MAGIC + fingerprint.encode() + b"\n" + body
-
-
-def _unframe(path: Path) -> tuple[str, bytes]:
+def _unframe(path: Path) -> tuple[dict[str, object], bytes]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise CryptoError(f"key file {path} not found (run `fedmq keys init`)") from None
+    if data.startswith(_OLD_MAGIC):
+        old = data[len(_OLD_MAGIC) :].partition(b"\n")[0].decode(errors="replace").split(":", 1)[0]
+        raise CryptoError(
+            f"{path} is a key file of the retired preset {old!r} (TenSEAL CKKSVector, key format 1); "
+            f"fedmq now encrypts with {DEFAULT_PRESET!r}. Run `fedmq keys init --out DIR` for a new key, "
+            f"give {SECRET_CONTEXT_FILE} to every site and {PUBLIC_CONTEXT_FILE} to the aggregator, and "
+            f"start the federation from fresh state directories (old ciphertexts cannot be read)"
+        )
     if not data.startswith(_MAGIC):
         raise CryptoError(f"{path} is not a fedmq CKKS key file")
-    rest = data[len(_MAGIC) :]
-    fp, _, body = rest.partition(b"\n")
-    return fp.decode(), body
+    line, _, body = data[len(_MAGIC) :].partition(b"\n")
+    try:
+        head = json.loads(line)
+    except ValueError:
+        raise CryptoError(f"{path}: unreadable key file header") from None
+    if not isinstance(head, dict):
+        raise CryptoError(f"{path}: unreadable key file header")
+    return head, body
 
 
 @dataclass
 class LoadedContext:
-    context: ts.Context
+    """A loaded key: parameters, and the secret key on sites only. Opaque to callers."""
+
     fingerprint: str
     preset: CkksPreset
+    _sctx: seal.SEALContext = field(repr=False)
+    _wire: wire.WireParams = field(repr=False)
+    _secret: seal.SecretKey | None = field(default=None, repr=False)
+    #: the key file it came from (worker processes load their own copy from it)
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        self._encoder = seal.CKKSEncoder(self._sctx)
+        self._evaluator = seal.Evaluator(self._sctx)
+        self._slots = _SlotMap(self.preset.poly_modulus_degree)
+        self._scale = float(2**self.preset.scale_bits)
+        self._int_plains: dict[int, seal.Plaintext] = {}
+        self._encryptor = seal.Encryptor(self._sctx, self._secret) if self._secret is not None else None
+        self._decryptor = seal.Decryptor(self._sctx, self._secret) if self._secret is not None else None
 
     @property
     def is_private(self) -> bool:
-        return bool(self.context.has_secret_key())
+        return self._secret is not None
+
+    @property
+    def block_size(self) -> int:
+        return self.preset.block_size
+
+    @property
+    def bytes_per_value(self) -> float:
+        return self.preset.bytes_per_value
+
+    def _int_plain(self, k: int) -> seal.Plaintext:
+        pt = self._int_plains.get(k)
+        if pt is None:
+            pt = seal.Plaintext()
+            self._encoder.encode(int(k), 1.0, pt)  # the constant polynomial k, at scale 1
+            if len(self._int_plains) < 4096:
+                self._int_plains[k] = pt
+        return pt
 
 
 def load_context(path: str | Path, *, require_secret: bool | None = None) -> LoadedContext:
     """Load a key file; ``require_secret=False`` refuses any file that holds a secret key."""
-    fingerprint, body = _unframe(Path(path))
-    preset = get_preset(fingerprint.split(":", 1)[0])
+    path = Path(path)
+    head, body = _unframe(path)
+    fingerprint = str(head.get("fingerprint", ""))
+    preset_name = str(head.get("preset", ""))
     try:
-        ctx = ts.context_from(body)
-    except Exception as exc:  # TenSEAL raises bare ValueError/RuntimeError on bad bytes
-        raise CryptoError(f"{path}: unreadable CKKS context ({exc})") from None
-    has_secret = bool(ctx.has_secret_key())
+        preset = get_preset(preset_name)
+    except CryptoError as exc:
+        raise CryptoError(f"{path}: {exc}") from None
+    if fingerprint.split(":", 1)[0] != preset.name or len(fingerprint.split(":", 1)[-1]) != 16:
+        raise CryptoError(f"{path}: fingerprint {fingerprint!r} does not belong to preset {preset.name}")
+    sctx = _seal_context(preset)
+    q = int(sctx.first_context_data().parms().coeff_modulus()[0].value())
+    if head.get("modulus") != q or head.get("n") != preset.poly_modulus_degree or head.get("scale_bits") != preset.scale_bits:
+        raise CryptoError(f"{path}: parameters differ from preset {preset.name} (modulus, N or scale)")
+    has_secret = bool(body)
     if require_secret is False and has_secret:
         raise SecretKeyPresentError(f"{path} holds a CKKS secret key; the aggregator must never load one")
     if require_secret is True and not has_secret:
         raise CryptoError(f"{path} holds no secret key; sites need {SECRET_CONTEXT_FILE}")
-    ctx.global_scale = float(2**preset.scale_bits)
-    return LoadedContext(ctx, fingerprint, preset)
+    secret = None
+    if has_secret:
+        secret = seal.SecretKey()
+        try:
+            _load_into(secret, sctx, body, "key")
+        except (ValueError, RuntimeError) as exc:
+            raise CryptoError(f"{path}: unreadable secret key ({exc})") from None
+    key_id = bytes.fromhex(fingerprint.split(":", 1)[1])
+    return LoadedContext(fingerprint, preset, sctx, _wire_params(preset, sctx, key_id), secret, path.resolve())
 
 
-def pad_block(values: np.ndarray, slots: int) -> np.ndarray:
-    if values.size > slots:
-        raise ValueError(f"block of {values.size} values exceeds {slots} slots")
-    out = np.zeros(slots, dtype=np.float64)
+# --------------------------------------------------------------------- blocks
+
+
+class HeVector:
+    """One ciphertext block held in memory (a SEAL ciphertext at the key's only level)."""
+
+    __slots__ = ("_ct", "_ctx")
+
+    def __init__(self, ctx: LoadedContext, ct: seal.Ciphertext) -> None:
+        self._ctx = ctx
+        self._ct = ct
+
+
+def pad_block(values: np.ndarray, block_size: int) -> np.ndarray:
+    if values.size > block_size:
+        raise ValueError(f"block of {values.size} values exceeds {block_size} slots")
+    out = np.zeros(block_size, dtype=np.float64)
     out[: values.size] = values
     return out
 
 
 def encrypt_block(ctx: LoadedContext, values: np.ndarray) -> bytes:
-    if not ctx.is_private:
+    """One block (at most ``block_size`` values, |x| <= the preset's value bound) -> wire bytes."""
+    if ctx._encryptor is None:
         raise CryptoError("encryption needs the site's secret context")
+    values = np.asarray(values, dtype=np.float64)
     # written as "not <=" so that NaN (which compares false to everything) is refused too
-    if values.size and not float(np.max(np.abs(values))) <= ctx.preset.max_abs_value:
-        raise CryptoError(f"value not finite or beyond the preset's range ({ctx.preset.max_abs_value:g})")
-    return ts.ckks_vector(ctx.context, pad_block(values, ctx.preset.slots)).serialize()
+    if values.size and not float(np.max(np.abs(values))) <= ctx.preset.value_bound:
+        raise CryptoError(f"value not finite or beyond the preset's range ({ctx.preset.value_bound:g})")
+    plain = seal.Plaintext()
+    ctx._encoder.encode(ctx._slots.to_slots(pad_block(values, ctx.block_size)).tolist(), ctx._scale, plain)
+    seeded = ctx._encryptor.encrypt_symmetric(plain)
+    return wire.seal_to_wire(_save(seeded, "ct"), ctx._wire)
 
 
-def encrypt_blocks(ctx: LoadedContext, blocks: Iterable[np.ndarray]) -> list[bytes]:
-    return [encrypt_block(ctx, b) for b in blocks]
+def check_ciphertext(ctx: LoadedContext, data: bytes) -> None:
+    """Everything about a ciphertext's bytes that can be checked cheaply, without SEAL: size,
+    format, parameters, seed length, checksum, key id. Raises a ``WireError`` whose reason names
+    the fault."""
+    wire.check_wire(data, ctx._wire)
 
 
-def load_ciphertext(ctx: LoadedContext, data: bytes) -> ts.CKKSVector:
+def load_ciphertext(ctx: LoadedContext, data: bytes) -> HeVector:
+    """Wire bytes -> a ciphertext to fold or decrypt; each fault raises its own ``WireError``."""
+    stream = wire.wire_to_seal(bytes(data), ctx._wire)
+    ct = seal.Ciphertext()
     try:
-        vec = ts.ckks_vector_from(ctx.context, data)
-    except Exception as exc:
-        raise CryptoError(f"unreadable ciphertext ({exc})") from None
-    # TenSEAL parses many garbage byte strings (b"", b"xxx") as an empty vector; every
-    # ciphertext fedmq makes is one full, padded block.
-    if vec.size() != ctx.preset.slots:
-        raise CryptoError(f"ciphertext holds {vec.size()} values, expected a full block of {ctx.preset.slots}")
-    return vec
+        _load_into(ct, ctx._sctx, stream, "ct")
+    except (ValueError, RuntimeError) as exc:
+        raise wire.CiphertextMalformed(f"SEAL refuses the ciphertext ({exc})") from None
+    return HeVector(ctx, ct)
 
 
-def decrypt_block(ctx: LoadedContext, data: bytes | ts.CKKSVector) -> np.ndarray:
-    if not ctx.is_private:
+def serialize(vec: HeVector) -> bytes:
+    """A folded (or fresh) ciphertext -> wire bytes."""
+    return wire.seal_to_wire(_save(vec._ct, "ct"), vec._ctx._wire)
+
+
+def decrypt_block(ctx: LoadedContext, data: bytes | HeVector) -> np.ndarray:
+    """A full block of ``block_size`` values (sums of weighted values, for folded blocks)."""
+    if ctx._decryptor is None:
         raise CryptoError("decryption needs the site's secret context")
-    vec = load_ciphertext(ctx, data) if isinstance(data, bytes) else vec_with_context(ctx, data)
-    return np.asarray(vec.decrypt(), dtype=np.float64)
+    vec = load_ciphertext(ctx, data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    plain = seal.Plaintext()
+    ctx._decryptor.decrypt(vec._ct, plain)
+    values = ctx._slots.from_slots(np.asarray(ctx._encoder.decode_complex(plain), dtype=np.complex128))
+    if values.size and float(np.max(np.abs(values))) >= _WRAP_GUARD * ctx.preset.headroom:
+        raise CryptoError(
+            f"decrypted |value| {float(np.max(np.abs(values))):.3g} is at the edge of preset "
+            f"{ctx.preset.name}'s headroom ({ctx.preset.headroom:.3g}): the sum may have wrapped"
+        )
+    return values
 
 
-def vec_with_context(ctx: LoadedContext, vec: ts.CKKSVector) -> ts.CKKSVector:
-    vec.link_context(ctx.context)
-    return vec
+# --------------------------------------------------------------------- folding (no secret needed)
 
 
-def scale_by_int(vec: ts.CKKSVector, factor: int) -> ts.CKKSVector:
-    """factor * vec by double-and-add: integer weights cost additions, never a level.
+def scale_by_int(vec: HeVector, factor: int) -> HeVector:
+    """factor * vec, exactly (a plaintext integer multiply: no scale change, no level).
 
-    Returns ``vec`` itself for factor 1; callers that add in place must own it.
-    """
+    Returns ``vec`` itself for factor 1; callers that add in place must own it."""
     if factor < 1:
         raise ValueError("integer weight must be >= 1")
-    result: ts.CKKSVector | None = None
-    addend = vec
-    while True:
-        if factor & 1:
-            result = addend if result is None else result + addend
-        factor >>= 1
-        if not factor:
-            break
-        addend = addend + addend
-    assert result is not None
-    return result
+    if factor == 1:
+        return vec
+    ctx = vec._ctx
+    out = seal.Ciphertext()
+    ctx._evaluator.multiply_plain(vec._ct, ctx._int_plain(factor), out)
+    return HeVector(ctx, out)
 
 
-def sum_vectors(vectors: Sequence[ts.CKKSVector]) -> ts.CKKSVector:
-    """A new vector; the inputs are left untouched (TenSEAL's copy() needs the secret key)."""
-    total = vectors[0]
-    for v in vectors[1:]:
-        total = total + v
-    return total
+def add_inplace(target: HeVector, other: HeVector) -> HeVector:
+    """target += other; returns target."""
+    target._ctx._evaluator.add_inplace(target._ct, other._ct)
+    return target
+
+
+def accumulate(target: HeVector | None, vec: HeVector, factor: int) -> HeVector:
+    """target + factor * vec; ``vec`` must be owned by the caller (it may become the result)."""
+    scaled = scale_by_int(vec, factor)
+    if target is None:
+        return scaled
+    return add_inplace(target, scaled)
+
+
+def sum_vectors(vectors: Sequence[HeVector]) -> HeVector:
+    """A new vector; the inputs are left untouched."""
+    ctx = vectors[0]._ctx
+    out = seal.Ciphertext()
+    if len(vectors) == 1:
+        ctx._evaluator.multiply_plain(vectors[0]._ct, ctx._int_plain(1), out)
+    else:
+        ctx._evaluator.add(vectors[0]._ct, vectors[1]._ct, out)
+        for v in vectors[2:]:
+            ctx._evaluator.add_inplace(out, v._ct)
+    return HeVector(ctx, out)
+
+
+__all__ = [
+    "AGGREGATION_ERROR_BUDGET", "DEFAULT_PRESET", "PRESETS", "PUBLIC_CONTEXT_FILE", "SECRET_CONTEXT_FILE",
+    "CkksPreset", "HeVector", "KeyFiles", "LoadedContext", "WireError", "accumulate", "add_inplace",
+    "check_ciphertext", "decrypt_block", "encrypt_block", "get_preset", "init_keys",
+    "load_ciphertext", "load_context", "pad_block", "scale_by_int", "serialize", "sum_vectors",
+]

@@ -21,7 +21,8 @@ import msgpack
 import numpy as np
 
 from shared.chunking import chunk_blocks
-from shared.ckks import LoadedContext, encrypt_block
+from shared.ckks import LoadedContext
+from shared.ckks_pool import encrypt_blocks_parallel
 from shared.schema import EncryptedBlock, UpdateChunk
 from shared.signing import SigningKey, sign_chunk
 from shared.sparsify import SparsityMode, sparsify
@@ -91,6 +92,7 @@ def build_update(
     max_message_bytes: int,
     shard_count: int | None = None,
     shard_base_versions: Sequence[int] | None = None,
+    encrypt_workers: int | None = None,
 ) -> BuiltUpdate:
     """Sparsify, encrypt, chunk and sign one update.
 
@@ -98,6 +100,7 @@ def build_update(
     :class:`ShardedVersion`, else 1) splits it per aggregator shard; ``shard_base_versions``
     (default: the ``ShardedVersion``'s, else ``identity.base_version`` for every shard) are the
     site's versions of each shard. The returned chunks are ordered by shard, then chunk index.
+    ``encrypt_workers`` (default: every core) encrypts large updates in worker processes.
     """
     per_shard = getattr(identity.base_version, "per_shard", None)
     n = shard_count if shard_count is not None else (len(per_shard) if per_shard else 1)
@@ -105,12 +108,12 @@ def build_update(
         shard_base_versions = per_shard if per_shard and len(per_shard) == n else [int(identity.base_version)] * n
     if len(shard_base_versions) != n or n < 1:
         raise ValueError(f"need one base version per shard ({n}), got {len(shard_base_versions)}")
-    block_size = ctx.preset.slots
+    block_size = ctx.block_size
     sparse, new_residual = sparsify(delta, residual, block_size, mode, fraction)
     t0 = time.perf_counter()
+    ciphertexts = encrypt_blocks_parallel(ctx, sparse.blocks, workers=encrypt_workers)
     blocks = [
-        EncryptedBlock(index=idx, ciphertext=encrypt_block(ctx, values))
-        for idx, values in zip(sparse.indices, sparse.blocks, strict=True)
+        EncryptedBlock(index=idx, ciphertext=ct) for idx, ct in zip(sparse.indices, ciphertexts, strict=True)
     ]
     encrypt_seconds = time.perf_counter() - t0
     total = sparse.total_blocks

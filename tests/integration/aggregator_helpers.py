@@ -17,7 +17,7 @@ import numpy as np
 
 from aggregator.fold import reconstruct
 from aggregator.settings import AggregatorSettings
-from shared.ckks import LoadedContext, decrypt_block, init_keys, load_context
+from shared.ckks import DEFAULT_PRESET, LoadedContext, decrypt_block, get_preset, init_keys, load_context
 from shared.codec import decode_global_version, encode_update_chunk
 from shared.schema import GlobalVersionChunk
 from shared.signing import (
@@ -27,7 +27,7 @@ from site_agent.update_builder import UpdateIdentity, build_update
 
 LAYOUT_FP = "layout-test-0000000000000001"
 SITES = ("alpha", "bravo", "charlie")
-SLOTS = 2048  # default preset n4096-q54
+SLOTS = get_preset(DEFAULT_PRESET).block_size
 
 
 @dataclass

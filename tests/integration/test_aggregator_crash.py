@@ -63,7 +63,7 @@ def test_kill9_then_restart_folds_each_confirmed_update_once(crash, fed, tmp_pat
         for k, site in enumerate(fed.sites):
             w = (0.5, 1.0, 1.7)[k]
             b, sent = fed.update(site, seq, 0, random_delta(rng, fed.n_params), sample_weight=w,
-                                 max_message_bytes=100_000)
+                                 max_message_bytes=40_000)
             bodies += b
             plain.fold(sent, weight_units(0, w, quantum=64, exponent=0.0, reference_sample_weight=1.0))
     proc = _start(fed, state, amqp_url, crash)

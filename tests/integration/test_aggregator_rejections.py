@@ -14,7 +14,7 @@ from integration.aggregator_helpers import (
 )
 from shared.codec import decode_update_chunk, decode_rejection, encode_update_chunk
 from shared.ckks import init_keys, load_context
-from shared.signing import generate_site_key, load_private_key, private_key_path
+from shared.signing import generate_site_key, load_private_key, private_key_path, sign_chunk
 
 pytestmark = pytest.mark.broker
 
@@ -90,6 +90,53 @@ def case_wrong_key(fed, ctx):
     return [encode_update_chunk(sign_chunk(chunk, fed.signing["charlie"]))], "bad-signature"  # charlie's key
 
 
+def _with_ciphertext(fed, ctx, damage):
+    """A chunk whose first ciphertext is damaged *before* the site signs it (a broken or
+    misconfigured site): the signature verifies, the ciphertext check must refuse it."""
+    chunk = decode_update_chunk(_good(fed, ctx, 1)[0])
+    first, *rest = chunk.blocks
+    bad = first.model_copy(update={"ciphertext": damage(first.ciphertext)})
+    return [encode_update_chunk(sign_chunk(chunk.model_copy(update={"blocks": (bad, *rest)}), fed.signing[_site(ctx)]))]
+
+
+def _flip(ct):
+    out = bytearray(ct)
+    out[5000] ^= 0x10
+    return bytes(out)
+
+
+def case_ciphertext_malformed(fed, ctx):
+    return _with_ciphertext(fed, ctx, lambda ct: b"\x00garbage" + ct[9:]), "ciphertext-malformed"
+
+
+def case_ciphertext_truncated(fed, ctx):
+    return _with_ciphertext(fed, ctx, lambda ct: ct[:-100]), "ciphertext-truncated"
+
+
+def case_ciphertext_bit_flip(fed, ctx):
+    return _with_ciphertext(fed, ctx, _flip), "ciphertext-corrupt"
+
+
+def case_ciphertext_seed_length(fed, ctx):
+    return _with_ciphertext(fed, ctx, lambda ct: ct[:17] + bytes([32]) + ct[18:]), "ciphertext-seed"
+
+
+def case_ciphertext_parameters(fed, ctx):
+    return _with_ciphertext(fed, ctx, lambda ct: ct[:3] + bytes([ct[3] ^ 0x7F]) + ct[4:]), "ciphertext-params"
+
+
+def case_ciphertext_other_key(fed, ctx):
+    """Encrypted under another key but labelled with the federation's fingerprint."""
+    other = load_context(init_keys(fed.root / "other-key-ct").secret_context, require_secret=True)
+    foreign = decode_update_chunk(_good(fed, ctx, 1, secret=other)[0])
+    return _with_ciphertext(fed, ctx, lambda ct: foreign.blocks[0].ciphertext), "ciphertext-key"
+
+
+def case_headroom(fed, ctx):
+    """A weight so large that the buffer's sum could wrap the CKKS modulus."""
+    return _good(fed, ctx, 1, sample_weight=5000.0)[:1], "headroom"
+
+
 def case_future_version(fed, ctx):
     return _good(fed, ctx, 1, base=ctx["agg"].engine.version + 7)[:1], "future-version"
 
@@ -119,7 +166,7 @@ def case_replay(fed, ctx):
 
 
 def case_incomplete(fed, ctx):
-    bodies = _good(fed, ctx, 1, max_message_bytes=100_000)
+    bodies = _good(fed, ctx, 1, max_message_bytes=40_000)
     assert len(bodies) > 1
     return bodies[:-1], "incomplete"
 
@@ -128,7 +175,8 @@ CASES = {f.__name__.removeprefix("case_"): f for f in (
     case_undecodable, case_oversize, case_schema_version, case_key_fingerprint, case_layout_fingerprint,
     case_unknown_site, case_bad_signature, case_mldsa_missing, case_ed25519_missing, case_wrong_key,
     case_future_version, case_too_stale, case_duplicate, case_replay,
-    case_incomplete,
+    case_incomplete, case_ciphertext_malformed, case_ciphertext_truncated, case_ciphertext_bit_flip,
+    case_ciphertext_seed_length, case_ciphertext_parameters, case_ciphertext_other_key, case_headroom,
 )}
 
 

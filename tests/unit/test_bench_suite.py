@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from benchmarks import suite
+from shared.ckks import DEFAULT_PRESET
 
 TINY = suite.Sizes.tiny()
 
@@ -24,12 +25,12 @@ def test_sizes_full_is_the_make_bench_configuration():
 def test_wire_bytes_keys(tmp_path):
     out = suite.wire_bytes(TINY, tmp_path)
     assert out["wire_bytes_ratio_vs_dense_fp32"] > 0
-    assert out["wire_default"]["ckks_preset"] == "n4096-q54"
+    assert out["wire_default"]["ckks_preset"] == DEFAULT_PRESET
     rows = out["wire_table"]
-    assert {(r["preset"], r["topk_fraction"]) for r in rows} == {("n4096-q54", 1.0), ("n4096-q54", 0.5)}
+    assert {(r["preset"], r["topk_fraction"]) for r in rows} == {(DEFAULT_PRESET, 1.0), (DEFAULT_PRESET, 0.5)}
     dense = next(r for r in rows if r["topk_fraction"] == 1.0)
     half = next(r for r in rows if r["topk_fraction"] == 0.5)
-    assert half["bytes"] < dense["bytes"] and dense["ratio_vs_dense_fp32"] > 1.0  # CKKS ~30 B/value vs 4 B
+    assert half["bytes"] < dense["bytes"] and dense["ratio_vs_dense_fp32"] > 1.0  # CKKS ~6.2 B/value vs 4 B
 
 
 def test_scaling_sections_keys(tmp_path):
@@ -74,6 +75,22 @@ def test_verdicts_markdown_and_files(tmp_path):
     md = m.read_text()
     assert "| figure | this run | goal | verdict |" in md and "no GPU machine was lent" in md
     assert any("two shards" in line for line in suite.summary_lines(result))
+    assert v["ckks_bytes_per_value"]["met"] is None  # not in this result: no verdict, not a pass
+
+
+@pytest.mark.broker
+def test_resnet50_section_reports_the_issue_keys(tmp_path, amqp_url):
+    """benchmarks.resnet50 at a tiny size: the keys make bench adds to latest.json (issue 13 item 5)."""
+    out = suite.resnet50_scale(lambda: amqp_url, tmp_path, params=TINY.resnet50_params)
+    for key in ("ckks_bytes_per_value", "resnet50_update_bytes", "resnet50_site_build_seconds",
+                "resnet50_fold_seconds", "aggregator_peak_rss_bytes"):
+        assert out[key] and out[key] > 0, key
+    assert out["ckks_bytes_per_value"] <= 7.1
+    assert out["resnet50_update_bytes"] > 4 * TINY.resnet50_params  # ciphertexts are larger than float32
+    v = suite.verdicts(out)
+    assert v["ckks_bytes_per_value"]["met"] is True
+    md = suite.markdown({**out, "machine": suite.machine(), "verdicts": v})
+    assert "Privacy at ResNet-50 scale" in md
 
 
 @pytest.mark.broker

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.ckks import PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE, load_context
+from shared.ckks import DEFAULT_PRESET, PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE, load_context
 from shared.cli import build_parser, main
 from shared.signing import load_private_key, load_public_key
 
@@ -57,8 +57,8 @@ def test_keys_init_writes_both_files_and_refuses_to_overwrite(tmp_path: Path, ca
 
 
 def test_keys_init_with_preset(tmp_path: Path) -> None:
-    assert main(["keys", "init", "--out", str(tmp_path), "--preset", "n8192-q60"]) == 0
-    assert load_context(tmp_path / PUBLIC_CONTEXT_FILE).preset.name == "n8192-q60"
+    assert main(["keys", "init", "--out", str(tmp_path), "--preset", DEFAULT_PRESET]) == 0
+    assert load_context(tmp_path / PUBLIC_CONTEXT_FILE).preset.name == DEFAULT_PRESET
     with pytest.raises(SystemExit):
         main(["keys", "init", "--out", str(tmp_path / "x"), "--preset", "n2-q1"])
 

@@ -10,7 +10,7 @@ from aggregator.fold import (
     block_shard, commit, commit_plain, fold_into, fold_plain, owned_blocks, reconstruct, staleness_weight,
     value_scale, weight_units,
 )
-from shared.ckks import decrypt_block, encrypt_block, init_keys, load_ciphertext, load_context
+from shared.ckks import decrypt_block, encrypt_block, init_keys, load_ciphertext, load_context, serialize
 
 
 def test_staleness_weight_values():
@@ -51,7 +51,7 @@ def contexts(tmp_path_factory):
 def test_encrypted_fold_matches_plaintext_fedbuff(contexts):
     secret, public = contexts
     rng = np.random.default_rng(7)
-    slots = public.preset.slots
+    slots = public.block_size
     n_blocks, K, Q = 4, 3, 64
     D, buf, pD, pbuf = {}, {}, {}, {}
     current = 0
@@ -71,7 +71,7 @@ def test_encrypted_fold_matches_plaintext_fedbuff(contexts):
     scale = value_scale(0.5, Q, K)
     n = n_blocks * slots - 17
     x0 = rng.normal(size=n)
-    dec = {i: decrypt_block(secret, v.serialize()) for i, v in D.items()}
+    dec = {i: decrypt_block(secret, serialize(v)) for i, v in D.items()}
     np.testing.assert_allclose(reconstruct(x0, dec, scale, slots), reconstruct(x0, pD, scale, slots), atol=1e-6)
 
 
@@ -81,4 +81,4 @@ def test_fold_into_unit_weight_keeps_vector(contexts):
     buf = {}
     fold_into(buf, [(0, v)], 1)
     fold_into(buf, [(0, load_ciphertext(public, encrypt_block(secret, np.ones(3))))], 5)
-    np.testing.assert_allclose(decrypt_block(secret, buf[0].serialize())[:3], 6.0, atol=1e-6)
+    np.testing.assert_allclose(decrypt_block(secret, serialize(buf[0]))[:3], 6.0, atol=1e-6)

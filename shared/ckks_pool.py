@@ -1,0 +1,200 @@
+"""Encryption on every core: a pool of key-holding worker processes.
+
+``tenseal.sealapi`` keeps the GIL while SEAL encodes and encrypts, so threads do not help
+(two threads: 0.98x of one, measured on this project's 2-core machine); processes do.
+
+The workers are plain subprocesses (``python -m shared.ckks_pool KEYFILE``) speaking a tiny
+length-prefixed protocol over their pipes, not ``multiprocessing``: spawn and forkserver
+re-import the caller's ``__main__`` in every worker (a script without a main guard would
+recurse), and fork would copy a site agent's training and broker threads mid-flight. Each
+worker loads the secret key file once (the path travels, never the key bytes) and encrypts
+batches of blocks sent as float64 rows; one thread per worker in the caller writes a batch and
+reads its ciphertexts, so the pipes never deadlock. Small updates stay in the calling process,
+where a round trip would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import struct
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from shared.ckks import LoadedContext, encrypt_block, load_context
+from shared.errors import CryptoError
+
+#: below this many blocks an update is encrypted in the calling process
+MIN_PARALLEL_BLOCKS = 64
+#: blocks per batch: large enough to amortize the pipe round trip, small enough to balance the cores
+BATCH_BLOCKS = 32
+
+_BATCH_HEAD = struct.Struct("<II")  # rows, columns (float64 values follow, row-major)
+_LEN = struct.Struct("<I")
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if data is None or len(data) != n:
+        raise EOFError(f"expected {n} bytes, got {0 if data is None else len(data)}")
+    return data
+
+
+class _Worker:
+    def __init__(self, key_path: str) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.ckks_pool", key_path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+
+    def encrypt(self, batch: np.ndarray) -> list[bytes]:
+        stdin, stdout = self.proc.stdin, self.proc.stdout
+        if stdin is None or stdout is None:
+            raise CryptoError("encryption worker has no pipes")
+        try:
+            rows, cols = batch.shape
+            stdin.write(_BATCH_HEAD.pack(rows, cols))
+            stdin.write(np.ascontiguousarray(batch, dtype="<f8").tobytes())
+            stdin.flush()
+            (status,) = _LEN.unpack(_read_exact(stdout, _LEN.size))
+            if status == 0xFFFFFFFF:  # the worker refused the batch: its message follows
+                (n,) = _LEN.unpack(_read_exact(stdout, _LEN.size))
+                raise CryptoError(_read_exact(stdout, n).decode(errors="replace"))
+            out = []
+            for _ in range(status):
+                (n,) = _LEN.unpack(_read_exact(stdout, _LEN.size))
+                out.append(_read_exact(stdout, n))
+            return out
+        except (OSError, EOFError, ValueError) as exc:
+            raise CryptoError(f"encryption worker {self.proc.pid} failed ({exc})") from None
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+class EncryptionPool:
+    """``workers`` key-holding processes; ``encrypt`` keeps the blocks' order."""
+
+    def __init__(self, key_path: str | Path, workers: int) -> None:
+        self.key_path = str(key_path)
+        self.workers = [_Worker(self.key_path) for _ in range(workers)]
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        for w in self.workers:
+            self._idle.put(w)
+        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmq-encrypt")
+
+    def _run(self, batch: np.ndarray) -> list[bytes]:
+        worker = self._idle.get()
+        try:
+            return worker.encrypt(batch)
+        finally:
+            self._idle.put(worker)
+
+    def encrypt(self, blocks: np.ndarray) -> list[bytes]:
+        """``blocks``: (n, <= block_size) float64, one row a block."""
+        futures = [self._threads.submit(self._run, blocks[start : start + BATCH_BLOCKS])
+                   for start in range(0, len(blocks), BATCH_BLOCKS)]
+        return [ct for f in futures for ct in f.result()]
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True)
+        for w in self.workers:
+            w.close()
+
+
+_pools: dict[tuple[str, int], EncryptionPool] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool_for(ctx: LoadedContext, workers: int) -> EncryptionPool | None:
+    if ctx.source is None:
+        return None
+    key = (str(ctx.source), workers)
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = EncryptionPool(ctx.source, workers)
+        return pool
+
+
+def encrypt_blocks_parallel(ctx: LoadedContext, blocks: np.ndarray, *, workers: int | None = None) -> list[bytes]:
+    """Encrypt the rows of ``blocks`` (n, <= block_size) on ``workers`` processes (default: every
+    core this process may use), in order."""
+    blocks = np.asarray(blocks, dtype=np.float64)
+    n = default_workers() if workers is None else max(1, workers)
+    pool = _pool_for(ctx, n) if n > 1 and len(blocks) >= MIN_PARALLEL_BLOCKS else None
+    if pool is None:
+        return [encrypt_block(ctx, b) for b in blocks]
+    for b in blocks:  # refuse out-of-range values here, with the serial path's error
+        if b.size and not float(np.max(np.abs(b))) <= ctx.preset.value_bound:
+            encrypt_block(ctx, b)  # raises CryptoError
+    try:
+        return pool.encrypt(blocks)
+    except CryptoError:
+        with _pools_lock:  # a broken pool is replaced on the next call
+            if _pools.get((str(ctx.source), n)) is pool:
+                del _pools[(str(ctx.source), n)]
+        pool.close()
+        raise
+
+
+def shutdown_pools() -> None:
+    with _pools_lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for p in pools:
+        p.close()
+
+
+atexit.register(shutdown_pools)
+
+
+def _serve(key_path: str) -> int:
+    """Worker main loop: batches in on stdin, ciphertexts out on stdout, until stdin closes."""
+    ctx = load_context(key_path, require_secret=True)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        head = stdin.read(_BATCH_HEAD.size)
+        if not head:
+            return 0
+        rows, cols = _BATCH_HEAD.unpack(head)
+        batch = np.frombuffer(_read_exact(stdin, rows * cols * 8), dtype="<f8").reshape(rows, cols)
+        try:
+            cts = [encrypt_block(ctx, row) for row in batch]
+        except (CryptoError, ValueError) as exc:
+            msg = str(exc).encode()
+            stdout.write(_LEN.pack(0xFFFFFFFF) + _LEN.pack(len(msg)) + msg)
+            stdout.flush()
+            continue
+        stdout.write(_LEN.pack(len(cts)))
+        for ct in cts:
+            stdout.write(_LEN.pack(len(ct)))
+            stdout.write(ct)
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(_serve(sys.argv[1]))

@@ -1,0 +1,260 @@
+"""fedmq's ciphertext byte format ("HE1"): SEAL's seeded CKKS ciphertext, bit-packed.
+
+SEAL saves a ciphertext as a zstd-compressed stream that carries its parameters id, scale and
+every coefficient as a 64-bit word; a seeded (symmetric, fresh) ciphertext replaces its second
+polynomial by the 64-byte PRNG seed it was drawn from. zstd leaves the 49-bit coefficients of
+the default preset at about 57 bits each. This module stores exactly what is not implied by
+the key's parameters:
+
+    offset  size  field
+    0       2     magic b"\\xfeH"
+    2       1     format version (1)
+    3       1     preset id (``CkksPreset.wire_id``): parameters the ciphertext was made for
+    4       1     kind: 0 = seeded (c0 + seed), 1 = full (c0 and c1)
+    5       8     key id: the first 8 bytes of the key's nonce (another key is refused)
+    13      4     BLAKE2b-32 of every other byte (corruption and bit flips are refused)
+    17      1     seed length (64), seeded kind only
+    18      1     SEAL PRNG type, seeded kind only
+    19      64    PRNG seed, seeded kind only
+    ...           each polynomial: N coefficients, low 48 bits as 6 bytes LE, then the top bit
+                  packed 8 per byte (49 bits a coefficient for a 49-bit prime)
+
+and rebuilds SEAL's own (uncompressed) stream from it for ``Ciphertext.load``. The layout of
+SEAL's stream is checked against a real save in tests/unit/test_ckks.py, so a SEAL upgrade
+that moves a field fails there instead of on the wire.
+
+Nothing here imports TenSEAL; ``shared.ckks`` is the seam that does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from shared.errors import CryptoError, WireError
+
+MAGIC = b"\xfeH"
+FORMAT_VERSION = 1
+KIND_SEEDED = 0
+KIND_FULL = 1
+KEY_ID_BYTES = 8
+SEED_BYTES = 64
+_HEAD = struct.Struct("<2sBBB8s4s")  # magic, version, preset id, kind, key id, checksum
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr mode, reserved, size
+_SEAL_MAGIC = 0xA15E
+_COMPR_NONE, _COMPR_ZSTD = 0, 2
+
+
+class CiphertextError(WireError, CryptoError):
+    """A ciphertext that must be refused; ``reason`` is its dead-letter reason."""
+
+    reason = "ciphertext"
+
+
+class CiphertextMalformed(CiphertextError):
+    reason = "ciphertext-malformed"
+
+
+class CiphertextTruncated(CiphertextError):
+    reason = "ciphertext-truncated"
+
+
+class CiphertextCorrupt(CiphertextError):
+    reason = "ciphertext-corrupt"
+
+
+class CiphertextSeedLength(CiphertextError):
+    reason = "ciphertext-seed"
+
+
+class CiphertextParameters(CiphertextError):
+    reason = "ciphertext-params"
+
+
+class CiphertextWrongKey(CiphertextError):
+    reason = "ciphertext-key"
+
+
+@dataclass(frozen=True)
+class WireParams:
+    """What a key's parameters imply about every ciphertext, so the wire need not carry it."""
+
+    preset_id: int
+    key_id: bytes
+    n: int
+    modulus: int
+    scale: float
+    parms_id: tuple[int, int, int, int]
+    seal_version: tuple[int, int]
+
+    @property
+    def bits(self) -> int:
+        return self.modulus.bit_length()
+
+    def poly_bytes(self) -> int:
+        return self.n * 6 + (self.n * (self.bits - 48) + 7) // 8
+
+    def size(self, kind: int) -> int:
+        seeded = 2 + SEED_BYTES if kind == KIND_SEEDED else 0
+        polys = 1 if kind == KIND_SEEDED else 2
+        return _HEAD.size + seeded + polys * self.poly_bytes()
+
+
+def _checksum(*parts: bytes | memoryview) -> bytes:
+    h = hashlib.blake2b(digest_size=4)
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def _pack_poly(coeffs: np.ndarray, bits: int) -> bytes:
+    """Coefficients < 2^bits (48 < bits <= 56) as 6 low bytes each, then the high bits packed."""
+    as_bytes = coeffs.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8)
+    low = as_bytes[:, :6].tobytes()
+    high_bits = bits - 48
+    high = as_bytes[:, 6]
+    if high_bits == 1:
+        packed_high = np.packbits(high & 1, bitorder="little").tobytes()
+    else:
+        bit_planes = np.unpackbits(high[:, None], axis=1, bitorder="little")[:, :high_bits]
+        packed_high = np.packbits(bit_planes.reshape(-1), bitorder="little").tobytes()
+    return low + packed_high
+
+
+def _unpack_poly(data: memoryview, n: int, bits: int) -> np.ndarray:
+    low = np.frombuffer(data[: 6 * n], dtype=np.uint8).reshape(n, 6)
+    words = np.zeros((n, 8), dtype=np.uint8)
+    words[:, :6] = low
+    high_bits = bits - 48
+    raw_high = np.frombuffer(data[6 * n :], dtype=np.uint8)
+    if high_bits == 1:
+        words[:, 6] = np.unpackbits(raw_high, bitorder="little")[:n]
+    else:
+        planes = np.unpackbits(raw_high, bitorder="little")[: n * high_bits].reshape(n, high_bits)
+        words[:, 6] = np.packbits(planes, axis=1, bitorder="little")[:, 0]
+    return words.view("<u8").reshape(n)
+
+
+# --------------------------------------------------------------------- SEAL's stream
+
+
+def seal_to_wire(seal_file_bytes: bytes, params: WireParams) -> bytes:
+    """A ciphertext as SEAL saved it (header + zstd stream) -> fedmq's packed bytes."""
+    magic, hsize, _major, _minor, compr, _res, size = _SEAL_HEADER.unpack_from(seal_file_bytes)
+    if magic != _SEAL_MAGIC or hsize != _SEAL_HEADER.size or size != len(seal_file_bytes):
+        raise CryptoError("SEAL wrote a stream this module does not understand (header)")
+    payload = seal_file_bytes[_SEAL_HEADER.size :]
+    if compr == _COMPR_ZSTD:
+        body = zstandard.ZstdDecompressor().decompress(payload, max_output_size=64 + 16 * params.n * 2 + 256)
+    elif compr == _COMPR_NONE:
+        body = payload
+    else:
+        raise CryptoError(f"SEAL stream compressed with mode {compr}; expected zstd or none")
+    mv = memoryview(body)
+    prefix = _prefix(params, size=2)
+    if bytes(mv[: len(prefix)]) != prefix:
+        raise CryptoError("SEAL ciphertext stream does not match the key's parameters (prefix)")
+    off = len(prefix)
+    _m, _h, _a, _b, _c, _r, arr_size = _SEAL_HEADER.unpack_from(mv, off)
+    (count,) = struct.unpack_from("<Q", mv, off + _SEAL_HEADER.size)
+    off += _SEAL_HEADER.size + 8
+    coeffs = np.frombuffer(mv[off : off + 8 * count], dtype="<u8")
+    off += 8 * count
+    if count == params.n:
+        kind, polys = KIND_SEEDED, [coeffs]
+        seed_header = _SEAL_HEADER.unpack_from(mv, off)
+        if seed_header[6] != _SEAL_HEADER.size + 1 + SEED_BYTES:
+            raise CryptoError("SEAL seed block of unexpected size")
+        prng_type = mv[off + _SEAL_HEADER.size]
+        seed = bytes(mv[off + _SEAL_HEADER.size + 1 : off + _SEAL_HEADER.size + 1 + SEED_BYTES])
+        extra = bytes([SEED_BYTES, prng_type]) + seed
+        off += _SEAL_HEADER.size + 1 + SEED_BYTES
+    elif count == 2 * params.n:
+        kind, polys, extra = KIND_FULL, [coeffs[: params.n], coeffs[params.n :]], b""
+    else:
+        raise CryptoError(f"SEAL ciphertext with {count} coefficients; expected {params.n} or {2 * params.n}")
+    if off != len(body):
+        raise CryptoError("SEAL ciphertext stream has trailing bytes")
+    bits = params.bits
+    rest = extra + b"".join(_pack_poly(p, bits) for p in polys)
+    head = _HEAD.pack(MAGIC, FORMAT_VERSION, params.preset_id, kind, params.key_id, b"\0\0\0\0")
+    checksum = _checksum(head[:13], rest)
+    return head[:13] + checksum + rest
+
+
+def check_wire(data: bytes, params: WireParams) -> int:
+    """Validate everything that can be checked without SEAL; returns the kind.
+
+    Cheap (a hash of the bytes), so the aggregator runs it on every block before the chunk
+    enters its WAL, and each kind of damage gets its own dead-letter reason."""
+    if len(data) < _HEAD.size:
+        raise CiphertextTruncated(f"ciphertext of {len(data)} bytes is shorter than its {_HEAD.size}-byte header")
+    magic, version, preset_id, kind, key_id, checksum = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise CiphertextMalformed("not a fedmq ciphertext (bad magic)")
+    if version != FORMAT_VERSION or preset_id != params.preset_id:
+        raise CiphertextParameters(
+            f"ciphertext made for format {version} / preset id {preset_id}; this key uses "
+            f"format {FORMAT_VERSION} / preset id {params.preset_id}"
+        )
+    if kind not in (KIND_SEEDED, KIND_FULL):
+        raise CiphertextMalformed(f"unknown ciphertext kind {kind}")
+    if kind == KIND_SEEDED and len(data) > _HEAD.size and data[_HEAD.size] != SEED_BYTES:
+        raise CiphertextSeedLength(f"seed of {data[_HEAD.size]} bytes; SEAL seeds are {SEED_BYTES}")
+    expected = params.size(kind)
+    if len(data) < expected:
+        raise CiphertextTruncated(f"ciphertext of {len(data)} bytes; this preset's are {expected}")
+    if len(data) > expected:
+        raise CiphertextMalformed(f"ciphertext of {len(data)} bytes; this preset's are {expected}")
+    mv = memoryview(data)
+    if _checksum(mv[:13], mv[_HEAD.size :]) != checksum:
+        raise CiphertextCorrupt("ciphertext checksum mismatch (corrupted or bit-flipped)")
+    if key_id != params.key_id:
+        raise CiphertextWrongKey(f"ciphertext made with key id {key_id.hex()}, not this federation's {params.key_id.hex()}")
+    return kind
+
+
+def wire_to_seal(data: bytes, params: WireParams) -> bytes:
+    """fedmq's packed bytes -> an uncompressed SEAL stream that ``Ciphertext.load`` reads."""
+    kind = check_wire(data, params)
+    mv = memoryview(data)[_HEAD.size :]
+    n, bits = params.n, params.bits
+    if kind == KIND_SEEDED:
+        prng_type, seed = mv[1], bytes(mv[2 : 2 + SEED_BYTES])
+        mv = mv[2 + SEED_BYTES :]
+        polys = [_unpack_poly(mv, n, bits)]
+    else:
+        pb = params.poly_bytes()
+        polys = [_unpack_poly(mv[:pb], n, bits), _unpack_poly(mv[pb:], n, bits)]
+    coeffs = polys[0] if len(polys) == 1 else np.concatenate(polys)
+    if int(coeffs.max()) >= params.modulus:
+        raise CiphertextMalformed("ciphertext coefficient not reduced modulo the prime")
+    count = coeffs.size
+    parts = [
+        _prefix(params, size=2),
+        _seal_header(params, _SEAL_HEADER.size + 8 + 8 * count),
+        struct.pack("<Q", count),
+        coeffs.astype("<u8", copy=False).tobytes(),
+    ]
+    if kind == KIND_SEEDED:
+        parts += [_seal_header(params, _SEAL_HEADER.size + 1 + SEED_BYTES), bytes([prng_type]), seed]
+    body = b"".join(parts)
+    return _seal_header(params, _SEAL_HEADER.size + len(body)) + body
+
+
+def _seal_header(params: WireParams, size: int) -> bytes:
+    major, minor = params.seal_version
+    return _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, major, minor, _COMPR_NONE, 0, size)
+
+
+def _prefix(params: WireParams, *, size: int) -> bytes:
+    """SEAL's ciphertext members before its coefficient array (parms id .. correction factor)."""
+    return (
+        struct.pack("<4Q", *params.parms_id)
+        + b"\x01"  # CKKS ciphertexts are kept in NTT form
+        + struct.pack("<QQQdQ", size, params.n, 1, params.scale, 1)
+    )
