@@ -222,6 +222,9 @@ class AggregatorEngine:
                 self.recent.append((v, list(ids)))
                 self._known.update(ids)
             self.sites = {k: dict(v) for k, v in cp.sites.items()}
+            for site, info in self.sites.items():
+                if info.get("sample_weight") is not None:
+                    self.policy.note_reported(site, float(info["sample_weight"]))
             self.segment = cp.wal_segment
         records, _, torn = read_records(self.state_dir / self.segment)
         if torn:
@@ -352,6 +355,8 @@ class AggregatorEngine:
                 chunk.site_id, chunk.seq, chunk.base_version, chunk.sample_weight, admission, header_of(chunk)
             )
             self.site_seq[chunk.site_id] = max(chunk.seq, self.site_seq.get(chunk.site_id, 0))
+            self.policy.note_reported(chunk.site_id, chunk.sample_weight)
+            self.sites.setdefault(chunk.site_id, {})["sample_weight"] = float(chunk.sample_weight)
             if self.settings.mode == "sync":
                 self.round_sites.add(chunk.site_id)
             if self.layout_fp is None:

@@ -26,7 +26,10 @@ class AggregatorSettings(FedmqSettings):
     server_lr: float = Field(1.0, gt=0)
     #: Q: integer weight quantum; weight units m = max(1, round(Q * s(tau) * w / w_ref))
     weight_quantum: int = Field(64, ge=1, le=1 << 16)
-    reference_sample_weight: float = Field(1.0, gt=0)
+    #: w_ref. Unset (recommended): the mean of the sample weights the sites report, so the
+    #: server step is a weighted mean of updates and never scales with the image count. A number
+    #: pins it (experiments): the step then scales with sample_weight / w_ref.
+    reference_sample_weight: float | None = Field(None, gt=0)
     #: publish a full snapshot every M versions (0 = only on start-up and on request)
     snapshot_every: int = Field(10, ge=0)
     #: prometheus port; 0 = off
