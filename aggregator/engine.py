@@ -27,6 +27,7 @@ import tenseal as ts
 
 from aggregator import checkpoint as cpmod
 from aggregator import fold as foldmod
+from aggregator import seqguard
 from aggregator.metrics import AggregatorMetrics
 from aggregator.policy import Admission, Policy
 from aggregator.settings import AggregatorSettings
@@ -51,6 +52,7 @@ from shared.errors import (
 )
 from shared.schema import Contributor, EncryptedBlock, GlobalVersionChunk, Rejection, UpdateChunk
 from shared.signing import load_pinned_keys, verify_chunk
+from shared.statelock import lock_state_dir
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ class Outgoing:
     exchange: str
     routing_key: str
     body: bytes
-    kind: Literal["delta", "snapshot", "dead-letter"]
+    kind: Literal["delta", "snapshot", "dead-letter", "notice"]
     headers: dict[str, Any] | None = None
 
 
@@ -153,6 +155,14 @@ class AggregatorEngine:
         self.crash = crash_hook or CrashHook()
         self.state_dir = Path(s.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._dir_lock = lock_state_dir(self.state_dir, "aggregator")  # one process per state dir
+        try:
+            self._init_state(s)
+        except BaseException:
+            self._dir_lock.release()
+            raise
+
+    def _init_state(self, s: AggregatorSettings) -> None:
         self.policy = Policy(
             mode=s.mode, buffer_size=s.buffer_size, staleness_exponent=s.staleness_exponent,
             max_staleness=s.max_staleness, weight_quantum=s.weight_quantum,
@@ -308,6 +318,11 @@ class AggregatorEngine:
                         raise WrongShard(f"block {b} belongs to another shard")
             uid = chunk.update_id
             pend = self.pending.get(uid)
+            if pend is None and not redelivered and chunk.site_id in self.site_seq:
+                seqguard.check_sequence(
+                    chunk.site_id, chunk.seq, self.site_seq[chunk.site_id], seqguard.header_digest(header_of(chunk)),
+                    self.sites.get(chunk.site_id, {}).get("last_header"),
+                )
             if uid in self._known or uid in self.buffer_ids:
                 if redelivered:
                     return self._drop(chunk, "update already folded")
@@ -336,6 +351,9 @@ class AggregatorEngine:
                     sample_weight=chunk.sample_weight, round_sites=self.round_sites,
                 )
         except WireError as exc:
+            if isinstance(exc, seqguard.SequenceBackwards) and chunk is not None:
+                seqguard.record(self.sites, chunk.site_id, chunk.seq, self.site_seq.get(chunk.site_id, 0))
+                logger.error("sequence went backwards: %s", exc.detail, extra={"site": chunk.site_id})
             return self._refuse(exc, chunk)
         record = {
             "t": "chunk", "body": bytes(body), "uid": chunk.update_id, "ci": chunk.chunk_index,
@@ -356,7 +374,10 @@ class AggregatorEngine:
             )
             self.site_seq[chunk.site_id] = max(chunk.seq, self.site_seq.get(chunk.site_id, 0))
             self.policy.note_reported(chunk.site_id, chunk.sample_weight)
-            self.sites.setdefault(chunk.site_id, {})["sample_weight"] = float(chunk.sample_weight)
+            info = self.sites.setdefault(chunk.site_id, {})
+            info["sample_weight"] = float(chunk.sample_weight)
+            if chunk.seq >= self.site_seq.get(chunk.site_id, 0):
+                info["last_header"] = seqguard.header_digest(header_of(chunk))
             if self.settings.mode == "sync":
                 self.round_sites.add(chunk.site_id)
             if self.layout_fp is None:
@@ -370,6 +391,8 @@ class AggregatorEngine:
 
     def apply(self, decision: Decision) -> list[Outgoing]:
         """Assemble and fold after the ack; returns what to publish (versions, notices)."""
+        if decision.action == "reject" and decision.reason == seqguard.REASON and decision.site_id:
+            return [self._site_notice(decision.reason, decision.detail, decision.site_id, decision.update_id)]
         if decision.action != "accept" or decision.chunk is None or decision.record is None:
             return []
         return self._apply_chunk(decision.chunk, len(decision.record["body"]), carry=[])
@@ -435,6 +458,12 @@ class AggregatorEngine:
     def _notice(self, reason: str, detail: str, site: str | None, uid: str | None) -> Outgoing:
         body = encode_rejection(Rejection(reason=reason, detail=detail[:2000], site_id=site, update_id=uid))
         return Outgoing(DEAD_LETTER_EXCHANGE, "", body, "dead-letter", {REASON_HEADER: reason, DETAIL_HEADER: detail[:2000]})
+
+    def _site_notice(self, reason: str, detail: str, site: str, uid: str | None) -> Outgoing:
+        """A notice on the site's own queue (site-direct exchange), so the site itself learns of it."""
+        body = encode_rejection(Rejection(reason=reason, detail=detail[:2000], site_id=site, update_id=uid,
+                                          last_seq=self.site_seq.get(site, 0)))
+        return Outgoing(SITE_DIRECT_EXCHANGE, site, body, "notice", {REASON_HEADER: reason})
 
     def _commit(self, carry: list[dict[str, Any]]) -> list[Outgoing]:
         changed = foldmod.commit(self.D, self.buffer)
@@ -518,6 +547,14 @@ class AggregatorEngine:
                 raise UnknownSite(f"unknown site {req.site_id!r}")
         except WireError as exc:
             return self._refuse(exc), []
+        known = self.site_seq.get(req.site_id, 0)
+        if req.have_version == -1 and known > 0:
+            # a site starting with no state, under an id that already contributed: its ledger is gone
+            detail = seqguard.known_identity_detail(req.site_id, known)
+            seqguard.record(self.sites, req.site_id, 0, known)
+            logger.error("site restarted without its state: %s", detail, extra={"site": req.site_id})
+            self.write_status()
+            return Decision("accept", site_id=req.site_id), [self._site_notice(seqguard.REASON, detail, req.site_id, None)]
         if req.shard_index != self.settings.shard_index:
             # Only shard 0 consumes the (single) snapshot-request queue; another shard's blocks
             # reach a site through that shard's start-up and periodic snapshots (docs/sharding.md).
@@ -588,3 +625,4 @@ class AggregatorEngine:
 
     def close(self) -> None:
         self.wal.close()
+        self._dir_lock.release()

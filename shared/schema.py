@@ -161,6 +161,8 @@ class Rejection(WireModel):
     detail: Annotated[str, Field(max_length=2000)]
     site_id: str | None = None
     update_id: str | None = None
+    #: sequence-backwards notices: the last sequence number the aggregator accepted from the site
+    last_seq: Annotated[int, Field(ge=0)] | None = None
 
 
 class SiteMetrics(WireModel):
