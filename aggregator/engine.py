@@ -575,7 +575,11 @@ class AggregatorEngine:
             return self._refuse(exc)
         info = self.sites.setdefault(m.site_id, {})
         info.update(epsilon_spent=m.epsilon_spent, epsilon_target=m.epsilon_target, auc=m.auc,
-                    metrics_version=m.version, n_val=m.n_val, updates_sent=m.updates_sent, metrics_at=m.timestamp)
+                    metrics_version=m.version, n_val=m.n_val, updates_sent=m.updates_sent, metrics_at=m.timestamp,
+                    alert=m.alert)
+        self.metrics.site_alert(m.site_id, m.alert)
+        if m.alert:
+            logger.error("site %s alerts: %s", m.site_id, m.alert, extra={"site": m.site_id})
         return Decision("accept", site_id=m.site_id)
 
     # ------------------------------------------------------------------ housekeeping

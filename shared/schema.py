@@ -177,6 +177,8 @@ class SiteMetrics(WireModel):
     epsilon_target: float | None
     updates_sent: Annotated[int, Field(ge=0)]
     timestamp: float
+    #: set while the site has paused itself (diverged model, lost state): shown by ``fedmq status``
+    alert: Annotated[str, Field(max_length=500)] | None = None
 
 
 Message = Union[UpdateChunk, GlobalVersionChunk, SnapshotRequest, Rejection, SiteMetrics]

@@ -29,6 +29,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--val-fraction", type=float, default=0.15)
     prep.set_defaults(handler=_prepare)
 
+    resume = sub.add_parser("resume", help="lift a pause that needs a person (paused.json), after fixing its cause")
+    resume.add_argument("--config", help="TOML settings file of the site")
+    resume.set_defaults(handler=_resume)
+
     export = sub.add_parser("export-model", help="write the site's current global model as TorchScript plus its layout manifest")
     export.add_argument("--config", help="TOML settings file of the site")
     export.add_argument("--out", required=True, help="output directory")
@@ -49,6 +53,20 @@ def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_json, component=f"site:{settings.site_id}")
     return run_site(settings)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from site_agent.guard import PauseFile
+
+    settings = _settings(args)
+    pause = PauseFile(settings.state_dir)
+    reason = pause.reason()
+    if reason is None:
+        print(f"{settings.site_id} is not paused ({pause.path} does not exist)")
+        return 0
+    pause.clear()
+    print(f"{settings.site_id}: lifted the pause ({reason}); the site contributes again at its next version")
+    return 0
 
 
 def resolve_dataset(name: str, data_root: str | None, md5: str | None = None) -> Path:
@@ -74,7 +92,7 @@ def _export(args: argparse.Namespace) -> int:
     from site_agent.export import export_model
     from site_agent.runtime import SiteRuntime
 
-    rt = SiteRuntime.open(_settings(args), load_data=False)
+    rt = SiteRuntime.open(_settings(args), load_data=False, lock=False)
     paths = export_model(rt, Path(args.out))
     for p in paths:
         print(p)

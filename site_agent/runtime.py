@@ -23,7 +23,9 @@ from shared.errors import ConfigError
 from shared.atomic import atomic_write_bytes
 from shared.signing import load_private_key
 from shared.sparsify import sparsify
+from shared.statelock import StateDirLock, lock_state_dir
 from site_agent.data import LoadedDataset, load_dataset
+from site_agent.guard import GUARD_FILE, DivergenceGuard, PauseFile
 from site_agent.model_state import FederatedModel, model_vector
 from site_agent.settings import SiteSettings
 from site_agent.state import SiteState, SiteStateStore
@@ -86,12 +88,31 @@ class SiteRuntime:
         self.trainer = LocalTrainer(training_config(settings), store.dir / LEDGER_FILE, progress=settings.progress_bars)
         self.last_timings: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.guard = DivergenceGuard.open(store.dir / GUARD_FILE, settings.divergence_loss_factor,
+                                          settings.divergence_flat_auc_versions)
+        self.pause_file = PauseFile(store.dir)
+        self.dir_lock: StateDirLock | None = None
 
     @classmethod
-    def open(cls, settings: SiteSettings, *, load_data: bool = True) -> "SiteRuntime":
+    def open(cls, settings: SiteSettings, *, load_data: bool = True, lock: bool = True) -> "SiteRuntime":
+        """``lock``: hold the state directory for this process (``fedmq site run``); read-only
+        tools (export-model) pass False so they can run beside the service."""
+        dir_lock = lock_state_dir(settings.state_dir, "site") if lock else None
+        try:
+            rt = cls._open(settings, load_data)
+        except BaseException:
+            if dir_lock is not None:
+                dir_lock.release()
+            raise
+        rt.dir_lock = dir_lock
+        return rt
+
+    @classmethod
+    def _open(cls, settings: SiteSettings, load_data: bool) -> "SiteRuntime":
         ctx = load_context(settings.secret_context, require_secret=True)
         model = FederatedModel.create(settings.model_preset, settings.init_seed)
         store = SiteStateStore(settings.state_dir)
+        check_ledger_present(settings, store)
         if store.exists():
             state = store.load(settings.site_id, ctx.fingerprint, model.layout.fingerprint)
             logger.info("resumed site state", extra={"version": state.version, "next_seq": state.next_seq})
@@ -134,7 +155,30 @@ class SiteRuntime:
             return 0.0
         return float(self.trainer.open_ledger(len(self.train)).epsilon_spent())
 
+    def observe_version(self, metrics: dict[str, float]) -> str | None:
+        """Feed the divergence guard one evaluated version; returns the alert in force, if any."""
+        before = self.guard.alert
+        alert = self.guard.observe(self.state.version, metrics.get("loss"), metrics.get("auc"))
+        if alert and alert != before:
+            logger.error("global model diverged: pausing contributions (no privacy budget is spent until a "
+                         "healthy version arrives)", extra={"alert": alert, "version": self.state.version})
+        elif before and not alert:
+            logger.warning("global model healthy again: contributing again", extra={"version": self.state.version})
+        return alert
+
+    def alert(self) -> str | None:
+        """What a person should look at, as the site reports it to the aggregator's status."""
+        paused = self.pause_file.reason()
+        if paused:
+            return f"paused: {paused}"
+        return f"paused: {self.guard.alert}" if self.guard.alert else None
+
     def why_not_contribute(self) -> str | None:
+        paused = self.pause_file.reason()
+        if paused:
+            return f"paused until `fedmq site resume`: {paused}"
+        if self.guard.alert:
+            return f"paused: {self.guard.alert}"
         if self.state.updates_sent >= self.settings.planned_rounds:
             return f"planned rounds done ({self.state.updates_sent})"
         if self.settings.dp_enabled and self.train is not None:
@@ -152,6 +196,10 @@ class SiteRuntime:
         Returns False when the budget is spent. Runs on the worker thread; touches no socket.
         """
         assert self.train is not None
+        paused = self.pause_file.reason() or self.guard.alert
+        if paused:  # checked again here: nothing is charged on a paused site
+            logger.warning("not training: paused", extra={"reason": paused})
+            return False
         started = time.perf_counter()
         base = self.current_vector()
         try:
@@ -218,4 +266,35 @@ class SiteRuntime:
             self.store.save(self.state)
 
 
-__all__ = ["SiteRuntime", "training_config"]
+def check_ledger_present(settings: SiteSettings, store: SiteStateStore) -> None:
+    """A privacy ledger never silently resets: refuse a state directory that lost half of itself.
+
+    - state.json says updates were sent but the ledger is gone: the budget already spent would
+      be forgotten;
+    - the ledger is there but state.json is gone: the sequence counter restarts at 1 and the
+      aggregator refuses every update as a replay, unless this site joins a new federation.
+    (An entirely empty directory is checked with the aggregator at start: ``join_wait_s``.)"""
+    ledger = store.dir / LEDGER_FILE
+    if store.exists():
+        try:
+            import json
+
+            sent = int(json.loads(store.path.read_text()).get("updates_sent", 0))
+        except (OSError, ValueError):
+            return  # the state loader reports an unreadable state.json with its own message
+        if settings.dp_enabled and sent > 0 and not ledger.exists():
+            raise ConfigError(
+                f"privacy ledger {ledger} is missing but {store.path} records {sent} update(s) sent: the budget "
+                f"they spent would be forgotten. Restore {LEDGER_FILE} from your backup of {store.dir}; a "
+                f"privacy ledger is never reset."
+            )
+    elif ledger.exists() and not settings.join_new_federation:
+        raise ConfigError(
+            f"{store.path} is missing but the privacy ledger {ledger} is there: this site's sequence counter "
+            f"was lost and the aggregator would refuse its updates. Restore state.json from your backup of "
+            f"{store.dir}, or set join_new_federation = true to join a new federation (the ledger and its "
+            f"spent budget are kept)."
+        )
+
+
+__all__ = ["SiteRuntime", "check_ledger_present", "training_config"]

@@ -21,9 +21,9 @@ import pika.exceptions
 
 from broker import topology
 from broker.connection import Backoff, connect, username_of
-from shared.codec import CONTENT_TYPE, decode_global_version, encode
-from shared.errors import FedmqError, WireError
-from shared.schema import SiteMetrics, SnapshotRequest
+from shared.codec import CONTENT_TYPE, decode, encode
+from shared.errors import ConfigError, FedmqError, UnknownMessageKind, WireError
+from shared.schema import GlobalVersionChunk, Rejection, SiteMetrics, SnapshotRequest
 from site_agent.global_model import GlobalModelReceiver
 from site_agent.runtime import SiteRuntime
 from site_agent.settings import SiteSettings
@@ -35,6 +35,14 @@ logger = logging.getLogger(__name__)
 #: the n-th time (default 1st) it has published (and the broker confirmed) the first chunk of a
 #: multi-chunk update, before the rest: the fault-injection tests prove the re-sent update counts once.
 CRASH_ENV = "FEDMQ_SITE_CRASH_AT"
+
+
+#: the aggregator's reason for "this site's sequence went backwards" (aggregator/seqguard.py)
+SEQUENCE_BACKWARDS = "sequence-backwards"
+
+
+class KnownIdentityWithoutState(ConfigError):
+    """The aggregator already knows this site id, but this state directory is empty."""
 
 
 def _crash_countdown() -> int:
@@ -58,6 +66,9 @@ class SiteAgent:
         self._user_id = username_of(settings.amqp_url)
         self._last_progress = time.monotonic()
         self._crash_in = _crash_countdown()
+        #: a fresh site waits for the aggregator's answer to its start request until then
+        self._join_deadline: float | None = None
+        self._fatal: FedmqError | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -73,6 +84,10 @@ class SiteAgent:
         while not self._stop.is_set():
             try:
                 self._run_connected()
+                if self._fatal is not None:
+                    raise self._fatal
+            except KnownIdentityWithoutState:
+                raise
             except (pika.exceptions.AMQPError, FedmqError, OSError) as exc:
                 if self._stop.is_set():
                     break
@@ -105,11 +120,21 @@ class SiteAgent:
         if self.rt.state.pending is not None:
             self._publish_pending()
         if self.rt.state.version == 0 and self.rt.state.updates_sent == 0:
+            fresh = self.rt.state.generation == 0
             for shard in range(self.settings.shard_count):
-                self._request_snapshot(-1 if self.rt.state.generation == 0 else 0, "start", shard)
+                self._request_snapshot(-1 if fresh else 0, "start", shard)
+            if fresh and self._join_deadline is None and self.settings.join_wait_s > 0:
+                # an empty state dir: before any budget is charged, let the aggregator say whether
+                # this id already contributed (then our ledger was lost: refuse to start)
+                self._join_deadline = time.monotonic() + self.settings.join_wait_s
         self._maybe_train()
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self._fatal is None:
             self._conn.process_data_events(time_limit=0.5)
+            if self._join_deadline is not None and time.monotonic() >= self._join_deadline:
+                self._join_deadline = 0.0  # waited: no objection from the aggregator
+                logger.info("no objection from the aggregator to a new member; starting",
+                            extra={"waited_s": self.settings.join_wait_s})
+                self._maybe_train()
             if time.monotonic() - self._last_progress > self.settings.retrain_after_s:
                 self._maybe_train(same_version_ok=True)
             if self._worker is not None and not self._worker.is_alive() and self._stop.is_set():
@@ -118,7 +143,14 @@ class SiteAgent:
     # -- global versions -----------------------------------------------------------------
     def _on_global_message(self, ch: Any, method: Any, properties: Any, body: bytes) -> None:
         try:
-            chunk = decode_global_version(body, max_bytes=self.settings.max_message_bytes)
+            msg = decode(body, max_bytes=self.settings.max_message_bytes)
+            if isinstance(msg, Rejection):
+                ch.basic_ack(method.delivery_tag)
+                self._on_notice(msg)
+                return
+            if not isinstance(msg, GlobalVersionChunk):
+                raise UnknownMessageKind(f"a {type(msg).__name__} has no business on a site queue")
+            chunk = msg
             result = self.receiver.offer(chunk)
         except WireError as exc:
             logger.error("refused a global-version message", extra={"reason": exc.reason, "detail": exc.detail})
@@ -137,13 +169,50 @@ class SiteAgent:
             self._request_snapshot(result.version, f"gap: have {result.version}, got {result.message_version}", shard)
             self._snapshot_requested_for[shard] = result.message_version
 
+    def _on_notice(self, notice: Rejection) -> None:
+        """A notice from the aggregator on our own queue. Sequence-backwards means our state
+        directory is behind what the aggregator already accepted from us: never train on."""
+        if notice.reason != SEQUENCE_BACKWARDS:
+            logger.warning("notice from the aggregator", extra={"reason": notice.reason, "detail": notice.detail})
+            return
+        last_sent = self.rt.state.next_seq - 1
+        ours = notice.update_id is None or notice.update_id.split(":")[1:2] == [str(last_sent)]
+        if not ours:
+            # an older update of ours replayed by someone holding our broker credentials
+            logger.error("the aggregator refused a replay of an old update of this site: are this site's broker "
+                         "credentials used elsewhere?", extra={"update_id": notice.update_id, "detail": notice.detail})
+            return
+        if self.rt.state.generation == 0 and not self.settings.join_new_federation:
+            self._fatal = KnownIdentityWithoutState(
+                f"refusing to start: the aggregator already accepted {notice.last_seq} update(s) from site "
+                f"{self.settings.site_id!r}, but the state directory {self.settings.state_dir} is empty, so the "
+                f"privacy budget already spent is unknown here. Restore the state directory (state.json and "
+                f"privacy-ledger.json) from backup; set join_new_federation = true only to join a new federation."
+            )
+            logger.error("%s", self._fatal)
+            return
+        reason = (f"the aggregator already accepted seq {notice.last_seq} from this site but we are at seq "
+                  f"{last_sent}: this state directory was lost or restored from an old copy ({notice.detail})")
+        self.rt.pause_file.pause(SEQUENCE_BACKWARDS, reason)
+        self._join_deadline = None
+        logger.error("pausing contributions until `fedmq site resume`", extra={"reason": reason})
+        self._publish_metrics(self.rt.evaluate_current())
+
     def _request_snapshot(self, have: int, reason: str, shard: int = 0) -> None:
         msg = SnapshotRequest(site_id=self.settings.site_id, have_version=have, reason=reason, shard_index=shard)
         self._publish(topology.CONTROL_EXCHANGE, topology.SNAPSHOT_REQUEST_KEY, encode(msg), "snapshot-request")
         logger.info("asked for a snapshot", extra={"have": have, "reason": reason, "shard": shard})
 
     def _after_new_version(self) -> None:
+        if self._join_deadline:
+            self._join_deadline = 0.0  # the aggregator answered with a model: no objection
         metrics = self.rt.evaluate_current()
+        if metrics.get("n"):
+            self.rt.observe_version(metrics)
+        self._publish_metrics(metrics)
+        self._maybe_train()
+
+    def _publish_metrics(self, metrics: dict[str, float]) -> None:
         msg = SiteMetrics(
             site_id=self.settings.site_id,
             version=self.rt.state.version,
@@ -153,16 +222,20 @@ class SiteAgent:
             epsilon_target=self.settings.target_epsilon if self.settings.dp_enabled else None,
             updates_sent=self.rt.state.updates_sent,
             timestamp=time.time(),
+            alert=alert[:500] if (alert := self.rt.alert()) else None,
         )
         self._publish(topology.CONTROL_EXCHANGE, topology.METRICS_KEY, encode(msg), "site-metrics")
-        logger.info("evaluated global version", extra={"version": msg.version, "auc": msg.auc, "epsilon": msg.epsilon_spent})
-        self._maybe_train()
+        logger.info("evaluated global version", extra={"version": msg.version, "auc": msg.auc,
+                                                       "loss": metrics.get("loss"), "epsilon": msg.epsilon_spent,
+                                                       **({"alert": msg.alert} if msg.alert else {})})
 
     # -- training ------------------------------------------------------------------------
     def _maybe_train(self, same_version_ok: bool = False) -> None:
         if self._stop.is_set() or (self._worker is not None and self._worker.is_alive()):
             return
         if self.rt.state.pending is not None:
+            return
+        if self._join_deadline:  # waiting for the aggregator's answer to our start request
             return
         if self.rt.state.last_trained_base >= self.rt.state.version and not same_version_ok:
             return  # wait for a newer global model than the one we last trained from
@@ -223,6 +296,7 @@ class SiteAgent:
 
 
 def run_site(settings: SiteSettings) -> int:
+    """Raises ``KnownIdentityWithoutState`` (exit 2 through the CLI) when our ledger is lost."""
     agent = SiteAgent(settings)
     agent.install_signal_handlers()
     agent.run()

@@ -49,5 +49,20 @@ class SiteSettings(FedmqSettings):
     #: done or down), and a site that only waited would stall the federation.
     retrain_after_s: float = Field(60.0, gt=0)
     progress_bars: bool = True
+    # --- first day safety (docs/preparing-data.md, docs/deployment.md) -------------------
+    #: a site with no state asks the aggregator whether its id already contributed, and waits
+    #: this long for the answer before training (an id known without its ledger is refused)
+    join_wait_s: float = Field(5.0, ge=0)
+    #: start although the aggregator knows this site id and the state directory is empty: only
+    #: for joining a *new* federation (new aggregator state). Never to "reset" a lost ledger.
+    join_new_federation: bool = False
+    #: pause contributing when the validation loss exceeds this multiple of the best seen
+    divergence_loss_factor: float = Field(10.0, gt=1)
+    #: ... or when the AUC stays at 0.5 for this many consecutive global versions
+    divergence_flat_auc_versions: int = Field(5, ge=1)
+    #: refuse to train when more than this fraction of the manifest's rows cannot be read
+    max_unreadable_fraction: float = Field(0.05, ge=0, le=1)
+    #: log a progress line every this many optimizer steps during a round (0 = off)
+    progress_every_steps: int = Field(50, ge=0)
     train_split: Literal["train"] = "train"
     val_split: Literal["val"] = "val"
