@@ -106,3 +106,69 @@ def test_second_aggregator_on_one_state_dir_exits_with_a_clear_message(tmp_path,
     assert proc.returncode == 2, proc.stderr
     assert "in use by another fedmq process" in proc.stderr and str(settings.state_dir.resolve()) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _known_site(tmp_path: Path, amqp_url: str):
+    """An aggregator that already folded two updates of site alpha, and alpha's settings."""
+    from integration.site_kit import make_site_kit
+
+    kit = make_site_kit(tmp_path / "kit")
+    fed = make_federation(tmp_path / "fed", sites=("alpha",))
+    # the site kit's keys are the federation's: alpha signs with its pinned key
+    settings = fed.settings(amqp_url=amqp_url, buffer_size=1)
+    declare_topology(amqp_url)
+    site_settings = kit.settings(amqp_url=amqp_url, secret_context=fed.keys_dir / "site-secret.ckks",
+                                 signing_key=fed.site_keys_dir / "alpha.ed25519", join_wait_s=20.0,
+                                 reconnect_initial_s=0.1)
+    return fed, settings, site_settings
+
+
+@pytest.mark.parametrize("join_new", [False, True])
+def test_a_fresh_site_under_a_known_identity_refuses_to_start(tmp_path, amqp_url, join_new):
+    import threading
+
+    from site_agent.runtime import SiteRuntime
+    from site_agent.service import KnownIdentityWithoutState, SiteAgent
+
+    fed, settings, site_settings = _known_site(tmp_path, amqp_url)
+    if join_new:
+        site_settings = site_settings.model_copy(update={"join_new_federation": True})
+    rng = np.random.default_rng(9)
+    with AggregatorThread(settings) as agg:
+        for seq in (1, 2):
+            publish(amqp_url, fed.update("alpha", seq, seq - 1, random_delta(rng, fed.n_params))[0])
+        deadline = time.monotonic() + 30
+        while agg.engine.version < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert agg.engine.version == 2
+        # alpha's state directory is gone: it starts with nothing
+        rt = SiteRuntime.open(site_settings, load_data=False)
+        agent = SiteAgent(site_settings, runtime=rt)
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                agent.run()
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - the test inspects it
+                outcome.append(exc)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        if join_new:
+            deadline = time.monotonic() + 30
+            while rt.pause_file.reason() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            agent.stop()
+        t.join(60)
+        assert not t.is_alive()
+        rt.dir_lock.release()
+    if join_new:
+        # told to join a new federation, but this aggregator knows it: it pauses, never trains
+        assert outcome == [None]
+        assert "already accepted seq 2" in (rt.pause_file.reason() or "")
+    else:
+        assert len(outcome) == 1 and isinstance(outcome[0], KnownIdentityWithoutState), outcome
+        assert "already accepted 2 update(s)" in str(outcome[0]) and "Restore the state directory" in str(outcome[0])
+    assert rt.state.next_seq == 1 and rt.state.updates_sent == 0
+    assert not (site_settings.state_dir / "privacy-ledger.json").exists(), "no budget was charged"
