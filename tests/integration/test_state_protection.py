@@ -99,7 +99,7 @@ def test_second_aggregator_on_one_state_dir_exits_with_a_clear_message(tmp_path,
     settings = fed.settings(amqp_url=amqp_url, buffer_size=1)
     declare_topology(amqp_url)
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_CHECK_USER_ID="false", FEDMQ_LOG_JSON="false")
-    args = [sys.executable, "-m", "shared.cli", "aggregator", "run", "--state-dir", str(settings.state_dir),
+    args = [sys.executable, "-m", "shared.cli", "aggregator", "run", "--state-dir", str(settings.state_dir), "--buffer-size", "1",
             "--amqp-url", amqp_url, "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir)]
     with AggregatorThread(settings):
         proc = subprocess.run([*args, "--metrics-port", "0"], env=env, capture_output=True, text=True, timeout=60)
