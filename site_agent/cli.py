@@ -29,6 +29,15 @@ def register(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--val-fraction", type=float, default=0.15)
     prep.set_defaults(handler=_prepare)
 
+    check = sub.add_parser(
+        "check-data",
+        help="check the manifest and images as the agent will load them; writes a report and a contact sheet",
+    )
+    check.add_argument("--config", help="TOML settings file of the site (manifest, image_size, expected_modalities)")
+    check.add_argument("--out", default="data-check", help="folder for data-report.json and contact-sheet.png")
+    check.add_argument("--json", action="store_true", help="print the JSON report instead of the summary")
+    check.set_defaults(handler=_check_data)
+
     resume = sub.add_parser("resume", help="lift a pause that needs a person (paused.json), after fixing its cause")
     resume.add_argument("--config", help="TOML settings file of the site")
     resume.set_defaults(handler=_resume)
@@ -53,6 +62,20 @@ def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_json, component=f"site:{settings.site_id}")
     return run_site(settings)
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    """Exit 0 when the site can train on its data, 1 when the report lists a problem."""
+    import logging
+
+    from site_agent.data.check import check_data
+
+    logging.basicConfig(level=logging.ERROR)  # the report lists every skipped file; no warning per file
+    settings = _settings(args)
+    report = check_data(settings.manifest, settings.image_size, expected_modalities=settings.expected_modalities,
+                        max_unreadable_fraction=settings.max_unreadable_fraction, out_dir=Path(args.out))
+    print(report.to_json() if args.json else report.render())
+    return 0 if report.ok else 1
 
 
 def _resume(args: argparse.Namespace) -> int:

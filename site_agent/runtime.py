@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from torch import nn
@@ -120,17 +121,7 @@ class SiteRuntime:
             state = SiteState(settings.site_id, ctx.fingerprint, model.layout.fingerprint)
         train = val = None
         if load_data:
-            train = load_dataset(settings.manifest, settings.image_size, settings.train_split)
-            val = load_dataset(settings.manifest, settings.image_size, settings.val_split)
-            for name, ds in (("train", train), ("val", val)):
-                logger.info(
-                    "loaded local data",
-                    extra={"split": name, "n": len(ds), "skipped": ds.n_skipped, "seconds": round(ds.load_seconds, 2)},
-                )
-                for path, reason in ds.skipped:
-                    logger.warning("skipped unreadable image", extra={"path": path, "reason": reason})
-            if len(train) == 0:
-                raise ConfigError(f"no readable training images in {settings.manifest}")
+            train, val = load_site_data(settings)
         return cls(settings, ctx, model, store, state, train, val)
 
     # -- model ---------------------------------------------------------------------------
@@ -264,6 +255,31 @@ class SiteRuntime:
             self.state.updates_sent += 1
             self.state.bytes_sent += sent
             self.store.save(self.state)
+
+
+def load_site_data(settings: SiteSettings) -> tuple[LoadedDataset, LoadedDataset]:
+    """Train and validation splits at the settings' image size, refused when too much is unreadable.
+
+    A manifest whose path prefix is wrong skips most images one warning at a time; training on
+    the few left would spend privacy budget on a biased sample, so the site stops with a summary."""
+    modalities = settings.expected_modalities or None
+    train = load_dataset(settings.manifest, settings.image_size, settings.train_split, modalities=modalities)
+    val = load_dataset(settings.manifest, settings.image_size, settings.val_split, modalities=modalities)
+    for name, ds in (("train", train), ("val", val)):
+        logger.info("loaded local data", extra={"split": name, "n": len(ds), "skipped": ds.n_skipped,
+                                                "seconds": round(ds.load_seconds, 2)})
+    n_skipped = train.n_skipped + val.n_skipped
+    total = len(train) + len(val) + n_skipped
+    if total and n_skipped / total > settings.max_unreadable_fraction:
+        raise ConfigError(
+            f"{n_skipped} of {total} images listed in {settings.manifest} were skipped "
+            f"({n_skipped / total:.0%} > max_unreadable_fraction {settings.max_unreadable_fraction:.0%}): "
+            f"{(train.skip_summary() or val.skip_summary())}. Paths are relative to the manifest's folder "
+            f"{Path(settings.manifest).resolve().parent}; run `fedmq site check-data --config ...` for the list."
+        )
+    if len(train) == 0:
+        raise ConfigError(f"no readable training images in {settings.manifest}")
+    return train, val
 
 
 def check_ledger_present(settings: SiteSettings, store: SiteStateStore) -> None:

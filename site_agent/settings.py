@@ -62,6 +62,9 @@ class SiteSettings(FedmqSettings):
     divergence_flat_auc_versions: int = Field(5, ge=1)
     #: refuse to train when more than this fraction of the manifest's rows cannot be read
     max_unreadable_fraction: float = Field(0.05, ge=0, le=1)
+    #: DICOM Modality values this site's task expects (chest radiographs: CR, DX); a DICOM of
+    #: another modality (a CT or MR slice in the folder) is skipped and reported. Empty = any.
+    expected_modalities: list[str] = ["CR", "DX", "RG"]
     #: log a progress line every this many optimizer steps during a round (0 = off)
     progress_every_steps: int = Field(50, ge=0)
     train_split: Literal["train"] = "train"
