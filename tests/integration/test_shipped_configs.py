@@ -176,20 +176,26 @@ def test_compose_configs_run_one_round(deployment):
     codes = dep.stop()
     assert set(codes.values()) == {0}, codes
     assert "Traceback" not in "".join(dep.log(n) for n in dep.procs)
+    # README's last two commands on what the round left behind
+    assert main(["status", "--state-dir", str(dep.root / "state" / "aggregator")]) == 0
+    assert main(["site", "export-model", "--config", str(dep.root / "config" / "hospital_1.toml"),
+                 "--out", str(dep.root / "model")]) == 0
+    assert any((dep.root / "model").iterdir())
 
 
-def test_systemd_site_example_runs_one_round(deployment):
-    """site.example.toml (resnet18 at 224 px under DP) beside the shipped aggregator (K = 1 here:
-    one site only)."""
-    blocker = _resnet18_dp_blocker()
-    if blocker:
-        pytest.xfail(f"needs issue 12 (resnet18 under DP): {blocker}")
+def test_systemd_examples_run_one_round(deployment):
+    """aggregator.example.toml (K = 1 here: one site only) with site.example.toml (resnet18 at
+    224 px under DP), as the systemd units run them."""
     dep = deployment
-    agg = dep.config("aggregator.toml", buffer_size=1)
+    agg = dep.config("aggregator.example.toml", buffer_size=1)
     dep.start("aggregator", ["aggregator", "run", "--config", str(agg)], provision.AGGREGATOR_USER,
               FEDMQ_METRICS_PORT="0")
-    site = tomllib.loads((CONFIG / "site.example.toml").read_text())["site_id"]
-    dep.start(site, ["site", "run", "--config", str(dep.config("site.example.toml", site))], site)
-    dep.wait(lambda: dep.version(site) >= 1, 600, "version 1 at the example site")
+    blocker = _resnet18_dp_blocker()
+    name = "hospital_1.toml" if blocker else "site.example.toml"  # the aggregator example runs either way
+    site = tomllib.loads((CONFIG / name).read_text())["site_id"]
+    dep.start(site, ["site", "run", "--config", str(dep.config(name, site))], site)
+    dep.wait(lambda: dep.version(site) >= 1, 600, f"version 1 at {name}")
     codes = dep.stop()
     assert set(codes.values()) == {0}, codes
+    if blocker:
+        pytest.xfail(f"site.example.toml needs issue 12 (resnet18 under DP): {blocker}")
