@@ -20,7 +20,7 @@ import pika
 import pika.exceptions
 
 from broker import topology
-from broker.connection import Backoff, connect, username_of
+from broker.connection import AuthRefusals, Backoff, BrokerAuthenticationError, connect, username_of
 from shared.codec import CONTENT_TYPE, decode, encode
 from shared.errors import ConfigError, FedmqError, UnknownMessageKind, WireError
 from shared.schema import GlobalVersionChunk, Rejection, SiteMetrics, SnapshotRequest
@@ -69,6 +69,7 @@ class SiteAgent:
         #: a fresh site waits for the aggregator's answer to its start request until then
         self._join_deadline: float | None = None
         self._fatal: FedmqError | None = None
+        self._auth = AuthRefusals()
 
     # -- lifecycle -------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -88,6 +89,13 @@ class SiteAgent:
                     raise self._fatal
             except KnownIdentityWithoutState:
                 raise
+            except BrokerAuthenticationError as exc:
+                self._auth.refused(str(exc))  # raises after a few in a row: exit non-zero, systemd sees it
+                if self._stop.is_set():
+                    break
+                delay = self._backoff.next_delay()
+                logger.error("broker refused our credentials; retrying", extra={"error": str(exc), "delay_s": round(delay, 2)})
+                self._stop.wait(delay)
             except (pika.exceptions.AMQPError, FedmqError, OSError) as exc:
                 if self._stop.is_set():
                     break
@@ -110,6 +118,7 @@ class SiteAgent:
 
     def _run_connected(self) -> None:
         self._conn = connect(self.settings.amqp_url, backoff=self._backoff, name=f"fedmq-site-{self.settings.site_id}", tls=self.settings)
+        self._auth.ok()
         ch = self._channel = self._conn.channel()
         ch.confirm_delivery()
         spec = topology.site_queue_spec(self.settings.site_id)
