@@ -57,6 +57,9 @@ from shared.statelock import lock_state_dir
 logger = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+#: refusals the site itself is told about on its own queue (after its signature was verified):
+#: each means every further round it trains is wasted, or its state was lost
+NOTIFY_SITE = frozenset({seqguard.REASON, "layout-fingerprint", "key-fingerprint"})
 CRASH_ENV = "FEDMQ_AGGREGATOR_CRASH_AT"
 CRASH_POINTS = ("after-wal", "before-ack", "after-fold", "after-checkpoint")
 
@@ -300,9 +303,15 @@ class AggregatorEngine:
                 raise UnknownSite(f"no pinned public key for site {chunk.site_id!r}")
             verify_chunk(chunk, self.pinned)
             if chunk.key_fingerprint != self.ctx.fingerprint:
-                raise KeyMismatch(f"key {chunk.key_fingerprint!r} is not the federation's {self.ctx.fingerprint!r}")
+                raise KeyMismatch(f"CKKS key {chunk.key_fingerprint!r} of the update is not the federation's "
+                                  f"{self.ctx.fingerprint!r} (public_context {self.settings.public_context}): site "
+                                  f"{chunk.site_id}'s secret_context comes from another `fedmq keys init`")
             if self.layout_fp is not None and chunk.layout_fingerprint != self.layout_fp:
-                raise LayoutMismatch(f"layout {chunk.layout_fingerprint!r} is not {self.layout_fp!r}")
+                raise LayoutMismatch(
+                    f"model layout {chunk.layout_fingerprint!r} of the update is not the federation's {self.layout_fp!r} "
+                    f"(fixed by {'the layout_fingerprint setting' if self.settings.layout_fingerprint else 'the first accepted update'}): "
+                    f"site {chunk.site_id} runs another model_preset or init_seed"
+                )
             if self.total_blocks is not None and chunk.total_blocks != self.total_blocks:
                 raise LayoutMismatch(f"total_blocks {chunk.total_blocks} is not {self.total_blocks}")
             if chunk.block_size != self.block_size:
@@ -391,7 +400,7 @@ class AggregatorEngine:
 
     def apply(self, decision: Decision) -> list[Outgoing]:
         """Assemble and fold after the ack; returns what to publish (versions, notices)."""
-        if decision.action == "reject" and decision.reason == seqguard.REASON and decision.site_id:
+        if decision.action == "reject" and decision.reason in NOTIFY_SITE and decision.site_id in self.pinned:
             return [self._site_notice(decision.reason, decision.detail, decision.site_id, decision.update_id)]
         if decision.action != "accept" or decision.chunk is None or decision.record is None:
             return []

@@ -22,7 +22,7 @@ import pika.exceptions
 from broker import topology
 from broker.connection import AuthRefusals, Backoff, BrokerAuthenticationError, connect, username_of
 from shared.codec import CONTENT_TYPE, decode, encode
-from shared.errors import ConfigError, FedmqError, UnknownMessageKind, WireError
+from shared.errors import ConfigError, FedmqError, LayoutMismatch, UnknownMessageKind, WireError
 from shared.schema import GlobalVersionChunk, Rejection, SiteMetrics, SnapshotRequest
 from site_agent.global_model import GlobalModelReceiver
 from site_agent.runtime import SiteRuntime
@@ -161,6 +161,10 @@ class SiteAgent:
                 raise UnknownMessageKind(f"a {type(msg).__name__} has no business on a site queue")
             chunk = msg
             result = self.receiver.offer(chunk)
+        except LayoutMismatch as exc:
+            ch.basic_ack(method.delivery_tag)
+            self._on_layout_mismatch(msg, exc)
+            return
         except WireError as exc:
             logger.error("refused a global-version message", extra={"reason": exc.reason, "detail": exc.detail})
             ch.basic_ack(method.delivery_tag)
@@ -178,9 +182,31 @@ class SiteAgent:
             self._request_snapshot(result.version, f"gap: have {result.version}, got {result.message_version}", shard)
             self._snapshot_requested_for[shard] = result.message_version
 
+    def _on_layout_mismatch(self, msg: object, exc: LayoutMismatch) -> None:
+        """A global version for another model: every round here would be wasted. Pause, naming both."""
+        from site_agent.model_state import describe_layout_mismatch
+
+        if self.rt.pause_file.reason():
+            return
+        theirs = getattr(msg, "layout_fingerprint", None)
+        if not isinstance(theirs, str) or theirs == self.rt.layout.fingerprint:
+            logger.error("refused a global-version message", extra={"reason": exc.reason, "detail": exc.detail})
+            return
+        reason = describe_layout_mismatch(theirs, self.settings.model_preset, self.settings.init_seed,
+                                          self.rt.layout.fingerprint, "the federation's global model")
+        self.rt.pause_file.pause("layout-fingerprint", reason)
+        logger.error("pausing contributions until `fedmq site resume`", extra={"reason": reason})
+
     def _on_notice(self, notice: Rejection) -> None:
         """A notice from the aggregator on our own queue. Sequence-backwards means our state
         directory is behind what the aggregator already accepted from us: never train on."""
+        if notice.reason in ("layout-fingerprint", "key-fingerprint"):
+            reason = (f"the aggregator refused update {notice.update_id}: {notice.detail}. This site: model_preset "
+                      f"{self.settings.model_preset!r}, init_seed {self.settings.init_seed}, layout "
+                      f"{self.rt.layout.fingerprint}, CKKS key {self.rt.ctx.fingerprint} ({self.settings.secret_context})")
+            self.rt.pause_file.pause(notice.reason, reason)
+            logger.error("pausing contributions until `fedmq site resume`", extra={"reason": reason})
+            return
         if notice.reason != SEQUENCE_BACKWARDS:
             logger.warning("notice from the aggregator", extra={"reason": notice.reason, "detail": notice.detail})
             return
