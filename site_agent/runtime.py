@@ -87,6 +87,7 @@ class SiteRuntime:
         self.val = val
         self.signing_key = load_private_key(settings.signing_key)
         self.trainer = LocalTrainer(training_config(settings), store.dir / LEDGER_FILE, progress=settings.progress_bars)
+        self.trainer.progress_every = settings.progress_every_steps
         self.last_timings: dict[str, float] = {}
         self._lock = threading.Lock()
         self.guard = DivergenceGuard.open(store.dir / GUARD_FILE, settings.divergence_loss_factor,

@@ -129,3 +129,13 @@ def test_a_diverged_model_pauses_the_site_before_any_budget_is_spent(kit, tmp_pa
     assert rt.epsilon_spent() == eps0 and rt.state.next_seq == 1
     guard = json.loads((settings.state_dir / "guard.json").read_text())
     assert guard["alert"] == alert
+
+
+def test_long_rounds_log_a_progress_line_every_n_steps(kit, tmp_path, caplog):
+    settings = kit.settings(state_dir=tmp_path / "s", dp_enabled=False, batch_size=2, local_epochs=2,
+                            progress_every_steps=5)
+    rt = SiteRuntime.open(settings)
+    with caplog.at_level("INFO", logger="site_agent.training.trainer"):
+        assert rt.train_and_build(0) is True
+    lines = [r.getMessage() for r in caplog.records if "step" in r.getMessage() and "of" in r.getMessage()]
+    assert lines and lines[0].startswith("round 1: step 5 of ")
