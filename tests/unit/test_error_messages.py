@@ -36,3 +36,24 @@ def test_aggregator_names_fingerprints_and_tells_the_site(tmp_path):
     msg = decode(notices[0].body)
     assert isinstance(msg, Rejection) and msg.reason == "layout-fingerprint" and msg.update_id == "bravo:1"
     eng.close()
+
+
+def test_a_site_alert_reaches_status_and_metrics(tmp_path):
+    import time
+
+    from aggregator.status_cli import render
+    from shared.codec import encode
+    from shared.schema import SiteMetrics
+
+    fed = make_federation(tmp_path, sites=("alpha",))
+    eng = AggregatorEngine(fed.settings(tmp_path / "s", buffer_size=1))
+    alert = "paused: diverged: validation loss 3336 at version 1 is more than 10x the best seen (0.6)"
+    msg = SiteMetrics(site_id="alpha", version=1, auc=0.5, n_val=10, epsilon_spent=0.2, epsilon_target=1.2,
+                      updates_sent=1, timestamp=time.time(), alert=alert)
+    assert eng.handle_site_metrics(encode(msg)).action == "accept"
+    assert f"ALERT alpha: {alert}" in render(eng.status())
+    assert eng.metrics.site_paused.labels(site="alpha")._value.get() == 1
+    ok = msg.model_copy(update={"alert": None, "version": 2})
+    eng.handle_site_metrics(encode(ok))
+    assert "ALERT" not in render(eng.status()) and eng.metrics.site_paused.labels(site="alpha")._value.get() == 0
+    eng.close()
