@@ -284,33 +284,27 @@ def load_site_data(settings: SiteSettings) -> tuple[LoadedDataset, LoadedDataset
 
 
 def check_ledger_present(settings: SiteSettings, store: SiteStateStore) -> None:
-    """A privacy ledger never silently resets: refuse a state directory that lost half of itself.
+    """A privacy ledger never silently resets: state.json says updates were sent but the ledger is
+    gone (the ledger is always written before the state, so this is never a crash: the budget
+    already spent would be forgotten).
 
-    - state.json says updates were sent but the ledger is gone: the budget already spent would
-      be forgotten;
-    - the ledger is there but state.json is gone: the sequence counter restarts at 1 and the
-      aggregator refuses every update as a replay, unless this site joins a new federation.
-    (An entirely empty directory is checked with the aggregator at start: ``join_wait_s``.)"""
+    The other half (a ledger without state.json) is also what a crash during the very first round
+    leaves, so it is not refused here: a site without state.json asks the aggregator whether its
+    id already contributed (``join_wait_s``) and refuses to start if so."""
     ledger = store.dir / LEDGER_FILE
-    if store.exists():
-        try:
-            import json
+    if not store.exists():
+        return
+    try:
+        import json
 
-            sent = int(json.loads(store.path.read_text()).get("updates_sent", 0))
-        except (OSError, ValueError):
-            return  # the state loader reports an unreadable state.json with its own message
-        if settings.dp_enabled and sent > 0 and not ledger.exists():
-            raise ConfigError(
-                f"privacy ledger {ledger} is missing but {store.path} records {sent} update(s) sent: the budget "
-                f"they spent would be forgotten. Restore {LEDGER_FILE} from your backup of {store.dir}; a "
-                f"privacy ledger is never reset."
-            )
-    elif ledger.exists() and not settings.join_new_federation:
+        sent = int(json.loads(store.path.read_text()).get("updates_sent", 0))
+    except (OSError, ValueError):
+        return  # the state loader reports an unreadable state.json with its own message
+    if settings.dp_enabled and sent > 0 and not ledger.exists():
         raise ConfigError(
-            f"{store.path} is missing but the privacy ledger {ledger} is there: this site's sequence counter "
-            f"was lost and the aggregator would refuse its updates. Restore state.json from your backup of "
-            f"{store.dir}, or set join_new_federation = true to join a new federation (the ledger and its "
-            f"spent budget are kept)."
+            f"privacy ledger {ledger} is missing but {store.path} records {sent} update(s) sent: the budget "
+            f"they spent would be forgotten. Restore {LEDGER_FILE} from your backup of {store.dir}; a "
+            f"privacy ledger is never reset."
         )
 
 
