@@ -171,7 +171,9 @@ def test_compose_configs_run_one_round(deployment):
     dep.start("aggregator", ["aggregator", "run", "--config", str(agg)], provision.AGGREGATOR_USER,
               FEDMQ_METRICS_PORT="0")
     for s in dep.sites:
-        dep.start(s, ["site", "run", "--config", str(dep.config(f"{s}.toml", s))], s)
+        cfg = dep.config(f"{s}.toml", s)
+        assert main(["site", "check-data", "--config", str(cfg), "--out", str(dep.root / "check" / s)]) == 0
+        dep.start(s, ["site", "run", "--config", str(cfg)], s)
     dep.wait(lambda: all(dep.version(s) >= 1 for s in dep.sites), 300, "version 1 at every site")
     codes = dep.stop()
     assert set(codes.values()) == {0}, codes
