@@ -387,6 +387,7 @@ class AggregatorEngine:
             info["sample_weight"] = float(chunk.sample_weight)
             if chunk.seq >= self.site_seq.get(chunk.site_id, 0):
                 info["last_header"] = seqguard.header_digest(header_of(chunk))
+                seqguard.clear_if_resumed(info, chunk.seq)
             if self.settings.mode == "sync":
                 self.round_sites.add(chunk.site_id)
             if self.layout_fp is None:

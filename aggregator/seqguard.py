@@ -61,3 +61,10 @@ def record(sites: dict[str, dict[str, Any]], site_id: str, seq: int, last_seq: i
     prev = info.get(STATUS_KEY) or {}
     info[STATUS_KEY] = {"seq": int(seq), "last_seq": int(last_seq), "at": time.time(),
                         "count": int(prev.get("count", 0)) + 1}
+
+
+def clear_if_resumed(info: dict[str, Any], seq: int) -> None:
+    """A site restored from backup continues past the last accepted seq: the alert is over."""
+    back = info.get(STATUS_KEY)
+    if back and seq > int(back.get("last_seq", 0)):
+        info.pop(STATUS_KEY, None)

@@ -90,6 +90,10 @@ def test_sequence_backwards_is_answered_on_the_site_queue_and_shown_in_status(tm
             entry = status["sites"]["alpha"]["sequence_backwards"]
             assert entry["last_seq"] == 3 and entry["count"] == 2
             assert "SEQUENCE WENT BACKWARDS" in render(status)
+            # the site's state is restored from backup: it continues at seq 4 and the alert clears
+            publish(amqp_url, fed.update("alpha", 4, 3, random_delta(rng, fed.n_params))[0])
+            listener.wait_for(lambda v: v["version"] == 4 and v["mode"] == "delta")
+            assert "SEQUENCE WENT BACKWARDS" not in render(agg.engine.status())
     finally:
         listener.close()
 
