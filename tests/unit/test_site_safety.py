@@ -138,3 +138,21 @@ def test_long_rounds_log_a_progress_line_every_n_steps(kit, tmp_path, caplog):
         assert rt.train_and_build(0) is True
     lines = [r.getMessage() for r in caplog.records if "step" in r.getMessage() and "of" in r.getMessage()]
     assert lines and lines[0].startswith("round 1: step 5 of ")
+
+
+def test_fedmq_site_resume_lifts_a_pause(kit, tmp_path, capsys):
+    from shared.cli import main
+    from site_agent.guard import PauseFile
+
+    settings = kit.settings(state_dir=tmp_path / "s")
+    cfg = tmp_path / "site.toml"
+    cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
+        ("site_id", settings.site_id), ("secret_context", settings.secret_context),
+        ("signing_key", settings.signing_key), ("manifest", settings.manifest), ("state_dir", settings.state_dir))) + "\n")
+    PauseFile(settings.state_dir).pause("sequence-backwards", "state directory restored from an old copy")
+    rt = SiteRuntime.open(settings, load_data=False)
+    assert "paused until `fedmq site resume`" in (rt.why_not_contribute() or "")
+    rt.dir_lock.release()
+    assert main(["site", "resume", "--config", str(cfg)]) == 0
+    assert "lifted the pause" in capsys.readouterr().out
+    assert PauseFile(settings.state_dir).reason() is None
