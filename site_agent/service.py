@@ -68,6 +68,9 @@ class SiteAgent:
         self._crash_in = _crash_countdown()
         #: a fresh site waits for the aggregator's answer to its start request until then
         self._join_deadline: float | None = None
+        self._join_done = False
+        #: started with an empty state dir (no ledger, no state): a known identity is then fatal
+        self._started_fresh = self.rt.state.generation == 0
         self._fatal: FedmqError | None = None
         self._auth = AuthRefusals()
 
@@ -132,7 +135,7 @@ class SiteAgent:
             fresh = self.rt.state.generation == 0
             for shard in range(self.settings.shard_count):
                 self._request_snapshot(-1 if fresh else 0, "start", shard)
-            if fresh and self._join_deadline is None and self.settings.join_wait_s > 0:
+            if fresh and not self._join_done and self._join_deadline is None and self.settings.join_wait_s > 0:
                 # an empty state dir: before any budget is charged, let the aggregator say whether
                 # this id already contributed (then our ledger was lost: refuse to start)
                 self._join_deadline = time.monotonic() + self.settings.join_wait_s
@@ -140,7 +143,7 @@ class SiteAgent:
         while not self._stop.is_set() and self._fatal is None:
             self._conn.process_data_events(time_limit=0.5)
             if self._join_deadline is not None and time.monotonic() >= self._join_deadline:
-                self._join_deadline = 0.0  # waited: no objection from the aggregator
+                self._join_deadline, self._join_done = None, True  # waited: no objection from the aggregator
                 logger.info("no objection from the aggregator to a new member; starting",
                             extra={"waited_s": self.settings.join_wait_s})
                 self._maybe_train()
@@ -170,6 +173,9 @@ class SiteAgent:
             ch.basic_ack(method.delivery_tag)
             return
         if result.outcome == "applied":
+            if chunk.target_site == self.settings.site_id and self._join_deadline is not None:
+                # the aggregator answered our start request with a snapshot: no objection
+                self._join_deadline, self._join_done = None, True
             self._last_progress = time.monotonic()
             self.rt.save_state()
             self._snapshot_requested_for.pop(result.shard, None)
@@ -217,7 +223,7 @@ class SiteAgent:
             logger.error("the aggregator refused a replay of an old update of this site: are this site's broker "
                          "credentials used elsewhere?", extra={"update_id": notice.update_id, "detail": notice.detail})
             return
-        if self.rt.state.generation == 0 and not self.settings.join_new_federation:
+        if self._started_fresh and self.rt.state.updates_sent == 0 and not self.settings.join_new_federation:
             self._fatal = KnownIdentityWithoutState(
                 f"refusing to start: the aggregator already accepted {notice.last_seq} update(s) from site "
                 f"{self.settings.site_id!r}, but the state directory {self.settings.state_dir} is empty, so the "
@@ -229,7 +235,7 @@ class SiteAgent:
         reason = (f"the aggregator already accepted seq {notice.last_seq} from this site but we are at seq "
                   f"{last_sent}: this state directory was lost or restored from an old copy ({notice.detail})")
         self.rt.pause_file.pause(SEQUENCE_BACKWARDS, reason)
-        self._join_deadline = None
+        self._join_deadline, self._join_done = None, True
         logger.error("pausing contributions until `fedmq site resume`", extra={"reason": reason})
         self._publish_metrics(self.rt.evaluate_current())
 
@@ -239,8 +245,6 @@ class SiteAgent:
         logger.info("asked for a snapshot", extra={"have": have, "reason": reason, "shard": shard})
 
     def _after_new_version(self) -> None:
-        if self._join_deadline:
-            self._join_deadline = 0.0  # the aggregator answered with a model: no objection
         metrics = self.rt.evaluate_current()
         if metrics.get("n"):
             self.rt.observe_version(metrics)
@@ -270,7 +274,7 @@ class SiteAgent:
             return
         if self.rt.state.pending is not None:
             return
-        if self._join_deadline:  # waiting for the aggregator's answer to our start request
+        if self._join_deadline is not None:  # waiting for the aggregator's answer to our start request
             return
         if self.rt.state.last_trained_base >= self.rt.state.version and not same_version_ok:
             return  # wait for a newer global model than the one we last trained from
