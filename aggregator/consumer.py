@@ -22,7 +22,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from broker.connection import parameters_list
+from broker.connection import AUTH_REFUSED, AuthRefusals, describe_refusal, parameters_list
 
 from aggregator.engine import AggregatorEngine, Outgoing
 from aggregator.publisher import Publisher
@@ -51,6 +51,7 @@ class AggregatorService:
         self._publisher: Publisher | None = None
         self._last_housekeeping = 0.0
         self.connections = 0
+        self._auth = AuthRefusals()
 
     def stop(self, *_: Any) -> None:
         self._stop.set()
@@ -69,6 +70,12 @@ class AggregatorService:
             while not self._stop.is_set():
                 try:
                     self._session(lambda: setattr(self, "_healthy", True))
+                except AUTH_REFUSED as exc:
+                    message = describe_refusal(self.settings.amqp_url, exc)
+                    self._auth.refused(message)  # raises after a few in a row: exit non-zero
+                    logger.error("%s; retrying", message)
+                    self._stop.wait(random.uniform(0, backoff))
+                    backoff = min(backoff * 2, self.settings.reconnect_max_s)
                 except _RECOVERABLE as exc:
                     self.ready.clear()
                     if getattr(self, "_healthy", False):
@@ -105,6 +112,7 @@ class AggregatorService:
                 ch.basic_consume(SNAPSHOT_REQUESTS_QUEUE, self._on_snapshot_request)
                 ch.basic_consume(METRICS_QUEUE, self._on_metrics)
             self.connections += 1
+            self._auth.ok()
             on_healthy()
             self.ready.set()
             logger.info("aggregator consuming %s at version %d", updates_queue(self.settings.shard_index),

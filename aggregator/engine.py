@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from aggregator import checkpoint as cpmod
 from aggregator import fold as foldmod
+from aggregator import seqguard
 from aggregator.audit_log import AggregatorAudit
 from aggregator.metrics import AggregatorMetrics
 from aggregator.policy import Admission, Policy
@@ -53,10 +54,14 @@ from shared.errors import (
 )
 from shared.schema import Contributor, EncryptedBlock, GlobalVersionChunk, Rejection, UpdateChunk
 from shared.signing import SigningKey, load_pinned_keys, load_private_key, sign_version, verify_chunk
+from shared.statelock import lock_state_dir
 
 logger = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+#: refusals the site itself is told about on its own queue (after its signature was verified):
+#: each means every further round it trains is wasted, or its state was lost
+NOTIFY_SITE = frozenset({seqguard.REASON, "layout-fingerprint", "key-fingerprint"})
 CRASH_POINTS = ("after-wal", "before-ack", "after-fold", "after-checkpoint")
 
 
@@ -83,7 +88,7 @@ class Outgoing:
     exchange: str
     routing_key: str
     body: bytes
-    kind: Literal["delta", "snapshot", "dead-letter"]
+    kind: Literal["delta", "snapshot", "dead-letter", "notice"]
     headers: dict[str, Any] | None = None
 
 
@@ -162,6 +167,14 @@ class AggregatorEngine:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # every version, snapshot and audit record goes out signed with the aggregator's own key
         self.signing_key = signing_key or load_private_key(s.signing_key)
+        self._dir_lock = lock_state_dir(self.state_dir, "aggregator")  # one process per state dir
+        try:
+            self._init_state(s)
+        except BaseException:
+            self._dir_lock.release()
+            raise
+
+    def _init_state(self, s: AggregatorSettings) -> None:
         self.audit = AggregatorAudit(self.state_dir, self.signing_key, s.shard_index, s.shard_count)
         self.policy = Policy(
             mode=s.mode, buffer_size=s.buffer_size, staleness_exponent=s.staleness_exponent,
@@ -232,6 +245,9 @@ class AggregatorEngine:
                 self.recent.append((v, list(ids)))
                 self._known.update(ids)
             self.sites = {k: dict(v) for k, v in cp.sites.items()}
+            for site, info in self.sites.items():
+                if info.get("sample_weight") is not None:
+                    self.policy.note_reported(site, float(info["sample_weight"]))
             self.segment = cp.wal_segment
         self.audit.recover(self.version)  # the chain, cut back to the checkpoint (audit_log.py)
         records, _, torn = read_records(self.state_dir / self.segment)
@@ -302,9 +318,15 @@ class AggregatorEngine:
                 raise UnknownSite(f"no pinned public key for site {chunk.site_id!r}")
             digest = verify_chunk(chunk, self.pinned)  # SHA-512 of the signed payload, reused by the audit log
             if chunk.key_fingerprint != self.ctx.fingerprint:
-                raise KeyMismatch(f"key {chunk.key_fingerprint!r} is not the federation's {self.ctx.fingerprint!r}")
+                raise KeyMismatch(f"CKKS key {chunk.key_fingerprint!r} of the update is not the federation's "
+                                  f"{self.ctx.fingerprint!r} (public_context {self.settings.public_context}): site "
+                                  f"{chunk.site_id}'s secret_context comes from another `fedmq keys init`")
             if self.layout_fp is not None and chunk.layout_fingerprint != self.layout_fp:
-                raise LayoutMismatch(f"layout {chunk.layout_fingerprint!r} is not {self.layout_fp!r}")
+                raise LayoutMismatch(
+                    f"model layout {chunk.layout_fingerprint!r} of the update is not the federation's {self.layout_fp!r} "
+                    f"(fixed by {'the layout_fingerprint setting' if self.settings.layout_fingerprint else 'the first accepted update'}): "
+                    f"site {chunk.site_id} runs another model_preset or init_seed"
+                )
             if self.total_blocks is not None and chunk.total_blocks != self.total_blocks:
                 raise LayoutMismatch(f"total_blocks {chunk.total_blocks} is not {self.total_blocks}")
             if chunk.block_size != self.block_size:
@@ -321,6 +343,11 @@ class AggregatorEngine:
             check_chunk_ciphertexts(self.ctx, chunk)  # each block's bytes; a reason per kind of damage
             uid = chunk.update_id
             pend = self.pending.get(uid)
+            if pend is None and not redelivered and chunk.site_id in self.site_seq:
+                seqguard.check_sequence(
+                    chunk.site_id, chunk.seq, self.site_seq[chunk.site_id], seqguard.header_digest(header_of(chunk)),
+                    self.sites.get(chunk.site_id, {}).get("last_header"),
+                )
             if uid in self._known or uid in self.buffer_ids:
                 if redelivered:
                     return self._drop(chunk, "update already folded")
@@ -355,6 +382,9 @@ class AggregatorEngine:
                     max_bytes_per_site=self.settings.max_pending_bytes_per_site, max_bytes=self.settings.max_pending_bytes,
                 )
         except WireError as exc:
+            if isinstance(exc, seqguard.SequenceBackwards) and chunk is not None:
+                seqguard.record(self.sites, chunk.site_id, chunk.seq, self.site_seq.get(chunk.site_id, 0))
+                logger.error("sequence went backwards: %s", exc.detail, extra={"site": chunk.site_id})
             return self._refuse(exc, chunk)
         record = {
             "t": "chunk", "body": bytes(body), "uid": chunk.update_id, "ci": chunk.chunk_index,
@@ -374,6 +404,12 @@ class AggregatorEngine:
                 chunk.site_id, chunk.seq, chunk.base_version, chunk.sample_weight, admission, header_of(chunk)
             )
             self.site_seq[chunk.site_id] = max(chunk.seq, self.site_seq.get(chunk.site_id, 0))
+            self.policy.note_reported(chunk.site_id, chunk.sample_weight)
+            info = self.sites.setdefault(chunk.site_id, {})
+            info["sample_weight"] = float(chunk.sample_weight)
+            if chunk.seq >= self.site_seq.get(chunk.site_id, 0):
+                info["last_header"] = seqguard.header_digest(header_of(chunk))
+                seqguard.clear_if_resumed(info, chunk.seq)
             if self.settings.mode == "sync":
                 self.round_sites.add(chunk.site_id)
             if self.layout_fp is None:
@@ -387,6 +423,8 @@ class AggregatorEngine:
 
     def apply(self, decision: Decision) -> list[Outgoing]:
         """Assemble and fold after the ack; returns what to publish (versions, notices)."""
+        if decision.action == "reject" and decision.reason in NOTIFY_SITE and decision.site_id in self.pinned:
+            return [self._site_notice(decision.reason, decision.detail, decision.site_id, decision.update_id)]
         if decision.action != "accept" or decision.chunk is None or decision.record is None:
             return []
         return self._apply_chunk(decision.chunk, len(decision.record["body"]), carry=[])
@@ -458,6 +496,12 @@ class AggregatorEngine:
     def _notice(self, reason: str, detail: str, site: str | None, uid: str | None) -> Outgoing:
         body = encode_rejection(Rejection(reason=reason, detail=detail[:2000], site_id=site, update_id=uid))
         return Outgoing(DEAD_LETTER_EXCHANGE, "", body, "dead-letter", {REASON_HEADER: reason, DETAIL_HEADER: detail[:2000]})
+
+    def _site_notice(self, reason: str, detail: str, site: str, uid: str | None) -> Outgoing:
+        """A notice on the site's own queue (site-direct exchange), so the site itself learns of it."""
+        body = encode_rejection(Rejection(reason=reason, detail=detail[:2000], site_id=site, update_id=uid,
+                                          last_seq=self.site_seq.get(site, 0)))
+        return Outgoing(SITE_DIRECT_EXCHANGE, site, body, "notice", {REASON_HEADER: reason})
 
     def _commit(self, carry: list[dict[str, Any]]) -> list[Outgoing]:
         changed = foldmod.commit(self.D, self.buffer)  # the store serializes each changed block
@@ -545,6 +589,14 @@ class AggregatorEngine:
                 raise UnknownSite(f"unknown site {req.site_id!r}")
         except WireError as exc:
             return self._refuse(exc), []
+        known = self.site_seq.get(req.site_id, 0)
+        if req.have_version == -1 and known > 0:
+            # a site starting with no state, under an id that already contributed: its ledger is gone
+            detail = seqguard.known_identity_detail(req.site_id, known)
+            seqguard.record(self.sites, req.site_id, 0, known)
+            logger.error("site restarted without its state: %s", detail, extra={"site": req.site_id})
+            self.write_status()
+            return Decision("accept", site_id=req.site_id), [self._site_notice(seqguard.REASON, detail, req.site_id, None)]
         if req.shard_index != self.settings.shard_index:
             # Only shard 0 consumes the (single) snapshot-request queue; another shard's blocks
             # reach a site through that shard's start-up and periodic snapshots (docs/sharding.md).
@@ -565,7 +617,11 @@ class AggregatorEngine:
             return self._refuse(exc)
         info = self.sites.setdefault(m.site_id, {})
         info.update(epsilon_spent=m.epsilon_spent, epsilon_target=m.epsilon_target, auc=m.auc,
-                    metrics_version=m.version, n_val=m.n_val, updates_sent=m.updates_sent, metrics_at=m.timestamp)
+                    metrics_version=m.version, n_val=m.n_val, updates_sent=m.updates_sent, metrics_at=m.timestamp,
+                    alert=m.alert)
+        self.metrics.site_alert(m.site_id, m.alert)
+        if m.alert:
+            logger.error("site %s alerts: %s", m.site_id, m.alert, extra={"site": m.site_id})
         return Decision("accept", site_id=m.site_id)
 
     # ------------------------------------------------------------------ housekeeping
@@ -615,3 +671,4 @@ class AggregatorEngine:
 
     def close(self) -> None:
         self.wal.close()
+        self._dir_lock.release()

@@ -26,7 +26,14 @@ class AggregatorMetrics:
         )
         self.bytes_in = Counter("fedmq_bytes_in_total", "bytes of update chunks received", registry=r)
         self.bytes_out = Counter("fedmq_bytes_out_total", "bytes published", registry=r)
+        self.site_paused = Gauge(
+            "fedmq_site_paused", "1 while a site has paused itself (diverged model, lost state); alert on it",
+            ["site"], registry=r,
+        )
         self.reason_counts: dict[str, int] = {}
+
+    def site_alert(self, site: str, alert: str | None) -> None:
+        self.site_paused.labels(site=site).set(1 if alert else 0)
 
     def reject(self, reason: str) -> bool:
         """Count a refusal; True the first time this reason is seen (log it once)."""

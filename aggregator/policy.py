@@ -10,7 +10,7 @@ One object for both modes, so the synchronous FedAvg baseline runs the same code
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from aggregator.fold import weight_units
@@ -36,8 +36,26 @@ class Policy:
     staleness_exponent: float
     max_staleness: int
     weight_quantum: int
-    reference_sample_weight: float
+    #: None (the default): w_ref is the mean of the sample weights the sites actually report
+    #: (each site's latest), so a version's step is a weighted mean of its updates whatever the
+    #: hospitals' image counts. A fixed number is for experiments that pin w_ref themselves.
+    reference_sample_weight: float | None = None
     sites: frozenset[str] = frozenset()
+    #: site -> the sample weight it last reported (rebuilt from the checkpoint and WAL on restart)
+    reported: dict[str, float] = field(default_factory=dict)
+
+    def note_reported(self, site_id: str, sample_weight: float) -> None:
+        self.reported[site_id] = float(sample_weight)
+
+    def reference_weight(self, site_id: str, sample_weight: float) -> float:
+        """w_ref for an update of ``site_id`` reporting ``sample_weight``: the configured value,
+        else the mean of the latest weights reported by every site seen so far, this one included.
+        Each update's factor w / w_ref is then at most the number of sites, never the image count."""
+        if self.reference_sample_weight is not None:
+            return float(self.reference_sample_weight)
+        seen = dict(self.reported)
+        seen[site_id] = float(sample_weight)
+        return sum(seen.values()) / len(seen)
 
     @property
     def commit_after(self) -> int:
@@ -64,14 +82,14 @@ class Policy:
                 raise DuplicateRound(f"{site_id} already contributed to the round for version {current_version + 1}")
             units = weight_units(
                 0, sample_weight, quantum=self.weight_quantum, exponent=0.0,
-                reference_sample_weight=self.reference_sample_weight,
+                reference_sample_weight=self.reference_weight(site_id, sample_weight),
             )
             return Admission(0, units)
         if tau > self.max_staleness:
             raise TooStale(f"staleness {tau} exceeds max_staleness {self.max_staleness}")
         units = weight_units(
             tau, sample_weight, quantum=self.weight_quantum, exponent=self.staleness_exponent,
-            reference_sample_weight=self.reference_sample_weight,
+            reference_sample_weight=self.reference_weight(site_id, sample_weight),
         )
         return Admission(tau, units)
 

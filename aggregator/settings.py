@@ -20,34 +20,47 @@ class AggregatorSettings(FedmqSettings):
     signing_key: Path = Path("keys/aggregator.hybrid")
     #: checkpoint, write-ahead log and status.json live here
     state_dir: Path = Path("state/aggregator")
+    #: async: FedBuff, commit every buffer_size updates; sync: FedAvg rounds, one update per pinned site
     mode: Literal["async", "sync"] = "async"
     #: K: updates folded per version (async). Sync mode uses the number of pinned sites.
     buffer_size: int = Field(3, ge=1, le=10_000)
     #: a in s(tau) = (1 + tau)^-a
     staleness_exponent: float = Field(0.5, ge=0.0, le=10.0)
+    #: refuse updates whose base version is more than this many versions old
     max_staleness: int = Field(16, ge=0)
+    #: server learning rate: x_{v+1} = x_v + server_lr * weighted mean of the folded updates
     server_lr: float = Field(1.0, gt=0)
     #: Q: integer weight quantum; weight units m = max(1, round(Q * s(tau) * w / w_ref))
     weight_quantum: int = Field(64, ge=1, le=1 << 16)
-    reference_sample_weight: float = Field(1.0, gt=0)
+    #: w_ref. Unset (recommended): the mean of the sample weights the sites report, so the
+    #: server step is a weighted mean of updates and never scales with the image count. A number
+    #: pins it (experiments): the step then scales with sample_weight / w_ref.
+    reference_sample_weight: float | None = Field(None, gt=0)
     #: publish a full snapshot every M versions (0 = only on start-up and on request)
     snapshot_every: int = Field(10, ge=0)
     #: prometheus port; 0 = off
     metrics_port: int = Field(0, ge=0, le=65535)
+    #: address the metrics endpoint listens on
     metrics_host: str = "0.0.0.0"
+    #: an update whose chunks stop coming is dropped (and its site told) after this long
     incomplete_timeout_s: float = Field(120.0, gt=0)
     #: require AMQP ``user_id`` == chunk.site_id (sites connect as broker user = site id)
     check_user_id: bool = True
     #: expected layout fingerprint; None = the first accepted update fixes it
     layout_fingerprint: str | None = None
+    #: this aggregator's shard (docs/sharding.md)
     shard_index: int = Field(0, ge=0)
+    #: number of aggregator shards; federation-wide
     shard_count: int = Field(1, ge=1)
+    #: unacknowledged messages the broker may hand over at once
     prefetch: int = Field(16, ge=1, le=10_000)
+    #: AMQP heartbeat; 0 = off
     heartbeat_s: int = Field(60, ge=0)
     #: how often status.json is rewritten and incomplete updates are expired
     housekeeping_s: float = Field(2.0, gt=0)
     #: incomplete-update limits (ChunkAssembler)
     max_pending_updates: int = Field(256, ge=1)
+    #: bytes held by incomplete updates at most
     max_pending_bytes: int = Field(512 << 20, ge=1 << 20)
     #: per-site bounds on incomplete updates (aggregator.update_guard): one site cannot crowd
     #: out the others; a normal site has one update in flight, two after a crash mid-publish

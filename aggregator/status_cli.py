@@ -53,7 +53,24 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     for r in rows:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    lines.extend(alerts(status, now))
     return "\n".join(lines)
+
+
+def alerts(status: dict[str, Any], now: float) -> list[str]:
+    """One line per site that needs a person: its state went backwards, or it paused itself."""
+    out = []
+    for site, info in sorted(status.get("sites", {}).items()):
+        back = info.get("sequence_backwards")
+        if back:
+            out.append(
+                f"ALERT {site}: SEQUENCE WENT BACKWARDS (sent seq {back.get('seq')} after {back.get('last_seq')}, "
+                f"{back.get('count', 1)} time(s), last {_ago(back.get('at'), now)}): its state directory and privacy "
+                f"ledger were lost; restore them, never start it afresh"
+            )
+        if info.get("alert"):
+            out.append(f"ALERT {site}: {info['alert']} (reported {_ago(info.get('metrics_at'), now)})")
+    return out
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -78,6 +78,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     local.add_argument("--management-port", type=int, help="also enable the management UI on this port")
     local.add_argument("--data-dir", help="keep the node's data here (default: a temporary directory, removed on exit)")
     local.add_argument("--provision", action="store_true", help="also create the fedmq vhost, users and topology")
+    local.add_argument("--port", dest="amqp_port", type=int,
+                       help="AMQP port of the node (default: a free one); the printed URLs use it")
+    local.add_argument("--node-name", help="Erlang node name, e.g. fedmq@localhost (keep it with --data-dir)")
     _add_common(local, password_dir_required=False)
     local.set_defaults(handler=_local)
 
@@ -239,13 +242,17 @@ def _local(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        node = LocalRabbitNode(management_port=args.management_port, data_dir=args.data_dir)
+        node = LocalRabbitNode(management_port=args.management_port, data_dir=args.data_dir,
+                               amqp_port=args.amqp_port, node_name=args.node_name)
     except LocalNodeError as exc:
         raise BrokerCliError(str(exc)) from None
     try:
         seconds = node.start()
         print(f"private RabbitMQ node {node.node_name} ready in {seconds:.1f}s")
         print(f"admin URL: {node.amqp_url}")
+        print(f"AMQP port: {node.amqp_port}; Erlang cookie: {node.ctl_environment()['HOME']}/.erlang.cookie; "
+              f"epmd port: {node.epmd_port}")
+        print(f"rabbitmqctl: {node.ctl_command_line()}")
         if args.management_port:
             print(f"management UI: http://{node.host}:{args.management_port}/ (user {node.username}, password in the admin URL)")
         if args.provision:

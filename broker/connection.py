@@ -12,6 +12,43 @@ import pika.exceptions
 
 from shared.errors import BrokerConnectionError
 
+#: pika's ways of saying "403": wrong user or password, or no access to the vhost
+AUTH_REFUSED = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.ProbableAccessDeniedError,
+    pika.exceptions.AuthenticationError,
+)
+#: consecutive refusals before a service gives up (a broker restarting may refuse briefly)
+MAX_AUTH_REFUSALS = 3
+
+
+class BrokerAuthenticationError(BrokerConnectionError):
+    """The broker refused our credentials (403). Retrying forever would hide a wrong password
+    from systemd, so services give up after ``MAX_AUTH_REFUSALS`` in a row (``AuthRefusals``)."""
+
+
+def describe_refusal(url: str, exc: BaseException) -> str:
+    params = pika.URLParameters(split_urls(url)[0])
+    return (f"the broker at {params.host}:{params.port} refused user {params.credentials.username!r} on vhost "
+            f"{params.virtual_host!r} (403: wrong user or password, or no permission on the vhost): "
+            f"{type(exc).__name__}; check FEDMQ_AMQP_URL and `fedmq broker provision`")
+
+
+@dataclass
+class AuthRefusals:
+    """Counts consecutive 403s; ``refused`` raises once there were ``limit`` in a row."""
+
+    limit: int = MAX_AUTH_REFUSALS
+    count: int = 0
+
+    def refused(self, message: str) -> None:
+        self.count += 1
+        if self.count >= self.limit:
+            raise BrokerAuthenticationError(f"giving up after {self.count} refusals in a row: {message}")
+
+    def ok(self) -> None:
+        self.count = 0
+
 
 @dataclass
 class Backoff:
@@ -75,8 +112,8 @@ def connect(
             conn = pika.BlockingConnection(params[0] if len(params) == 1 else params)
             backoff.connected()
             return conn
-        except pika.exceptions.ProbableAuthenticationError as exc:
-            raise BrokerConnectionError(f"broker refused our credentials: {exc}") from None
+        except AUTH_REFUSED as exc:
+            raise BrokerAuthenticationError(describe_refusal(url, exc)) from None
         except pika.exceptions.AMQPConnectionError as exc:
             last = exc
             time.sleep(backoff.next_delay())

@@ -146,6 +146,10 @@ class LocalRabbitNode:
             (:mod:`broker.cluster`) share one.
         epmd_port: the epmd port; a free one when None. Clustered nodes must share one epmd to
             find each other.
+        amqp_port: the AMQP port; a free one when None. A pilot that runs the node for good
+            gives a fixed one (``fedmq broker local --port 5672``) so its URLs stay valid.
+        node_name: the Erlang node name; random when None. A kept ``data_dir`` needs the same
+            name at every start (the database lives under the node name).
     """
 
     def __init__(
@@ -160,6 +164,8 @@ class LocalRabbitNode:
         install: RabbitInstall | None = None,
         cookie: str | None = None,
         epmd_port: int | None = None,
+        amqp_port: int | None = None,
+        node_name: str | None = None,
     ) -> None:
         resolved = install or find_rabbitmq_install()
         if resolved is None:
@@ -175,8 +181,10 @@ class LocalRabbitNode:
         self.management_port = management_port
         self.start_timeout = start_timeout
         self._extra_config = list(extra_config)
-        self.node_name = f"fedmq-test-{secrets.token_hex(4)}@localhost"
-        self.amqp_port = free_port(self.host)
+        self.node_name = node_name or f"fedmq-test-{secrets.token_hex(4)}@localhost"
+        if amqp_port is not None and _port_open(self.host, amqp_port):
+            raise LocalNodeError(f"port {amqp_port} on {self.host} is already in use (another broker?)")
+        self.amqp_port = amqp_port if amqp_port is not None else free_port(self.host)
         self.dist_port = free_port(self.host, below=_MAX_DIST_PORT)
         self.epmd_port = epmd_port if epmd_port is not None else free_port(self.host)
         self._cookie = cookie
@@ -464,6 +472,16 @@ class LocalRabbitNode:
         self.close()
 
     # ----------------------------------------------------------------------------- control
+    def ctl_environment(self) -> dict[str, str]:
+        """What an operator's ``rabbitmqctl`` needs to reach this node: the HOME holding its Erlang
+        cookie and the epmd port and address (``fedmq broker local`` prints it)."""
+        return {"HOME": str(self._root / "home"), "ERL_EPMD_PORT": str(self.epmd_port),
+                "ERL_EPMD_ADDRESS": self.host}
+
+    def ctl_command_line(self) -> str:
+        env = " ".join(f"{k}={v}" for k, v in self.ctl_environment().items())
+        return f"{env} {self._install.ctl} -n {self.node_name} status"
+
     def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> str:
         """Run ``rabbitmqctl -n <this node> <args>`` and return its stdout.
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 
 from shared.ckks import DEFAULT_PRESET, PRESETS
+from shared.errors import ConfigError
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -13,12 +16,14 @@ def register(parser: argparse.ArgumentParser) -> None:
         "init",
         help="create a CKKS key: a secret context for the sites, a public one for the aggregator",
     )
-    init.add_argument("--out", required=True, help="directory to write the key files into")
+    init.add_argument("--out", required=True, help="directory for the SECRET context (hospitals only)")
+    init.add_argument("--public-out", help="directory for the public context (the aggregator's); default: --out")
     init.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
     init.set_defaults(handler=_init)
     site = sub.add_parser("site", help="create a site's hybrid Ed25519 + ML-DSA-65 signing key pair")
     site.add_argument("--site-id", required=True)
-    site.add_argument("--out", required=True)
+    site.add_argument("--out", required=True, help="directory for the PRIVATE signing key (stays at the hospital)")
+    site.add_argument("--public-out", help="directory for the public key (the aggregator's site_keys_dir); default: --out")
     site.set_defaults(handler=_site)
     agg = sub.add_parser(
         "aggregator", help="create the aggregator's hybrid signing key pair (it signs versions and audit records)"
@@ -27,13 +32,34 @@ def register(parser: argparse.ArgumentParser) -> None:
     agg.set_defaults(handler=_aggregator)
 
 
+def _move_public(path: Path, public_out: str | None, *copies: Path) -> Path:
+    """Move a public file into its own folder (copying ``copies`` beside it), so the folder that
+    holds secrets never needs to be handed to anyone."""
+    if not public_out:
+        return path
+    dest = Path(public_out)
+    dest.mkdir(parents=True, exist_ok=True)
+    if (dest / path.name).exists():
+        raise ConfigError(f"{dest / path.name} exists; refusing to overwrite key material")
+    for f in copies:
+        shutil.copy2(f, dest / f.name)
+    path.replace(dest / path.name)
+    return dest / path.name
+
+
 def _init(args: argparse.Namespace) -> int:
-    from shared.ckks import init_keys
+    from shared.ckks import FINGERPRINT_FILE, init_keys
 
     files = init_keys(args.out, args.preset)
+    public = _move_public(files.public_context, args.public_out, Path(args.out) / FINGERPRINT_FILE)
     print(f"key fingerprint: {files.fingerprint}")
-    print(f"{files.secret_context}: SECRET. Copy to every hospital's site agent only (mode 0600).")
-    print(f"{files.public_context}: public evaluation context. Give to the aggregator; it cannot decrypt.")
+    print(f"SECRET  {files.secret_context}")
+    print("        every hospital's site agent only (mode 0600): site TOML key `secret_context`")
+    print(f"public  {public}")
+    print("        the aggregator only (it cannot decrypt): aggregator TOML key `public_context`")
+    if not args.public_out:
+        print("note: both files are in one folder; give the aggregator only the public one "
+              "(--public-out DIR puts it in a folder of its own)")
     return 0
 
 
@@ -41,8 +67,12 @@ def _site(args: argparse.Namespace) -> int:
     from shared.signing import generate_site_key
 
     priv, pub = generate_site_key(args.out, args.site_id)
-    print(f"{priv}: private signing key; stays at the hospital.")
-    print(f"{pub}: public key; pin it at the aggregator (its --site-keys directory).")
+    pub = _move_public(pub, args.public_out)
+    print(f"PRIVATE {priv}")
+    print("        stays at the hospital (mode 0600): site TOML key `signing_key`")
+    print(f"public  {pub}")
+    print(f"        pin it at the aggregator: copy into the folder of the aggregator TOML key `site_keys_dir` "
+          f"(site id {args.site_id!r} = its broker user)")
     return 0
 
 

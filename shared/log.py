@@ -43,4 +43,17 @@ def configure_logging(level: str = "INFO", json_format: bool = True, component: 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    quiet_libraries(level)
+
+
+#: third-party loggers and the level they run at. pika logs each reconnect as ~8 ERROR lines with
+#: tracebacks, Opacus ~57 INFO lines per ResNet round: fedmq logs one line per event itself
+#: (connection lost, retrying, giving up), so theirs only show with log_level DEBUG.
+LIBRARY_LEVELS = {"pika": logging.CRITICAL, "opacus": logging.WARNING, "monai": logging.WARNING,
+                  "PIL": logging.WARNING, "matplotlib": logging.WARNING}
+
+
+def quiet_libraries(level: str = "INFO") -> None:
+    debug = level.upper() == "DEBUG"
+    for name, lib_level in LIBRARY_LEVELS.items():
+        logging.getLogger(name).setLevel(logging.WARNING if debug else lib_level)

@@ -168,6 +168,8 @@ class Rejection(WireModel):
     detail: Annotated[str, Field(max_length=2000)]
     site_id: str | None = None
     update_id: str | None = None
+    #: sequence-backwards notices: the last sequence number the aggregator accepted from the site
+    last_seq: Annotated[int, Field(ge=0)] | None = None
 
 
 class SiteMetrics(WireModel):
@@ -182,6 +184,8 @@ class SiteMetrics(WireModel):
     epsilon_target: float | None
     updates_sent: Annotated[int, Field(ge=0)]
     timestamp: float
+    #: set while the site has paused itself (diverged model, lost state): shown by ``fedmq status``
+    alert: Annotated[str, Field(max_length=500)] | None = None
 
 
 HexDigest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

@@ -24,21 +24,28 @@ S = TypeVar("S", bound="FedmqSettings")
 class FedmqSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDMQ_", env_file=".env", extra="forbid", env_nested_delimiter="__")
 
+    #: broker URL(s) with this party's user and password (the user is the site id for a site); several cluster nodes separated by commas. Keep it in the environment (.env), not in TOML
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     #: largest chunk this party makes or accepts; capped at the codec's default so that the
     #: broker's max_message_size (broker.topology.BROKER_MAX_MESSAGE_SIZE, 2x) always admits it
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=64 * 1024, le=DEFAULT_MAX_MESSAGE_BYTES)
+    #: CKKS parameter preset (shared.ckks.PRESETS); federation-wide
     ckks_preset: str = DEFAULT_PRESET
+    #: fedmq's own log level; pika/Opacus stay quiet unless DEBUG
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: one JSON object per log line (for a SIEM); false: plain text
     log_json: bool = True
     #: reconnect backoff: capped exponential with full jitter, reset after a healthy minute
     reconnect_initial_s: float = Field(0.5, gt=0)
+    #: longest wait between reconnect attempts
     reconnect_max_s: float = Field(30.0, gt=0)
 
     #: TLS for ``amqps://`` URLs: the CA that signed the broker's certificate, and this
     #: party's client certificate and key (the broker can require them: verify_peer)
     tls_ca: Path | None = None
+    #: this party's client certificate (PEM)
     tls_cert: Path | None = None
+    #: this party's client key (PEM)
     tls_key: Path | None = None
     #: name checked against the broker's certificate; the URL's host when unset
     tls_server_name: str | None = None

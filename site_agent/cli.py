@@ -29,6 +29,19 @@ def register(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--val-fraction", type=float, default=0.15)
     prep.set_defaults(handler=_prepare)
 
+    check = sub.add_parser(
+        "check-data",
+        help="check the manifest and images as the agent will load them; writes a report and a contact sheet",
+    )
+    check.add_argument("--config", help="TOML settings file of the site (manifest, image_size, expected_modalities)")
+    check.add_argument("--out", default="data-check", help="folder for data-report.json and contact-sheet.png")
+    check.add_argument("--json", action="store_true", help="print the JSON report instead of the summary")
+    check.set_defaults(handler=_check_data)
+
+    resume = sub.add_parser("resume", help="lift a pause that needs a person (paused.json), after fixing its cause")
+    resume.add_argument("--config", help="TOML settings file of the site")
+    resume.set_defaults(handler=_resume)
+
     export = sub.add_parser("export-model", help="write the site's current global model as TorchScript plus its layout manifest")
     export.add_argument("--config", help="TOML settings file of the site")
     export.add_argument("--out", required=True, help="output directory")
@@ -49,6 +62,34 @@ def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_json, component=f"site:{settings.site_id}")
     return run_site(settings)
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    """Exit 0 when the site can train on its data, 1 when the report lists a problem."""
+    import logging
+
+    from site_agent.data.check import check_data
+
+    logging.basicConfig(level=logging.ERROR)  # the report lists every skipped file; no warning per file
+    settings = _settings(args)
+    report = check_data(settings.manifest, settings.image_size, expected_modalities=settings.expected_modalities,
+                        max_unreadable_fraction=settings.max_unreadable_fraction, out_dir=Path(args.out))
+    print(report.to_json() if args.json else report.render())
+    return 0 if report.ok else 1
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from site_agent.guard import PauseFile
+
+    settings = _settings(args)
+    pause = PauseFile(settings.state_dir)
+    reason = pause.reason()
+    if reason is None:
+        print(f"{settings.site_id} is not paused ({pause.path} does not exist)")
+        return 0
+    pause.clear()
+    print(f"{settings.site_id}: lifted the pause ({reason}); the site contributes again at its next version")
+    return 0
 
 
 def resolve_dataset(name: str, data_root: str | None, md5: str | None = None) -> Path:
@@ -74,7 +115,7 @@ def _export(args: argparse.Namespace) -> int:
     from site_agent.export import export_model
     from site_agent.runtime import SiteRuntime
 
-    rt = SiteRuntime.open(_settings(args), load_data=False)
+    rt = SiteRuntime.open(_settings(args), load_data=False, lock=False)
     paths = export_model(rt, Path(args.out))
     for p in paths:
         print(p)

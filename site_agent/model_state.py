@@ -37,10 +37,32 @@ class FederatedModel:
         return self.layout.flatten({k: v for k, v in model.state_dict().items()})
 
 
+def identify_layout(fingerprint: str, init_seed: int) -> str | None:
+    """Which preset (with ``init_seed``) has this layout fingerprint: used only to name, in an
+    error, the model the federation trains when it is not ours. Builds each preset once."""
+    from site_agent.models import PRESETS
+
+    for preset in PRESETS:
+        try:
+            if FederatedModel.create(preset, init_seed).layout.fingerprint == fingerprint:
+                return preset
+        except Exception:  # noqa: BLE001 - a preset that cannot be built here cannot be the answer
+            continue
+    return None
+
+
+def describe_layout_mismatch(theirs: str, preset: str, init_seed: int, ours: str, where: str) -> str:
+    other = identify_layout(theirs, init_seed)
+    named = f"preset {other!r} with init_seed {init_seed}" if other else "another preset or init_seed"
+    return (f"{where} uses model layout {theirs} ({named}); this site uses preset {preset!r} with init_seed "
+            f"{init_seed} (layout {ours}). model_preset and init_seed must be the same at every site: "
+            f"every round trained here would be refused")
+
+
 def model_vector(x0: np.ndarray, global_sum: np.ndarray, value_scale: float) -> np.ndarray:
     if global_sum.size == 0 or value_scale == 0.0:
         return x0.copy()
     return x0 + value_scale * global_sum[: x0.size]
 
 
-__all__ = ["FederatedModel", "model_vector"]
+__all__ = ["FederatedModel", "describe_layout_mismatch", "identify_layout", "model_vector"]

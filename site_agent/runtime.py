@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from torch import nn
@@ -21,7 +22,9 @@ from shared.ckks import LoadedContext, load_context
 from shared.codec import encode_update_chunk
 from shared.errors import ConfigError
 from shared.signing import load_private_key
+from shared.statelock import StateDirLock, lock_state_dir
 from site_agent.data import LoadedDataset, load_dataset
+from site_agent.guard import GUARD_FILE, DivergenceGuard, PauseFile
 from site_agent.model_state import FederatedModel, model_vector
 from site_agent.settings import SiteSettings
 from site_agent.state import SiteState, SiteStateStore
@@ -83,15 +86,35 @@ class SiteRuntime:
         self.val = val
         self.signing_key = load_private_key(settings.signing_key)
         self.trainer = LocalTrainer(training_config(settings), store.dir / LEDGER_FILE, progress=settings.progress_bars)
+        self.trainer.progress_every = settings.progress_every_steps
         self.last_timings: dict[str, float] = {}
         self._lock = threading.Lock()
         self.update_built_hook: UpdateBuiltHook | None = None
+        self.guard = DivergenceGuard.open(store.dir / GUARD_FILE, settings.divergence_loss_factor,
+                                          settings.divergence_flat_auc_versions)
+        self.pause_file = PauseFile(store.dir)
+        self.dir_lock: StateDirLock | None = None
 
     @classmethod
-    def open(cls, settings: SiteSettings, *, load_data: bool = True) -> "SiteRuntime":
+    def open(cls, settings: SiteSettings, *, load_data: bool = True, lock: bool = True) -> "SiteRuntime":
+        """``lock``: hold the state directory for this process (``fedmq site run``); read-only
+        tools (export-model) pass False so they can run beside the service."""
+        dir_lock = lock_state_dir(settings.state_dir, "site") if lock else None
+        try:
+            rt = cls._open(settings, load_data)
+        except BaseException:
+            if dir_lock is not None:
+                dir_lock.release()
+            raise
+        rt.dir_lock = dir_lock
+        return rt
+
+    @classmethod
+    def _open(cls, settings: SiteSettings, load_data: bool) -> "SiteRuntime":
         ctx = load_context(settings.secret_context, require_secret=True)
         model = FederatedModel.create(settings.model_preset, settings.init_seed)
         store = SiteStateStore(settings.state_dir)
+        check_ledger_present(settings, store)
         if store.exists():
             state = store.load(settings.site_id, ctx.fingerprint, model.layout.fingerprint)
             logger.info("resumed site state", extra={"version": state.version, "next_seq": state.next_seq})
@@ -99,17 +122,7 @@ class SiteRuntime:
             state = SiteState(settings.site_id, ctx.fingerprint, model.layout.fingerprint)
         train = val = None
         if load_data:
-            train = load_dataset(settings.manifest, settings.image_size, settings.train_split)
-            val = load_dataset(settings.manifest, settings.image_size, settings.val_split)
-            for name, ds in (("train", train), ("val", val)):
-                logger.info(
-                    "loaded local data",
-                    extra={"split": name, "n": len(ds), "skipped": ds.n_skipped, "seconds": round(ds.load_seconds, 2)},
-                )
-                for path, reason in ds.skipped:
-                    logger.warning("skipped unreadable image", extra={"path": path, "reason": reason})
-            if len(train) == 0:
-                raise ConfigError(f"no readable training images in {settings.manifest}")
+            train, val = load_site_data(settings)
         return cls(settings, ctx, model, store, state, train, val)
 
     # -- model ---------------------------------------------------------------------------
@@ -134,7 +147,30 @@ class SiteRuntime:
             return 0.0
         return float(self.trainer.open_ledger(len(self.train)).epsilon_spent())
 
+    def observe_version(self, metrics: dict[str, float]) -> str | None:
+        """Feed the divergence guard one evaluated version; returns the alert in force, if any."""
+        before = self.guard.alert
+        alert = self.guard.observe(self.state.version, metrics.get("loss"), metrics.get("auc"))
+        if alert and alert != before:
+            logger.error("global model diverged: pausing contributions (no privacy budget is spent until a "
+                         "healthy version arrives)", extra={"alert": alert, "version": self.state.version})
+        elif before and not alert:
+            logger.warning("global model healthy again: contributing again", extra={"version": self.state.version})
+        return alert
+
+    def alert(self) -> str | None:
+        """What a person should look at, as the site reports it to the aggregator's status."""
+        paused = self.pause_file.reason()
+        if paused:
+            return f"paused: {paused}"
+        return f"paused: {self.guard.alert}" if self.guard.alert else None
+
     def why_not_contribute(self) -> str | None:
+        paused = self.pause_file.reason()
+        if paused:
+            return f"paused until `fedmq site resume`: {paused}"
+        if self.guard.alert:
+            return f"paused: {self.guard.alert}"
         if self.state.updates_sent >= self.settings.planned_rounds:
             return f"planned rounds done ({self.state.updates_sent})"
         if self.settings.dp_enabled and self.train is not None:
@@ -152,6 +188,10 @@ class SiteRuntime:
         Returns False when the budget is spent. Runs on the worker thread; touches no socket.
         """
         assert self.train is not None
+        paused = self.pause_file.reason() or self.guard.alert
+        if paused:  # checked again here: nothing is charged on a paused site
+            logger.warning("not training: paused", extra={"reason": paused})
+            return False
         started = time.perf_counter()
         base = self.current_vector()
         try:
@@ -211,4 +251,54 @@ class SiteRuntime:
             self.store.save(self.state)
 
 
-__all__ = ["SiteRuntime", "training_config"]
+def load_site_data(settings: SiteSettings) -> tuple[LoadedDataset, LoadedDataset]:
+    """Train and validation splits at the settings' image size, refused when too much is unreadable.
+
+    A manifest whose path prefix is wrong skips most images one warning at a time; training on
+    the few left would spend privacy budget on a biased sample, so the site stops with a summary."""
+    modalities = settings.expected_modalities or None
+    train = load_dataset(settings.manifest, settings.image_size, settings.train_split, modalities=modalities)
+    val = load_dataset(settings.manifest, settings.image_size, settings.val_split, modalities=modalities)
+    for name, ds in (("train", train), ("val", val)):
+        logger.info("loaded local data", extra={"split": name, "n": len(ds), "skipped": ds.n_skipped,
+                                                "seconds": round(ds.load_seconds, 2)})
+    n_skipped = train.n_skipped + val.n_skipped
+    total = len(train) + len(val) + n_skipped
+    if total and n_skipped / total > settings.max_unreadable_fraction:
+        raise ConfigError(
+            f"{n_skipped} of {total} images listed in {settings.manifest} were skipped "
+            f"({n_skipped / total:.0%} > max_unreadable_fraction {settings.max_unreadable_fraction:.0%}): "
+            f"{(train.skip_summary() or val.skip_summary())}. Paths are relative to the manifest's folder "
+            f"{Path(settings.manifest).resolve().parent}; run `fedmq site check-data --config ...` for the list."
+        )
+    if len(train) == 0:
+        raise ConfigError(f"no readable training images in {settings.manifest}")
+    return train, val
+
+
+def check_ledger_present(settings: SiteSettings, store: SiteStateStore) -> None:
+    """A privacy ledger never silently resets: state.json says updates were sent but the ledger is
+    gone (the ledger is always written before the state, so this is never a crash: the budget
+    already spent would be forgotten).
+
+    The other half (a ledger without state.json) is also what a crash during the very first round
+    leaves, so it is not refused here: a site without state.json asks the aggregator whether its
+    id already contributed (``join_wait_s``) and refuses to start if so."""
+    ledger = store.dir / LEDGER_FILE
+    if not store.exists():
+        return
+    try:
+        import json
+
+        sent = int(json.loads(store.path.read_text()).get("updates_sent", 0))
+    except (OSError, ValueError):
+        return  # the state loader reports an unreadable state.json with its own message
+    if settings.dp_enabled and sent > 0 and not ledger.exists():
+        raise ConfigError(
+            f"privacy ledger {ledger} is missing but {store.path} records {sent} update(s) sent: the budget "
+            f"they spent would be forgotten. Restore {LEDGER_FILE} from your backup of {store.dir}; a "
+            f"privacy ledger is never reset."
+        )
+
+
+__all__ = ["SiteRuntime", "check_ledger_present", "training_config"]

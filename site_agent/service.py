@@ -20,10 +20,10 @@ import pika
 import pika.exceptions
 
 from broker import topology
-from broker.connection import Backoff, connect, username_of
-from shared.codec import CONTENT_TYPE, decode_global_version, encode
-from shared.errors import FedmqError, WireError
-from shared.schema import SiteMetrics, SnapshotRequest
+from broker.connection import AuthRefusals, Backoff, BrokerAuthenticationError, connect, username_of
+from shared.codec import CONTENT_TYPE, decode, encode
+from shared.errors import ConfigError, FedmqError, LayoutMismatch, UnknownMessageKind, WireError
+from shared.schema import GlobalVersionChunk, Rejection, SiteMetrics, SnapshotRequest
 from shared.signing import load_public_key
 from site_agent.global_model import GlobalModelReceiver
 from site_agent.runtime import SiteRuntime
@@ -37,6 +37,14 @@ logger = logging.getLogger(__name__)
 #: published and confirmed. Nothing in fedmq sets it; tests inject one (tests/launcher.py) that
 #: kills the site between two chunks, to prove the re-sent update still counts once.
 ChunkPublishedHook = Callable[[int, int], None]
+
+
+#: the aggregator's reason for "this site's sequence went backwards" (aggregator/seqguard.py)
+SEQUENCE_BACKWARDS = "sequence-backwards"
+
+
+class KnownIdentityWithoutState(ConfigError):
+    """The aggregator already knows this site id, but this state directory is empty."""
 
 
 class SiteAgent:
@@ -59,6 +67,13 @@ class SiteAgent:
         self._user_id = username_of(settings.amqp_url)
         self._last_progress = time.monotonic()
         self._chunk_published_hook = chunk_published_hook
+        #: a fresh site waits for the aggregator's answer to its start request until then
+        self._join_deadline: float | None = None
+        self._join_done = False
+        #: started with an empty state dir (no ledger, no state): a known identity is then fatal
+        self._started_fresh = self.rt.state.generation == 0
+        self._fatal: FedmqError | None = None
+        self._auth = AuthRefusals()
 
     # -- lifecycle -------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -75,6 +90,17 @@ class SiteAgent:
         while not self._stop.is_set():
             try:
                 self._run_connected()
+                if self._fatal is not None:
+                    raise self._fatal
+            except KnownIdentityWithoutState:
+                raise
+            except BrokerAuthenticationError as exc:
+                self._auth.refused(str(exc))  # raises after a few in a row: exit non-zero, systemd sees it
+                if self._stop.is_set():
+                    break
+                delay = self._backoff.next_delay()
+                logger.error("broker refused our credentials; retrying", extra={"error": str(exc), "delay_s": round(delay, 2)})
+                self._stop.wait(delay)
             except (pika.exceptions.AMQPError, FedmqError, OSError) as exc:
                 if self._stop.is_set():
                     break
@@ -97,6 +123,7 @@ class SiteAgent:
 
     def _run_connected(self) -> None:
         self._conn = connect(self.settings.amqp_url, backoff=self._backoff, name=f"fedmq-site-{self.settings.site_id}", tls=self.settings)
+        self._auth.ok()
         ch = self._channel = self._conn.channel()
         ch.confirm_delivery()
         spec = topology.site_queue_spec(self.settings.site_id)
@@ -113,11 +140,21 @@ class SiteAgent:
         if self.rt.state.pending is not None:
             self._publish_pending()
         if self.rt.state.version == 0 and self.rt.state.updates_sent == 0:
+            fresh = self.rt.state.generation == 0
             for shard in range(self.settings.shard_count):
-                self._request_snapshot(-1 if self.rt.state.generation == 0 else 0, "start", shard)
+                self._request_snapshot(-1 if fresh else 0, "start", shard)
+            if fresh and not self._join_done and self._join_deadline is None and self.settings.join_wait_s > 0:
+                # an empty state dir: before any budget is charged, let the aggregator say whether
+                # this id already contributed (then our ledger was lost: refuse to start)
+                self._join_deadline = time.monotonic() + self.settings.join_wait_s
         self._maybe_train()
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self._fatal is None:
             self._conn.process_data_events(time_limit=0.5)
+            if self._join_deadline is not None and time.monotonic() >= self._join_deadline:
+                self._join_deadline, self._join_done = None, True  # waited: no objection from the aggregator
+                logger.info("no objection from the aggregator to a new member; starting",
+                            extra={"waited_s": self.settings.join_wait_s})
+                self._maybe_train()
             if time.monotonic() - self._last_progress > self.settings.retrain_after_s:
                 self._maybe_train(same_version_ok=True)
             if self._worker is not None and not self._worker.is_alive() and self._stop.is_set():
@@ -127,8 +164,19 @@ class SiteAgent:
     def _on_global_message(self, ch: Any, method: Any, properties: Any, body: bytes) -> None:
         chunk = None
         try:
-            chunk = decode_global_version(body, max_bytes=self.settings.max_message_bytes)
+            msg = decode(body, max_bytes=self.settings.max_message_bytes)
+            if isinstance(msg, Rejection):
+                ch.basic_ack(method.delivery_tag)
+                self._on_notice(msg)
+                return
+            if not isinstance(msg, GlobalVersionChunk):
+                raise UnknownMessageKind(f"a {type(msg).__name__} has no business on a site queue")
+            chunk = msg
             result = self.receiver.offer(chunk)
+        except LayoutMismatch as exc:
+            ch.basic_ack(method.delivery_tag)
+            self._on_layout_mismatch(msg, exc)
+            return
         except WireError as exc:
             # nothing was applied: the site keeps its last good model
             logger.error("refused a global-version message: %s: %s", exc.reason, exc.detail,
@@ -143,6 +191,9 @@ class SiteAgent:
                     self._snapshot_requested_for[shard] = have
             return
         if result.outcome == "applied":
+            if chunk.target_site == self.settings.site_id and self._join_deadline is not None:
+                # the aggregator answered our start request with a snapshot: no objection
+                self._join_deadline, self._join_done = None, True
             self._last_progress = time.monotonic()
             self.rt.save_state()
             self._snapshot_requested_for.pop(result.shard, None)
@@ -155,6 +206,57 @@ class SiteAgent:
             self._request_snapshot(result.version, f"gap: have {result.version}, got {result.message_version}", shard)
             self._snapshot_requested_for[shard] = result.message_version
 
+    def _on_layout_mismatch(self, msg: object, exc: LayoutMismatch) -> None:
+        """A global version for another model: every round here would be wasted. Pause, naming both."""
+        from site_agent.model_state import describe_layout_mismatch
+
+        if self.rt.pause_file.reason():
+            return
+        theirs = getattr(msg, "layout_fingerprint", None)
+        if not isinstance(theirs, str) or theirs == self.rt.layout.fingerprint:
+            logger.error("refused a global-version message", extra={"reason": exc.reason, "detail": exc.detail})
+            return
+        reason = describe_layout_mismatch(theirs, self.settings.model_preset, self.settings.init_seed,
+                                          self.rt.layout.fingerprint, "the federation's global model")
+        self.rt.pause_file.pause("layout-fingerprint", reason)
+        logger.error("pausing contributions until `fedmq site resume`", extra={"reason": reason})
+
+    def _on_notice(self, notice: Rejection) -> None:
+        """A notice from the aggregator on our own queue. Sequence-backwards means our state
+        directory is behind what the aggregator already accepted from us: never train on."""
+        if notice.reason in ("layout-fingerprint", "key-fingerprint"):
+            reason = (f"the aggregator refused update {notice.update_id}: {notice.detail}. This site: model_preset "
+                      f"{self.settings.model_preset!r}, init_seed {self.settings.init_seed}, layout "
+                      f"{self.rt.layout.fingerprint}, CKKS key {self.rt.ctx.fingerprint} ({self.settings.secret_context})")
+            self.rt.pause_file.pause(notice.reason, reason)
+            logger.error("pausing contributions until `fedmq site resume`", extra={"reason": reason})
+            return
+        if notice.reason != SEQUENCE_BACKWARDS:
+            logger.warning("notice from the aggregator", extra={"reason": notice.reason, "detail": notice.detail})
+            return
+        last_sent = self.rt.state.next_seq - 1
+        ours = notice.update_id is None or notice.update_id.split(":")[1:2] == [str(last_sent)]
+        if not ours:
+            # an older update of ours replayed by someone holding our broker credentials
+            logger.error("the aggregator refused a replay of an old update of this site: are this site's broker "
+                         "credentials used elsewhere?", extra={"update_id": notice.update_id, "detail": notice.detail})
+            return
+        if self._started_fresh and self.rt.state.updates_sent == 0 and not self.settings.join_new_federation:
+            self._fatal = KnownIdentityWithoutState(
+                f"refusing to start: the aggregator already accepted {notice.last_seq} update(s) from site "
+                f"{self.settings.site_id!r}, but the state directory {self.settings.state_dir} is empty, so the "
+                f"privacy budget already spent is unknown here. Restore the state directory (state.json and "
+                f"privacy-ledger.json) from backup; set join_new_federation = true only to join a new federation."
+            )
+            logger.error("%s", self._fatal)
+            return
+        reason = (f"the aggregator already accepted seq {notice.last_seq} from this site but we are at seq "
+                  f"{last_sent}: this state directory was lost or restored from an old copy ({notice.detail})")
+        self.rt.pause_file.pause(SEQUENCE_BACKWARDS, reason)
+        self._join_deadline, self._join_done = None, True
+        logger.error("pausing contributions until `fedmq site resume`", extra={"reason": reason})
+        self._publish_metrics(self.rt.evaluate_current())
+
     def _request_snapshot(self, have: int, reason: str, shard: int = 0) -> None:
         msg = SnapshotRequest(site_id=self.settings.site_id, have_version=have, reason=reason, shard_index=shard)
         self._publish(topology.CONTROL_EXCHANGE, topology.SNAPSHOT_REQUEST_KEY, encode(msg), "snapshot-request")
@@ -162,6 +264,12 @@ class SiteAgent:
 
     def _after_new_version(self) -> None:
         metrics = self.rt.evaluate_current()
+        if metrics.get("n"):
+            self.rt.observe_version(metrics)
+        self._publish_metrics(metrics)
+        self._maybe_train()
+
+    def _publish_metrics(self, metrics: dict[str, float]) -> None:
         msg = SiteMetrics(
             site_id=self.settings.site_id,
             version=self.rt.state.version,
@@ -171,10 +279,12 @@ class SiteAgent:
             epsilon_target=self.settings.target_epsilon if self.settings.dp_enabled else None,
             updates_sent=self.rt.state.updates_sent,
             timestamp=time.time(),
+            alert=alert[:500] if (alert := self.rt.alert()) else None,
         )
         self._publish(topology.CONTROL_EXCHANGE, topology.METRICS_KEY, encode(msg), "site-metrics")
-        logger.info("evaluated global version", extra={"version": msg.version, "auc": msg.auc, "epsilon": msg.epsilon_spent})
-        self._maybe_train()
+        logger.info("evaluated global version", extra={"version": msg.version, "auc": msg.auc,
+                                                       "loss": metrics.get("loss"), "epsilon": msg.epsilon_spent,
+                                                       **({"alert": msg.alert} if msg.alert else {})})
 
     # -- training ------------------------------------------------------------------------
     def _maybe_train(self, same_version_ok: bool = False) -> None:
@@ -183,6 +293,8 @@ class SiteAgent:
         if self.rt.train is None:
             return  # opened without data (an observer): follows versions, never trains
         if self.rt.state.pending is not None:
+            return
+        if self._join_deadline is not None:  # waiting for the aggregator's answer to our start request
             return
         if self.rt.state.last_trained_base >= self.rt.state.version and not same_version_ok:
             return  # wait for a newer global model than the one we last trained from
@@ -239,6 +351,7 @@ class SiteAgent:
 
 
 def run_site(settings: SiteSettings) -> int:
+    """Raises ``KnownIdentityWithoutState`` (exit 2 through the CLI) when our ledger is lost."""
     agent = SiteAgent(settings)
     agent.install_signal_handlers()
     agent.run()

@@ -11,36 +11,55 @@ from shared.settings import FedmqSettings
 
 
 class SiteSettings(FedmqSettings):
+    #: this hospital's id: also its broker user name and its signing key's name
     site_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    #: the federation's secret CKKS context (identical at every site, never at the aggregator)
     secret_context: Path
+    #: this site's private hybrid (Ed25519 + ML-DSA-65) signing key; its .pub is pinned at the aggregator
     signing_key: Path
     #: the aggregator's public signing key (``aggregator.hybrid.pub``): the site's trust anchor.
     #: Versions, snapshots and audit records not signed by it are refused.
     aggregator_public_key: Path
+    #: CSV manifest of the site's images (docs/preparing-data.md)
     manifest: Path
+    #: global model, residual, pending update and the privacy ledger; one process at a time; back it up
     state_dir: Path
     #: federation-wide: every site must use the same preset and seed (x_0 is built from them)
     model_preset: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    #: seed of x_0; federation-wide
     init_seed: int = 0
+    #: model input size in pixels; images are resized (aspect kept, padded) to it
     image_size: int = Field(28, ge=8, le=1024)
     # local training
+    #: local learning rate
     lr: float = Field(0.01, gt=0)
+    #: local optimizer
     optimizer: Literal["sgd", "adam"] = "sgd"
+    #: SGD momentum
     momentum: float = Field(0.0, ge=0, lt=1)
+    #: expected local batch size (DP: the Poisson sampling rate is batch_size / n)
     batch_size: int = Field(64, ge=1)
+    #: local epochs per round
     local_epochs: int = Field(1, ge=1)
+    #: DP-SGD with Opacus and a privacy ledger; off only for non-private baselines
     dp_enabled: bool = True
+    #: total privacy budget over planned_rounds
     target_epsilon: float = Field(1.2, gt=0)
+    #: DP delta; unset: 1 / (10 n)
     target_delta: float | None = Field(None, gt=0, lt=1)
+    #: per-sample gradient clipping norm
     max_grad_norm: float = Field(1.0, gt=0)
     #: updates this site plans to contribute; the DP noise is set so all of them fit the budget
     planned_rounds: int = Field(20, ge=1)
+    #: research replication seed (see reproducible_noise)
     seed: int = 0
     #: derive DP sampling and noise from ``seed`` (research replication only). Off, each process
     #: draws a fresh random seed: noise from a seed an attacker may know is predictable noise.
     reproducible_noise: bool = False
     # update pipeline
+    #: dense: send every block; topk: the topk_fraction of blocks with the largest norm (error feedback keeps the rest)
     sparsity_mode: Literal["dense", "topk"] = "topk"
+    #: fraction of blocks sent with topk
     topk_fraction: float = Field(0.5, gt=0, le=1)
     #: aggregator shards (docs/sharding.md): the update is split by block range, one signed
     #: sub-update per shard, and one global version is tracked per shard. Federation-wide.
@@ -51,8 +70,29 @@ class SiteSettings(FedmqSettings):
     #: asynchronous mode a version may wait for other sites' updates that never come (they are
     #: done or down), and a site that only waited would stall the federation.
     retrain_after_s: float = Field(60.0, gt=0)
+    #: tqdm progress bars on a terminal (services: off; see progress_every_steps)
     progress_bars: bool = True
     #: prometheus port for the site's refusal counters (fedmq_site_versions_refused_total); 0 = off
     metrics_port: int = Field(0, ge=0, le=65535)
+    # --- first day safety (docs/preparing-data.md, docs/deployment.md) -------------------
+    #: a site with no state asks the aggregator whether its id already contributed, and waits
+    #: this long for the answer before training (an id known without its ledger is refused)
+    join_wait_s: float = Field(5.0, ge=0)
+    #: start although the aggregator knows this site id and the state directory is empty: only
+    #: for joining a *new* federation (new aggregator state). Never to "reset" a lost ledger.
+    join_new_federation: bool = False
+    #: pause contributing when the validation loss exceeds this multiple of the best seen
+    divergence_loss_factor: float = Field(10.0, gt=1)
+    #: ... or when the AUC stays at 0.5 for this many consecutive global versions
+    divergence_flat_auc_versions: int = Field(5, ge=1)
+    #: refuse to train when more than this fraction of the manifest's rows cannot be read
+    max_unreadable_fraction: float = Field(0.05, ge=0, le=1)
+    #: DICOM Modality values this site's task expects (chest radiographs: CR, DX); a DICOM of
+    #: another modality (a CT or MR slice in the folder) is skipped and reported. Empty = any.
+    expected_modalities: list[str] = ["CR", "DX", "RG"]
+    #: log a progress line every this many optimizer steps during a round (0 = off)
+    progress_every_steps: int = Field(50, ge=0)
+    #: manifest split trained on
     train_split: Literal["train"] = "train"
+    #: manifest split every global version is evaluated on (and the divergence guard watches)
     val_split: Literal["val"] = "val"

@@ -162,7 +162,8 @@ def write_png(path: Path, image: np.ndarray) -> None:
 def write_nifti(path: Path, image: np.ndarray) -> None:
     import nibabel as nib
 
-    nifti = nib.Nifti1Image(np.ascontiguousarray(image, dtype=np.uint8), affine=np.eye(4))
+    # NIfTI's first axis is x (the image's columns), its second y (rows): see readers.read_nifti
+    nifti = nib.Nifti1Image(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).T), affine=np.eye(4))
     nifti.set_data_dtype(np.uint8)
     nib.save(nifti, str(path))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +17,8 @@ import torch
 
 from site_agent.data.errors import ImageReadError
 from site_agent.data.manifest import Split, read_manifest
-from site_agent.data.readers import MultiFrame
-from site_agent.data.transforms import DEFAULT_IMAGE_SIZE, standard_transforms
+from site_agent.data.readers import ImageInfo, MultiFrame
+from site_agent.data.transforms import DEFAULT_IMAGE_SIZE, INFO_SUFFIX, standard_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ class LoadedDataset:
     paths: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     load_seconds: float = 0.0
+    #: per loaded image: format, original size, DICOM modality/body part, intensity rule
+    infos: list[ImageInfo] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
@@ -41,12 +45,27 @@ class LoadedDataset:
     def class_counts(self) -> dict[int, int]:
         return {c: int((self.y == c).sum()) for c in (0, 1)}
 
+    @property
+    def unreadable_fraction(self) -> float:
+        total = len(self) + self.n_skipped
+        return self.n_skipped / total if total else 0.0
+
+    def skip_summary(self, limit: int = 3) -> str:
+        """The commonest reasons, for one readable error line."""
+        counts = Counter(_reason_kind(r) for _, r in self.skipped)
+        return "; ".join(f"{n} x {reason}" for reason, n in counts.most_common(limit))
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0][:120]
+
 
 class ImageCache:
     """In-memory cache of standard tensors keyed by file identity, so repeated rounds skip decoding."""
 
     def __init__(self) -> None:
         self._items: dict[tuple[str, int, int, int, str], torch.Tensor] = {}
+        self._infos: dict[tuple[str, int, int, int, str], ImageInfo] = {}
 
     @staticmethod
     def _key(path: Path, image_size: int, multiframe: str) -> tuple[str, int, int, int, str] | None:
@@ -60,10 +79,16 @@ class ImageCache:
         key = self._key(path, image_size, multiframe)
         return None if key is None else self._items.get(key)
 
-    def put(self, path: Path, image_size: int, multiframe: str, tensor: torch.Tensor) -> None:
+    def put(self, path: Path, image_size: int, multiframe: str, tensor: torch.Tensor, info: ImageInfo | None = None) -> None:
         key = self._key(path, image_size, multiframe)
         if key is not None:
             self._items[key] = tensor
+            if info is not None:
+                self._infos[key] = info
+
+    def info(self, path: Path, image_size: int, multiframe: str) -> ImageInfo | None:
+        key = self._key(path, image_size, multiframe)
+        return None if key is None else self._infos.get(key)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -86,9 +111,13 @@ def load_dataset(
     *,
     multiframe: MultiFrame = "refuse",
     cache: ImageCache | None = None,
+    modalities: Collection[str] | None = None,
 ) -> LoadedDataset:
     """Read every image of ``split`` (all splits if None) listed in the manifest.
 
+    ``image_size`` is the model preset's input size (the caller's: this module knows no model).
+    ``modalities``: DICOM Modality values this site expects (e.g. CR, DX for chest radiographs);
+    a DICOM of another modality (a CT or MR slice in an X-ray folder) is skipped with that reason.
     Raises ``ManifestError`` for a bad manifest (nothing sensible can be loaded then), but
     never for a bad image.
     """
@@ -100,12 +129,16 @@ def load_dataset(
     labels: list[int] = []
     paths: list[str] = []
     skipped: list[tuple[str, str]] = []
+    infos: list[ImageInfo] = []
+    wanted = {m.upper() for m in modalities} if modalities else None
     for row in rows:
         path = manifest.resolve(row)
         tensor = cache.get(path, image_size, multiframe) if cache is not None else None
+        info = cache.info(path, image_size, multiframe) if cache is not None else None
         if tensor is None:
             try:
-                tensor = chain({"image": str(path)})["image"]
+                out = chain({"image": str(path)})
+                tensor, info = out["image"], out.get(f"image{INFO_SUFFIX}")
             except Exception as exc:  # one bad file must never stop the site
                 cause = _root_cause(exc)
                 reason = cause.reason if isinstance(cause, ImageReadError) else f"{type(cause).__name__}: {cause}"
@@ -113,7 +146,15 @@ def load_dataset(
                 skipped.append((row.path, reason))
                 continue
             if cache is not None:
-                cache.put(path, image_size, multiframe, tensor)
+                cache.put(path, image_size, multiframe, tensor, info)
+        if wanted is not None and info is not None and info.modality and info.modality.upper() not in wanted:
+            reason = (f"unexpected modality: DICOM Modality {info.modality} (body part {info.body_part or '-'}) "
+                      f"is not one of {sorted(wanted)} (expected_modalities)")
+            logger.warning("skipping %s (manifest line %d): %s", row.path, row.line, reason)
+            skipped.append((row.path, reason))
+            continue
+        if info is not None:
+            infos.append(info)
         images.append(tensor)
         labels.append(row.label)
         paths.append(row.path)
@@ -126,4 +167,4 @@ def load_dataset(
         )
     else:
         logger.info("%s: loaded %d image(s) in %.2fs", manifest.source, len(images), elapsed)
-    return LoadedDataset(X=X, y=y, paths=paths, skipped=skipped, load_seconds=elapsed)
+    return LoadedDataset(X=X, y=y, paths=paths, skipped=skipped, load_seconds=elapsed, infos=infos)

@@ -1,15 +1,26 @@
-"""Format readers that turn one file into a 2D float32 array in the modality's own units.
+"""Format readers that turn one file into a 2D float32 array, rows top to bottom.
 
-They only decode; scaling and resizing belong to the transform chain so that every format is
-normalised the same way. Each refusal raises an ``ImageReadError`` with a reason an operator
-can act on (which codec is missing, why a file is not an image...).
+``read_image`` decodes in the modality's own units; ``read_standard_image`` also applies the
+one intensity rule of every format (docs/preparing-data.md), returning [0, 1] grey levels:
+
+- DICOM with a VOI LUT Sequence or Window Center/Width: the first VOI LUT or window is applied
+  (as a PACS viewer shows the image), then MONOCHROME1 is inverted;
+- anything else (DICOM without windowing, PNG, NIfTI): min-max scaled per image (constant
+  images become zeros);
+- NIfTI is first brought through its affine into RAS+ (as ``nib.as_closest_canonical``); its first
+  axis is then the image's columns (left to right) and its second the rows (top to bottom), the
+  convention of MONAI's ``LoadImage``/``SaveImage``.
+
+Each refusal raises an ``ImageReadError`` with a reason an operator can act on (which codec is
+missing, why a file is not an image...).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -52,12 +63,35 @@ def _decoder_available(transfer_syntax: object) -> tuple[bool, str]:
     return False, f"no decoder installed ({missing})"
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What ``fedmq site check-data`` reports about one file (no pixel data, no identifiers)."""
+
+    format: ImageFormat
+    rows: int
+    columns: int
+    modality: str | None = None
+    body_part: str | None = None
+    photometric: str | None = None
+    #: how intensities were brought to [0, 1]: "voi-lut", "window", or "min-max"
+    intensity: str = "min-max"
+
+
 def read_dicom(path: Path, multiframe: MultiFrame = "refuse") -> np.ndarray:
     """Decode a DICOM image with the modality LUT applied and MONOCHROME1 inverted.
 
     Files without the 128-byte preamble/file meta are accepted (``force=True``) because
     older modalities write them; whether they then hold a usable image is checked explicitly.
     """
+    image, ds = _read_dicom(path, multiframe)
+    if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
+        # Low values mean bright in MONOCHROME1; mirror within the range so min-max scaling sees MONOCHROME2.
+        image = image.max() + image.min() - image
+    return image
+
+
+def _read_dicom(path: Path, multiframe: MultiFrame = "refuse") -> tuple[np.ndarray, Any]:
+    """Modality-LUT values (MONOCHROME1 not yet inverted) and the dataset they came from."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut
@@ -115,10 +149,62 @@ def read_dicom(path: Path, multiframe: MultiFrame = "refuse") -> np.ndarray:
     image = np.asarray(pixels, dtype=np.float32)
     if image.ndim != 2:
         raise UnsupportedImage(where, f"decoded pixel array has shape {image.shape}, expected 2D")
-    if photometric == "MONOCHROME1":
-        # Low values mean bright in MONOCHROME1; mirror within the range so later min-max scaling sees MONOCHROME2.
-        image = image.max() + image.min() - image
-    return image
+    return image, ds
+
+
+def _first(value: Any) -> float:
+    """Window Center/Width may be multi-valued (several presets): the first is the default view."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def dicom_to_unit(image: np.ndarray, ds: Any, where: str = "") -> tuple[np.ndarray, str]:
+    """[0, 1] grey levels from modality values: the VOI LUT or window when present, else min-max.
+
+    DICOM PS3.3 C.11.2.1.2: LINEAR ``((x - (c - 0.5)) / (w - 1) + 0.5)`` clipped, LINEAR_EXACT
+    ``(x - c) / w + 0.5``, SIGMOID ``1 / (1 + exp(-4 (x - c) / w))``. MONOCHROME1 is inverted after."""
+    how = "min-max"
+    out: np.ndarray | None = None
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        from pydicom.pixels import apply_voi_lut
+
+        item = ds.VOILUTSequence[0]
+        try:
+            bits = int(item.LUTDescriptor[2])
+            lut = apply_voi_lut(image.astype(np.float64), ds, index=0, prefer_lut=True)
+            out, how = np.clip(np.asarray(lut, dtype=np.float64) / float((1 << bits) - 1), 0.0, 1.0), "voi-lut"
+        except Exception as exc:  # a malformed VOI LUT: fall back to the window or min-max, and say so
+            logger.warning("%s: VOI LUT unusable (%s); falling back", where, exc)
+    if out is None and "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        except (TypeError, ValueError):
+            c, w = 0.0, 0.0
+        func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        x = image.astype(np.float64)
+        if w >= 1.0 and func == "SIGMOID":
+            out, how = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w)), "window"
+        elif w > 0.0 and func == "LINEAR_EXACT":
+            out, how = np.clip((x - c) / w + 0.5, 0.0, 1.0), "window"
+        elif w > 1.0:
+            out, how = np.clip((x - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0), "window"
+        else:
+            logger.warning("%s: window width %r unusable; min-max scaling instead", where, w)
+    if out is None:
+        out = min_max(image.astype(np.float64))
+    if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
+        out = 1.0 - out
+    return out.astype(np.float32), how
+
+
+def min_max(image: np.ndarray) -> np.ndarray:
+    """Per-image min-max to [0, 1]; a constant image becomes zeros."""
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        return np.zeros_like(image, dtype=np.float32)
+    return ((image - lo) / (hi - lo)).astype(np.float32)
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -143,7 +229,12 @@ def read_png(path: Path) -> np.ndarray:
 
 
 def read_nifti(path: Path) -> np.ndarray:
-    """Read a 2D NIfTI or a 3D volume holding one slice; first array axis is taken as rows."""
+    """Read a 2D NIfTI or a 3D volume holding one slice, through its affine.
+
+    The image is reoriented to RAS+ (as ``nib.as_closest_canonical``), so two files holding the same
+    picture under different affines (RAS, LPS, flipped axes) load identically. The remaining
+    first axis is the image's columns and the second its rows (MONAI's convention: a PNG loaded
+    by ``LoadImage`` and written by ``SaveImage`` keeps its orientation)."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
@@ -151,6 +242,12 @@ def read_nifti(path: Path) -> np.ndarray:
     try:
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(dtype=np.float32))
+        while data.ndim < 3:  # a 2D NIfTI still has a 3D affine
+            data = data[..., None]
+        if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
+            data = data.reshape(data.shape[:3])
+        if data.ndim == 3:
+            data = nib.orientations.apply_orientation(data, nib.orientations.io_orientation(img.affine))
     except FileNotFoundError as exc:
         raise ImageReadError(where, "file not found") from exc
     except (ImageFileError, OSError, ValueError, EOFError, Exception) as exc:  # gzip/zlib errors vary
@@ -158,7 +255,33 @@ def read_nifti(path: Path) -> np.ndarray:
     squeezed = data.reshape([s for s in data.shape if s != 1]) if data.ndim > 2 else data
     if squeezed.ndim != 2:
         raise UnsupportedImage(where, f"NIfTI shape {data.shape} is not 2D or a single-slice volume")
-    return squeezed.astype(np.float32)
+    return np.ascontiguousarray(squeezed.T, dtype=np.float32)  # (x, y) -> (rows, columns)
+
+
+def read_standard_image(path: Path, multiframe: MultiFrame = "refuse") -> tuple[np.ndarray, ImageInfo]:
+    """The image in [0, 1] grey levels by the intensity rule of its format, and what it was."""
+    fmt = detect_format(path)
+    if not path.exists():
+        raise ImageReadError(str(path), "file not found")
+    if fmt == "dicom":
+        raw, ds = _read_dicom(path, multiframe=multiframe)
+        _check_finite(path, raw)
+        image, how = dicom_to_unit(raw, ds, str(path))
+        info = ImageInfo("dicom", int(raw.shape[0]), int(raw.shape[1]),
+                         modality=str(ds.get("Modality", "") or "") or None,
+                         body_part=str(ds.get("BodyPartExamined", "") or "").upper() or None,
+                         photometric=str(ds.PhotometricInterpretation).upper(), intensity=how)
+        return image, info
+    raw = read_png(path) if fmt == "png" else read_nifti(path)
+    _check_finite(path, raw)
+    return min_max(raw.astype(np.float64)), ImageInfo(fmt, int(raw.shape[0]), int(raw.shape[1]))
+
+
+def _check_finite(path: Path, image: np.ndarray) -> None:
+    if not np.isfinite(image).all():
+        raise ImageReadError(str(path), "image contains NaN or infinite values")
+    if min(image.shape) < 1:
+        raise ImageReadError(str(path), f"empty image of shape {image.shape}")
 
 
 def read_image(path: Path, multiframe: MultiFrame = "refuse") -> np.ndarray:

@@ -1,8 +1,10 @@
 """MONAI dictionary transforms that bring every supported format to the model's standard tensor.
 
-Standard tensor: float32, channel first ``(1, H, W)``, min-max scaled to [0, 1] per image
-(constant images become all zeros), resized to the model's input size. Keeping the chain in
-one place guarantees training sites and evaluation see identically prepared images.
+Standard tensor: float32, channel first ``(1, H, W)`` in [0, 1] (DICOM windowing when the file
+has one, else min-max per image: ``readers.read_standard_image``), the longest side resized to
+the model's input size with the aspect ratio kept and the short side padded with zeros (black),
+centred. Keeping the chain in one place guarantees training sites and evaluation see identically
+prepared images. The input size is a parameter (the model preset's), never looked up here.
 """
 
 from __future__ import annotations
@@ -14,18 +16,21 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Compose, EnsureTyped, MapTransform, Resized, ScaleIntensityd
+from monai.transforms import Compose, EnsureTyped, MapTransform, Resized, ScaleIntensityd, SpatialPadd
 
-from site_agent.data.readers import MultiFrame, read_image
+from site_agent.data.readers import MultiFrame, read_standard_image
 
 DEFAULT_IMAGE_SIZE = 28
 
 
-class LoadMedicalImaged(MapTransform):
-    """Replace a path under each key by the decoded ``(1, H, W)`` float32 tensor.
+INFO_SUFFIX = "_info"
 
-    MONAI's ``LoadImaged`` does not apply MONOCHROME1 inversion nor give the per-file
-    reasons we report, hence this reader.
+
+class LoadMedicalImaged(MapTransform):
+    """Replace a path under each key by the decoded ``(1, H, W)`` float32 tensor in [0, 1].
+
+    MONAI's ``LoadImaged`` does not apply DICOM windowing or MONOCHROME1 inversion nor give the
+    per-file reasons we report, hence this reader. ``<key>_info`` receives the ``ImageInfo``.
     """
 
     def __init__(self, keys: KeysCollection, multiframe: MultiFrame = "refuse") -> None:
@@ -35,8 +40,9 @@ class LoadMedicalImaged(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
         for key in self.key_iterator(out):
-            image = read_image(Path(out[key]), multiframe=self.multiframe)
+            image, info = read_standard_image(Path(out[key]), multiframe=self.multiframe)
             out[key] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+            out[f"{key}{INFO_SUFFIX}"] = info
         return out
 
 
@@ -50,13 +56,18 @@ class ClampIntensityd(MapTransform):
         return out
 
 
-def standard_postprocess(keys: Sequence[str] = ("image",), image_size: int = DEFAULT_IMAGE_SIZE) -> Compose:
-    """Scale, resize and type a channel-first image; shared by file loading and the npz splits."""
+def standard_postprocess(
+    keys: Sequence[str] = ("image",), image_size: int = DEFAULT_IMAGE_SIZE, scale: bool = True
+) -> Compose:
+    """(Scale,) resize keeping the aspect ratio, pad, and type a channel-first image; shared by
+    file loading (already in [0, 1]: ``scale=False``) and the npz splits (min-max: ``scale=True``)."""
     return Compose(
         [
-            ScaleIntensityd(keys=keys, minv=0.0, maxv=1.0),
+            *([ScaleIntensityd(keys=keys, minv=0.0, maxv=1.0)] if scale else []),
             # "area" averages source pixels: correct anti-aliasing for the large downscales of radiographs.
-            Resized(keys=keys, spatial_size=(image_size, image_size), mode="area"),
+            # The longest side becomes image_size; a 1955x1841 radiograph is not squashed but padded.
+            Resized(keys=keys, spatial_size=image_size, size_mode="longest", mode="area"),
+            SpatialPadd(keys=keys, spatial_size=(image_size, image_size), mode="constant", value=0.0),
             ClampIntensityd(keys=keys),
             EnsureTyped(keys=keys, data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
@@ -68,5 +79,6 @@ def standard_transforms(
 ) -> Compose:
     """Full chain from a path to the standard tensor."""
     return Compose(
-        [LoadMedicalImaged(keys=keys, multiframe=multiframe), *standard_postprocess(keys, image_size).transforms]
+        [LoadMedicalImaged(keys=keys, multiframe=multiframe),
+         *standard_postprocess(keys, image_size, scale=False).transforms]
     )

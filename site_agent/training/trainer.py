@@ -65,6 +65,8 @@ class LocalTrainer:
         self.config = config
         self.ledger_path = Path(ledger_path) if ledger_path is not None else None
         self.progress = progress
+        #: log a progress line every this many steps (0 = off); set by the site service
+        self.progress_every = 0
         self.ledger: PrivacyLedger | None = None
         self._params: dict[int, LedgerParams] = {}  # the sigma search is slow; its inputs rarely change
 
@@ -163,7 +165,11 @@ class LocalTrainer:
             with warnings.catch_warnings():
                 # Opacus' hooks fire on the first layer, whose input needs no grad; harmless and noisy.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                for _ in tqdm(range(steps), desc=f"round {round_index}", disable=not self.progress, leave=False):
+                for step in tqdm(range(steps), desc=f"round {round_index}", disable=not self.progress, leave=False):
+                    if self.progress_every and step and step % self.progress_every == 0:
+                        # a service has no terminal for tqdm: one line every N steps in long rounds
+                        logger.info("round %d: step %d of %d, mean loss so far %.4f", round_index, step, steps,
+                                    sum(losses) / max(1, len(losses)), extra={"step": step, "steps": steps})
                     if dp_optimizer is not None:
                         # Poisson sampling: each example joins the batch independently with probability q,
                         # which is what the RDP analysis of the subsampled Gaussian assumes.

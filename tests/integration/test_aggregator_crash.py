@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _start(fed, state: Path, url: str, crash: str | None) -> subprocess.Popen:
     env = dict(os.environ)
     env.update(
-        PYTHONPATH=str(ROOT), FEDMQ_CHECK_USER_ID="false", FEDMQ_LOG_JSON="false", FEDMQ_STALENESS_EXPONENT="0",
+        PYTHONPATH=str(ROOT), FEDMQ_CHECK_USER_ID="false", FEDMQ_LOG_JSON="false", FEDMQ_STALENESS_EXPONENT="0", FEDMQ_REFERENCE_SAMPLE_WEIGHT="1",
         FEDMQ_MAX_STALENESS="1000", FEDMQ_HOUSEKEEPING_S="0.2", FEDMQ_PREFETCH="4",
     )
     run = ["aggregator", "run", "--state-dir", str(state), "--amqp-url", url,

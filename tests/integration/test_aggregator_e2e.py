@@ -61,7 +61,8 @@ def _replay_versions(fed, versions, sent_by_uid):
 @pytest.mark.slow
 def test_three_sites_async_at_different_speeds(tmp_path, amqp_url):
     fed = make_federation(tmp_path)
-    settings = fed.settings(amqp_url=amqp_url, buffer_size=3, max_staleness=8, snapshot_every=2)
+    settings = fed.settings(amqp_url=amqp_url, buffer_size=3, max_staleness=8, snapshot_every=2,
+                            reference_sample_weight=1.0)  # pinned: the replay checks the unit formula exactly
     declare_topology(amqp_url)
     listener = GlobalListener(amqp_url, site="alpha")
     rng = np.random.default_rng(11)

@@ -162,7 +162,7 @@ def case_replay(fed, ctx):
     v = ctx["agg"].engine.version
     publish(ctx["url"], _good(fed, ctx, 5))
     _wait_version(ctx, v + 1)
-    return _good(fed, ctx, 3)[:1], "replay"  # an older sequence number, never seen
+    return _good(fed, ctx, 3)[:1], "sequence-backwards"  # an older sequence number, never seen: state lost
 
 
 def case_incomplete(fed, ctx):

@@ -122,7 +122,7 @@ def test_two_shards_fold_to_the_plaintext_replay(tmp_path, amqp_url):
     conn.close()
     settings = [
         fed.settings(tmp_path / f"state-{i}", amqp_url=amqp_url, shard_index=i, shard_count=N_SHARDS,
-                     buffer_size=3, max_staleness=8, snapshot_every=2)
+                     buffer_size=3, max_staleness=8, snapshot_every=2, reference_sample_weight=1.0)
         for i in range(N_SHARDS)
     ]
     listener = RawGlobalListener(amqp_url, site="alpha")

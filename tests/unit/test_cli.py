@@ -82,3 +82,21 @@ def test_keys_aggregator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_parser_has_the_keys_group() -> None:
     args = build_parser().parse_args(["keys", "init", "--out", "/x"])
     assert args.group == "keys" and args.command == "init" and callable(args.handler)
+
+
+def test_keys_messages_name_toml_keys_and_public_files_can_live_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 18: messages name the TOML keys (secret_context, public_context, signing_key,
+    site_keys_dir), and --public-out keeps public files out of the secret folders."""
+    assert main(["keys", "init", "--out", str(tmp_path / "secret"), "--public-out", str(tmp_path / "public")]) == 0
+    printed = capsys.readouterr().out
+    assert "`secret_context`" in printed and "`public_context`" in printed and "--site-keys" not in printed
+    assert sorted(p.name for p in (tmp_path / "public").iterdir()) == [PUBLIC_CONTEXT_FILE, "fingerprint.txt"]
+    assert not (tmp_path / "secret" / PUBLIC_CONTEXT_FILE).exists()
+    assert load_context(tmp_path / "public" / PUBLIC_CONTEXT_FILE).fingerprint == \
+        load_context(tmp_path / "secret" / SECRET_CONTEXT_FILE, require_secret=True).fingerprint
+    assert main(["keys", "site", "--site-id", "site-a", "--out", str(tmp_path / "private"),
+                 "--public-out", str(tmp_path / "pinned")]) == 0
+    printed = capsys.readouterr().out
+    assert "`signing_key`" in printed and "`site_keys_dir`" in printed
+    assert [p.name for p in (tmp_path / "pinned").iterdir()] == ["site-a.ed25519.pub"]
+    assert [p.name for p in (tmp_path / "private").iterdir()] == ["site-a.ed25519"]

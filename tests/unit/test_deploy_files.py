@@ -200,10 +200,11 @@ def test_example_site_config_for_systemd_loads(clean_env: None) -> None:
 
 
 # ----------------------------------------------------------------------------- systemd, Docker
-def test_systemd_unit_is_hardened() -> None:
+@pytest.mark.parametrize("unit_file, group", [("fedmq-site.service", "site"), ("fedmq-aggregator.service", "aggregator")])
+def test_systemd_unit_is_hardened(unit_file: str, group: str) -> None:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read(ROOT / "deploy" / "systemd" / "fedmq-site.service")
+    unit.read(ROOT / "deploy" / "systemd" / unit_file)
     service = unit["Service"]
     assert service["User"] == "fedmq"
     assert service["ProtectSystem"] == "strict"
@@ -214,7 +215,7 @@ def test_systemd_unit_is_hardened() -> None:
     exec_start = shlex.split(service["ExecStart"])
     assert exec_start[0].endswith("/fedmq")
     args = _parse(exec_start[1:])
-    assert args.group == "site"
+    assert args.group == group
 
 
 def test_dockerfile() -> None:

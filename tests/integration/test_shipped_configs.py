@@ -1,0 +1,203 @@
+"""Every config file the project ships runs one round with the real services on a real broker.
+
+deploy/config/aggregator.toml with hospital_1..3.toml (compose's services, each given its
+FEDMQ_AMQP_URL as compose's env files do), and deploy/config/site.example.toml (the systemd
+example) beside the same aggregator. Only what names this machine's files is rewritten (key,
+data and state paths) and the metrics port (9100 may be taken); every other setting is exactly
+as shipped. The key material comes from README's commands (``fedmq keys init``, ``fedmq keys
+site``) and the broker users from provisioning (as ``fedmq broker provision``), so sites connect
+as their own least-privilege user and the aggregator checks user_id.
+
+"One round": the aggregator commits version 1 and every site applies it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pika
+import pytest
+
+from broker import provision
+from integration.site_kit import write_pngs
+from shared.cli import main
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "deploy" / "config"
+PATH_KEYS = ("public_context", "site_keys_dir", "state_dir", "secret_context", "signing_key", "manifest")
+
+
+def _toml(values: dict) -> str:
+    return "".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n" for k, v in values.items())
+
+
+def _resnet18_dp_blocker() -> str | None:
+    """Issue 12 makes resnet18 DP-compatible (out-of-place residual add); until then Opacus refuses
+    its in-place ops. Returns that refusal, None when resnet18 trains; any other error is raised."""
+    import torch
+
+    from site_agent.training import DPConfig, LocalTrainer, TrainingConfig
+    from site_agent.models import build_model
+
+    try:
+        model = build_model("resnet18", seed=0)
+        trainer = LocalTrainer(TrainingConfig(model="resnet18", batch_size=4, dp=DPConfig(
+            enabled=True, target_epsilon=5.0, planned_rounds=1)), None)
+        X, y = torch.rand(8, 1, 28, 28), torch.tensor([0.0, 1.0] * 4)
+        trainer.train_round(model.state_dict(), X, y, round_index=1)
+        return None
+    except RuntimeError as exc:
+        if "inplace" in str(exc) or "in-place" in str(exc):
+            return str(exc).splitlines()[0][:200]
+        raise
+
+
+class Deployment:
+    def __init__(self, root: Path, broker, namespace) -> None:  # noqa: ANN001
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+        keys, sites_dir = root / "keys", root / "keys" / "sites"
+        assert main(["keys", "init", "--out", str(keys)]) == 0
+        self.sites = ("hospital_1", "hospital_2", "hospital_3")
+        for s in self.sites:
+            assert main(["keys", "site", "--site-id", s, "--out", str(sites_dir)]) == 0
+        self.files = {
+            "public_context": next(keys.rglob("aggregator-public.ckks")),
+            "secret_context": next(keys.rglob("site-secret.ckks")),
+            "site_keys_dir": next(keys.rglob("hospital_1.ed25519.pub")).parent,
+        }
+        passwords: dict[str, str] = {}
+        grants = provision.plan(list(self.sites), lambda u: passwords.setdefault(u, provision.generate_password()))
+        provision.apply_with_rabbitmqctl(broker.rabbitmqctl, namespace.vhost, grants)
+        params = pika.URLParameters(namespace.url)
+        self.urls = {g.user: provision.amqp_url(g.user, g.password, namespace.vhost, params.host, params.port)
+                     for g in grants}
+        conn = pika.BlockingConnection(params)
+        try:
+            provision.declare_topology(conn.channel(), list(self.sites))
+        finally:
+            conn.close()
+
+    def config(self, name: str, site: str | None = None, **extra) -> Path:  # noqa: ANN003
+        shipped = tomllib.loads((CONFIG / name).read_text())
+        values = dict(shipped)
+        for key in PATH_KEYS:
+            if key not in values:
+                continue
+            if key == "state_dir":
+                values[key] = str(self.root / "state" / (site or "aggregator"))
+            elif key == "signing_key":
+                values[key] = str(next(self.root.joinpath("keys").rglob(f"{site}.ed25519")))
+            elif key == "manifest":
+                size = int(shipped.get("image_size", 28))
+                values[key] = str(write_pngs(self.root / "data" / site, {"train": 16, "val": 8}, size=size + 8))
+            else:
+                values[key] = str(self.files[key])
+        values.update(extra)
+        out = self.root / "config" / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(_toml(values))
+        return out
+
+    def start(self, name: str, argv: list[str], user: str, **env: str) -> None:
+        log = (self.root / f"{name}.log").open("w")
+        full_env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_AMQP_URL=self.urls[user], **env)
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *argv], env=full_env,
+                                            stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()
+
+    def wait(self, pred, timeout: float, what: str) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+            if dead:
+                pytest.fail(f"{dead} exited while waiting for {what}:\n" +
+                            "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in dead))
+            if pred():
+                return
+            time.sleep(0.5)
+        pytest.fail(f"timed out waiting for {what}:\n" + "\n".join(f"--- {n}\n{self.log(n)[-2000:]}" for n in self.procs))
+
+    def version(self, who: str) -> int:
+        path = self.root / "state" / who / ("status.json" if who == "aggregator" else "state.json")
+        try:
+            return int(json.loads(path.read_text())["version"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def stop(self) -> dict[str, int | None]:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = {}
+        for n, p in self.procs.items():
+            try:
+                codes[n] = p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[n] = None
+        return codes
+
+
+@pytest.fixture
+def deployment(broker_ctl, broker_namespace, tmp_path):  # noqa: ANN001
+    dep = Deployment(tmp_path, broker_ctl, broker_namespace)
+    try:
+        yield dep
+    finally:
+        dep.stop()
+        for user in dep.sites:
+            try:
+                broker_ctl.rabbitmqctl("delete_user", user)
+            except Exception:  # noqa: BLE001 - cleanup only
+                pass
+
+
+def test_compose_configs_run_one_round(deployment):
+    """aggregator.toml + hospital_1..3.toml, as compose runs them."""
+    dep = deployment
+    agg = dep.config("aggregator.toml")
+    dep.start("aggregator", ["aggregator", "run", "--config", str(agg)], provision.AGGREGATOR_USER,
+              FEDMQ_METRICS_PORT="0")
+    for s in dep.sites:
+        cfg = dep.config(f"{s}.toml", s)
+        assert main(["site", "check-data", "--config", str(cfg), "--out", str(dep.root / "check" / s)]) == 0
+        dep.start(s, ["site", "run", "--config", str(cfg)], s)
+    dep.wait(lambda: all(dep.version(s) >= 1 for s in dep.sites), 300, "version 1 at every site")
+    codes = dep.stop()
+    assert set(codes.values()) == {0}, codes
+    assert "Traceback" not in "".join(dep.log(n) for n in dep.procs)
+    # README's last two commands on what the round left behind
+    assert main(["status", "--state-dir", str(dep.root / "state" / "aggregator")]) == 0
+    assert main(["site", "export-model", "--config", str(dep.root / "config" / "hospital_1.toml"),
+                 "--out", str(dep.root / "model")]) == 0
+    assert any((dep.root / "model").iterdir())
+
+
+def test_systemd_examples_run_one_round(deployment):
+    """aggregator.example.toml (K = 1 here: one site only) with site.example.toml (resnet18 at
+    224 px under DP), as the systemd units run them."""
+    dep = deployment
+    agg = dep.config("aggregator.example.toml", buffer_size=1)
+    dep.start("aggregator", ["aggregator", "run", "--config", str(agg)], provision.AGGREGATOR_USER,
+              FEDMQ_METRICS_PORT="0")
+    blocker = _resnet18_dp_blocker()
+    name = "hospital_1.toml" if blocker else "site.example.toml"  # the aggregator example runs either way
+    site = tomllib.loads((CONFIG / name).read_text())["site_id"]
+    dep.start(site, ["site", "run", "--config", str(dep.config(name, site))], site)
+    dep.wait(lambda: dep.version(site) >= 1, 600, f"version 1 at {name}")
+    codes = dep.stop()
+    assert set(codes.values()) == {0}, codes
+    if blocker:
+        pytest.xfail(f"site.example.toml needs issue 12 (resnet18 under DP): {blocker}")
