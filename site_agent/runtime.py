@@ -28,6 +28,7 @@ from site_agent.model_state import FederatedModel, model_vector
 from site_agent.settings import SiteSettings
 from site_agent.state import SiteState, SiteStateStore
 from site_agent.training import DPConfig, LocalTrainer, PrivacyBudgetExhausted, TrainingConfig, evaluate
+from site_agent.training.device import resolve_device
 from site_agent.update_builder import UpdateIdentity, build_update
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,12 @@ def training_config(settings: SiteSettings) -> TrainingConfig:
             delta=settings.target_delta,
             max_grad_norm=settings.max_grad_norm,
             planned_rounds=settings.planned_rounds,
+            engine=settings.dp_engine,
+            secure_noise=bool(settings.secure_noise),
         ),
         seed=training_seed(settings.site_id, settings.seed) if settings.reproducible_noise else secrets.randbits(62),
+        device=settings.device,
+        max_physical_batch=settings.max_physical_batch,
     )
 
 
@@ -89,8 +94,9 @@ class SiteRuntime:
 
     @classmethod
     def open(cls, settings: SiteSettings, *, load_data: bool = True) -> "SiteRuntime":
+        resolve_device(settings.device)  # a missing GPU stops the site here, before any budget is touched
         ctx = load_context(settings.secret_context, require_secret=True)
-        model = FederatedModel.create(settings.model_preset, settings.init_seed)
+        model = FederatedModel.create(settings.model_preset, settings.init_seed, settings.init_weights)
         store = SiteStateStore(settings.state_dir)
         if store.exists():
             state = store.load(settings.site_id, ctx.fingerprint, model.layout.fingerprint)
@@ -126,7 +132,7 @@ class SiteRuntime:
     def evaluate_current(self) -> dict[str, float]:
         if self.val is None or len(self.val) == 0:
             return {"n": 0}
-        return evaluate(self.current_model(), self.val.X, self.val.y)
+        return evaluate(self.current_model(), self.val.X, self.val.y, device=self.trainer.device)
 
     # -- privacy -------------------------------------------------------------------------
     def epsilon_spent(self) -> float:

@@ -40,6 +40,9 @@ class DPRandom(Protocol):
     def normal(self, shape: torch.Size | tuple[int, ...], std: float, device: torch.device) -> torch.Tensor:
         """float32 N(0, std^2) of ``shape``."""
 
+    def permutation(self, n: int, device: torch.device) -> torch.Tensor:
+        """A uniformly random order of ``range(n)`` (epochs without DP)."""
+
 
 class SeededRandom:
     """Reproducible streams from ``torch.Generator`` (tests, research replication): NOT secure."""
@@ -55,6 +58,9 @@ class SeededRandom:
 
     def normal(self, shape: torch.Size | tuple[int, ...], std: float, device: torch.device) -> torch.Tensor:
         return torch.normal(0.0, std, size=tuple(shape), generator=self._noise, device=device)
+
+    def permutation(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.randperm(n, generator=self._sample, device=device)
 
 
 # ------------------------------------------------------------------------------------------ ChaCha20
@@ -149,6 +155,9 @@ class SecureRandom:
         r = torch.sqrt(-2.0 * torch.log(u1))
         theta = (2.0 * math.pi) * u2
         return torch.cat([r * torch.cos(theta), r * torch.sin(theta)])[:n]
+
+    def permutation(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.argsort(self.uniform(n, device))
 
     def normal(self, shape: torch.Size | tuple[int, ...], std: float, device: torch.device) -> torch.Tensor:
         n = int(math.prod(shape))

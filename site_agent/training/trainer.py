@@ -182,7 +182,7 @@ class LocalTrainer:
                     noise_s += time.perf_counter() - t
                 else:
                     if cursor >= len(order):
-                        order, cursor = torch.randperm(n, device=device), 0
+                        order, cursor = rng.permutation(n, device), 0
                     idx = order[cursor : cursor + cfg.batch_size]
                     cursor += cfg.batch_size
                     optimizer.zero_grad(set_to_none=True)
