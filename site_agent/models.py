@@ -57,8 +57,8 @@ PRESETS: dict[str, PresetInfo] = {
     "small_cnn": PresetInfo(28, 24_569, "4 MONAI conv blocks (GroupNorm) + global pooling + linear; CPU-friendly", 512),
     "resnet18": PresetInfo(28, 11_169_089, "MONAI ResNet-18, 2D, 3x3 stem without max-pool (MedMNIST-style), GroupNorm", 256),
     "resnet50": PresetInfo(28, 23_505_089, "MONAI ResNet-50, 2D, 3x3 stem without max-pool (MedMNIST-style), GroupNorm", 256),
-    "resnet18_224": PresetInfo(224, 11_171_649, "MONAI ResNet-18, 2D, 7x7 stride-2 stem + max-pool, 224 px, 1 channel, GroupNorm", 64),
-    "resnet50_224": PresetInfo(224, 23_507_649, "MONAI ResNet-50, 2D, 7x7 stride-2 stem + max-pool, 224 px, 1 channel, GroupNorm", 64),
+    "resnet18_224": PresetInfo(224, 11_171_649, "MONAI ResNet-18, 2D, 7x7 stride-2 stem + max-pool, 224 px, 1 channel, GroupNorm", 32),
+    "resnet50_224": PresetInfo(224, 23_507_649, "MONAI ResNet-50, 2D, 7x7 stride-2 stem + max-pool, 224 px, 1 channel, GroupNorm", 32),
 }
 assert set(PRESETS) == set(get_args(Preset)), "Preset literal and PRESETS registry disagree"
 

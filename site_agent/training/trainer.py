@@ -149,9 +149,11 @@ class LocalTrainer:
         engine = None
         if ledger is not None:
             engine = make_engine(cfg.dp.engine, model, cfg.dp.max_grad_norm)
+            n_values = sum(p.numel() for p in engine.params)
         timings["setup_s"] = time.perf_counter() - t_setup
 
         fb_s = noise_s = opt_s = 0.0
+        images = 0
         losses: list[float] = []
         order = torch.empty(0, dtype=torch.long, device=device)
         cursor = 0
@@ -164,6 +166,7 @@ class LocalTrainer:
                     # Poisson sampling: each example joins the batch independently with probability q,
                     # which is what the RDP analysis of the subsampled Gaussian assumes.
                     idx = torch.nonzero(rng.uniform(n, device) < ledger.params.sample_rate).reshape(-1)
+                    images += len(idx)
                     sums = [torch.zeros_like(p) for p in engine.params]
                     loss_sum = 0.0
                     for chunk in idx.split(physical):
@@ -176,8 +179,12 @@ class LocalTrainer:
                     # One noise draw per logical batch, then Opacus' scaling by the expected batch size.
                     std = ledger.params.noise_multiplier * cfg.dp.max_grad_norm
                     expected = max(1, round(ledger.params.sample_rate * n))
+                    noise = rng.normal((n_values,), std, device)  # one draw for the whole model
+                    offset = 0
                     for p, total in zip(engine.params, sums):
-                        p.grad = (total + rng.normal(total.shape, std, device)) / expected
+                        k = total.numel()
+                        p.grad = (total + noise[offset : offset + k].view_as(total)) / expected
+                        offset += k
                     _sync(device)
                     noise_s += time.perf_counter() - t
                 else:
@@ -185,6 +192,7 @@ class LocalTrainer:
                         order, cursor = rng.permutation(n, device), 0
                     idx = order[cursor : cursor + cfg.batch_size]
                     cursor += cfg.batch_size
+                    images += len(idx)
                     optimizer.zero_grad(set_to_none=True)
                     loss_sum = 0.0
                     for chunk in idx.split(physical):
@@ -216,6 +224,7 @@ class LocalTrainer:
                 "dp_clip_noise_s": clip_s + noise_s,
                 "optimizer_s": opt_s,
                 "physical_batch": float(physical),
+                "images": float(images),
             }
         )
 
