@@ -213,7 +213,10 @@ class BookKeepingEngine:
             return
         # Conv2d
         assert isinstance(m, nn.Conv2d)
-        u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (b, D, T)
+        if m.kernel_size == (1, 1) and m.padding == (0, 0):  # 1x1: the input itself, strided, is the unfolding
+            u = a[:, :, :: m.stride[0], :: m.stride[1]].reshape(b, a.shape[1], -1)
+        else:
+            u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (b, D, T)
         gf = g.reshape(b, g.shape[1], -1)  # (b, C_out, T)
         positions, weights = u.shape[2], m.weight.numel()
         if weights <= 2 * positions * positions:
