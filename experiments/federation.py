@@ -34,6 +34,7 @@ from shared.ckks import init_keys, load_context
 from shared.signing import generate_site_key
 from site_agent.data import load_official_split, prepare_demo_data
 from site_agent.model_state import FederatedModel
+from site_agent.models import Preset
 
 from experiments.evaluator import EVALUATOR_ID, Evaluator, VersionScore
 
@@ -46,7 +47,7 @@ class SiteTraining(BaseModel):
     """Local-training settings every site uses (chosen on validation, see docs/reproduction.md)."""
 
     model_config = ConfigDict(extra="forbid")
-    model_preset: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    model_preset: Preset = "small_cnn"  # the one registry: site_agent/models.py
     lr: float = 0.05
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.9
