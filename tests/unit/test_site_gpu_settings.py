@@ -95,3 +95,15 @@ def test_secure_random_draws_are_fresh_and_gaussian() -> None:
     u = rng.uniform(10_000, torch.device("cpu"))
     assert 0.0 < float(u.min()) and float(u.max()) < 1.0 and abs(float(u.mean()) - 0.5) < 0.02
     assert sorted(rng.permutation(50, torch.device("cpu")).tolist()) == list(range(50))
+
+
+def test_site_with_cuda_but_no_gpu_stops_before_keys_data_or_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``device = "cuda"`` on a machine without one: refused first thing at start (the key and
+    manifest paths here do not exist, so any later step would fail differently), no state written."""
+    from site_agent.runtime import SiteRuntime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    s = _load(tmp_path, 'device = "cuda"\n')
+    with pytest.raises(ConfigError, match=r"device = 'cuda' but this machine has no usable CUDA GPU"):
+        SiteRuntime.open(s)
+    assert not (tmp_path / "st").exists()
