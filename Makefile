@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 FEDMQ_DATA_ROOT ?= $(if $(wildcard ../shared/data/pneumoniamnist.npz),$(abspath ../shared/data),)
 export FEDMQ_DATA_ROOT
 
-.PHONY: venv test faults demo bench bench-crypto broker-local clean
+.PHONY: venv test faults demo bench bench-crypto bench-gpu broker-local clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,11 @@ bench: venv
 
 bench-crypto: venv
 	$(PY) -m benchmarks.crypto
+
+# Site training on a GPU (plain vs DP-SGD per preset, engines, one 5,000-image round split into
+# phases) -> benchmarks/results/gpu.json. Without CUDA: small_cnn on the CPU, "device": "cpu".
+bench-gpu: venv
+	$(PY) -m benchmarks.gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis reports build *.egg-info

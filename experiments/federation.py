@@ -35,6 +35,7 @@ from shared.errors import FedmqError
 from shared.signing import generate_aggregator_key, generate_site_key, load_public_key, private_key_path
 from site_agent.data import load_official_split, prepare_demo_data
 from site_agent.model_state import FederatedModel
+from site_agent.models import Preset
 
 from experiments.evaluator import EVALUATOR_ID, Evaluator, VersionScore
 
@@ -47,7 +48,7 @@ class SiteTraining(BaseModel):
     """Local-training settings every site uses (chosen on validation, see docs/reproduction.md)."""
 
     model_config = ConfigDict(extra="forbid")
-    model_preset: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    model_preset: Preset = "small_cnn"  # the one registry: site_agent/models.py
     lr: float = 0.05
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.9

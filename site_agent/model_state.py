@@ -7,12 +7,13 @@ layout fingerprint names the init seed too: a party with another seed is refused
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from shared.layout import ModelLayout
-from site_agent.models import build_model
+from site_agent.models import build_model, file_digest, load_init_weights
 
 
 @dataclass
@@ -23,9 +24,16 @@ class FederatedModel:
     x0: np.ndarray
 
     @classmethod
-    def create(cls, preset: str, init_seed: int) -> "FederatedModel":
+    def create(cls, preset: str, init_seed: int, init_weights: Path | str | None = None) -> "FederatedModel":
+        """x_0 from the seed, or from ``init_weights`` mapped onto the preset (the seed fills what
+        the file does not cover). The file's SHA-256 goes into the model id, hence into the layout
+        fingerprint: a site that started from other weights is refused like another architecture."""
         model = build_model(preset, init_seed)  # type: ignore[arg-type]
-        layout = ModelLayout.from_state_dict(model.state_dict(), model_id=f"{preset}/init-seed-{init_seed}")
+        model_id = f"{preset}/init-seed-{init_seed}"
+        if init_weights is not None:
+            load_init_weights(model, init_weights, preset)
+            model_id += f"/init-weights-sha256-{file_digest(Path(init_weights))[:32]}"
+        layout = ModelLayout.from_state_dict(model.state_dict(), model_id=model_id)
         return cls(preset, init_seed, layout, layout.flatten(model.state_dict()))
 
     def to_module(self, vector: np.ndarray) -> nn.Module:

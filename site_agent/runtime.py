@@ -29,6 +29,7 @@ from site_agent.model_state import FederatedModel, model_vector
 from site_agent.settings import SiteSettings
 from site_agent.state import SiteState, SiteStateStore
 from site_agent.training import DPConfig, LocalTrainer, PrivacyBudgetExhausted, TrainingConfig, evaluate
+from site_agent.training.device import resolve_device
 from site_agent.update_builder import UpdateIdentity, build_update
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,12 @@ def training_config(settings: SiteSettings) -> TrainingConfig:
             delta=settings.target_delta,
             max_grad_norm=settings.max_grad_norm,
             planned_rounds=settings.planned_rounds,
+            engine=settings.dp_engine,
+            secure_noise=bool(settings.secure_noise),
         ),
         seed=training_seed(settings.site_id, settings.seed) if settings.reproducible_noise else secrets.randbits(62),
+        device=settings.device,
+        max_physical_batch=settings.max_physical_batch,
     )
 
 
@@ -99,6 +104,7 @@ class SiteRuntime:
     def open(cls, settings: SiteSettings, *, load_data: bool = True, lock: bool = True) -> "SiteRuntime":
         """``lock``: hold the state directory for this process (``fedmq site run``); read-only
         tools (export-model) pass False so they can run beside the service."""
+        resolve_device(settings.device)  # a missing GPU stops the site here, before any budget is touched
         dir_lock = lock_state_dir(settings.state_dir, "site") if lock else None
         try:
             rt = cls._open(settings, load_data)
@@ -112,7 +118,7 @@ class SiteRuntime:
     @classmethod
     def _open(cls, settings: SiteSettings, load_data: bool) -> "SiteRuntime":
         ctx = load_context(settings.secret_context, require_secret=True)
-        model = FederatedModel.create(settings.model_preset, settings.init_seed)
+        model = FederatedModel.create(settings.model_preset, settings.init_seed, settings.init_weights)
         store = SiteStateStore(settings.state_dir)
         check_ledger_present(settings, store)
         if store.exists():
@@ -139,7 +145,7 @@ class SiteRuntime:
     def evaluate_current(self) -> dict[str, float]:
         if self.val is None or len(self.val) == 0:
             return {"n": 0}
-        return evaluate(self.current_model(), self.val.X, self.val.y)
+        return evaluate(self.current_model(), self.val.X, self.val.y, device=self.trainer.device)
 
     # -- privacy -------------------------------------------------------------------------
     def epsilon_spent(self) -> float:

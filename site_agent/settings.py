@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveInt, model_validator
 
+from shared.errors import ConfigError
 from shared.settings import FedmqSettings
+from site_agent.models import Preset, check_image_size
+from site_agent.training.device import DEVICE_PATTERN
+from site_agent.training.engines import Engine
 
 
 class SiteSettings(FedmqSettings):
@@ -25,11 +29,22 @@ class SiteSettings(FedmqSettings):
     #: global model, residual, pending update and the privacy ledger; one process at a time; back it up
     state_dir: Path
     #: federation-wide: every site must use the same preset and seed (x_0 is built from them)
-    model_preset: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    model_preset: Preset = "small_cnn"
     #: seed of x_0; federation-wide
     init_seed: int = 0
-    #: model input size in pixels; images are resized (aspect kept, padded) to it
-    image_size: int = Field(28, ge=8, le=1024)
+    #: federation-wide: a torchvision or MONAI state dict mapped onto the preset as x_0 (docs/
+    #: deployment.md); its SHA-256 is part of the layout fingerprint, so every site needs the same file
+    init_weights: Path | None = None
+    #: model input size in pixels: the preset's (site_agent/models.py) when unset, another value is
+    #: refused; images are resized to it (longest side, aspect kept, zero-padded)
+    image_size: int | None = Field(None, ge=8, le=1024)
+    #: where training, per-sample clipping, noise and evaluation run: auto (CUDA when present), cpu, cuda, cuda:N
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    #: most images per forward/backward pass on the device (the preset's default when unset);
+    #: lower it if the GPU runs out of memory, the privacy accounting does not depend on it
+    max_physical_batch: PositiveInt | None = None
+    #: per-sample-gradient engine: bk (fedmq's mixed ghost clipping), hooks or functorch (Opacus)
+    dp_engine: Engine = "bk"
     # local training
     #: local learning rate
     lr: float = Field(0.01, gt=0)
@@ -56,6 +71,9 @@ class SiteSettings(FedmqSettings):
     #: derive DP sampling and noise from ``seed`` (research replication only). Off, each process
     #: draws a fresh random seed: noise from a seed an attacker may know is predictable noise.
     reproducible_noise: bool = False
+    #: DP sampling and noise from ChaCha20 keyed by the OS (training/rng.py); unset means on,
+    #: unless reproducible_noise asks for seeded streams
+    secure_noise: bool | None = None
     # update pipeline
     #: dense: send every block; topk: the topk_fraction of blocks with the largest norm (error feedback keeps the rest)
     sparsity_mode: Literal["dense", "topk"] = "topk"
@@ -96,3 +114,15 @@ class SiteSettings(FedmqSettings):
     train_split: Literal["train"] = "train"
     #: manifest split every global version is evaluated on (and the divergence guard watches)
     val_split: Literal["val"] = "val"
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "SiteSettings":
+        try:
+            self.image_size = check_image_size(self.model_preset, self.image_size)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if self.secure_noise is None:
+            self.secure_noise = not self.reproducible_noise
+        elif self.secure_noise and self.reproducible_noise:
+            raise ValueError("reproducible_noise = true needs secure_noise = false (a secure generator cannot be replayed)")
+        return self

@@ -7,7 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from site_agent.models import Preset
+from site_agent.models import PRESETS, Preset
+from site_agent.training.device import DEVICE_PATTERN
+from site_agent.training.engines import Engine
 
 
 class DPConfig(BaseModel):
@@ -20,6 +22,12 @@ class DPConfig(BaseModel):
     delta: float | None = Field(default=None, gt=0.0, lt=1.0)
     max_grad_norm: PositiveFloat = 1.0
     planned_rounds: PositiveInt = 10
+    #: per-sample-gradient engine (site_agent/training/engines.py; default chosen by measurement,
+    #: docs/architecture.md)
+    engine: Engine = "bk"
+    #: Poisson sampling and Gaussian noise from ChaCha20 keyed by the OS (training/rng.py) instead
+    #: of a seeded torch generator; ``fedmq site run`` turns it on unless reproducible_noise is set
+    secure_noise: bool = False
 
     def resolve_delta(self, n_samples: int) -> float:
         """Default delta 1/(10 n); an explicit one must not exceed 1/n, beyond which DP is meaningless."""
@@ -48,6 +56,14 @@ class TrainingConfig(BaseModel):
     pos_weight: PositiveFloat | None = None
     dp: DPConfig = Field(default_factory=DPConfig)
     seed: int = 0
+    #: auto (CUDA when present), cpu, cuda, cuda:N; see training/device.py
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
+    #: most images per forward/backward pass; a larger (Poisson) logical batch is split into
+    #: micro-batches of this size, with the same clipped-and-noised gradient. None: the preset's.
+    max_physical_batch: PositiveInt | None = None
+
+    def physical_batch(self) -> int:
+        return self.max_physical_batch or PRESETS[self.model].physical_batch
 
     def steps_per_round(self, n_samples: int) -> int:
         """Fixed per round so the privacy cost of every round is known before it starts."""

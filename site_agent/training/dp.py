@@ -1,4 +1,4 @@
-"""DP-SGD plumbing: one noise multiplier for the whole federation, Opacus wrapping and unwrapping.
+"""DP-SGD plumbing: one noise multiplier for the whole federation (the engines live in engines.py).
 
 The noise multiplier is derived once from the site's total budget over all planned rounds,
 so each round costs the same and the ledger can say in advance whether one more fits.
@@ -12,14 +12,9 @@ import warnings
 from collections.abc import Mapping
 
 import torch
-from opacus import GradSampleModule
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
-from torch import nn
 
 from site_agent.training.config import DPConfig, TrainingConfig
-from site_agent.training.errors import TrainingError
 from site_agent.training.ledger import LedgerParams
 
 logger = logging.getLogger(__name__)
@@ -68,31 +63,6 @@ def ledger_params_for(config: TrainingConfig, n_samples: int) -> LedgerParams:
     )
 
 
-def make_private(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    expected_batch_size: int,
-    generator: torch.Generator | None = None,
-) -> tuple[GradSampleModule, DPOptimizer]:
-    """Wrap for per-sample gradients; sampling stays with the caller (Poisson, see the trainer)."""
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        raise TrainingError(f"model is not DP-compatible: {errors}")
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_optimizer = DPOptimizer(
-        optimizer,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size,
-        loss_reduction="mean",
-        generator=generator,
-    )
-    return wrapped, dp_optimizer
-
-
 def strip_opacus_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keys as the plain model names them, whatever wrapper produced the state."""
     out: dict[str, torch.Tensor] = {}
@@ -101,16 +71,3 @@ def strip_opacus_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             key = key[len(OPACUS_PREFIX) :]
         out[key] = value
     return out
-
-
-def release(wrapped: GradSampleModule) -> None:
-    """Detach Opacus hooks and per-sample buffers so nothing of them outlives the round."""
-    wrapped.remove_hooks()
-    for p in wrapped._module.parameters():
-        for attr in ("grad_sample", "summed_grad", "_forward_counter"):
-            if hasattr(p, attr):
-                try:
-                    delattr(p, attr)
-                except AttributeError:
-                    setattr(p, attr, None)
-        p.grad = None

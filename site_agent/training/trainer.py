@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,12 @@ from tqdm.auto import tqdm
 
 from site_agent.models import build_model
 from site_agent.training.config import TrainingConfig
-from site_agent.training.dp import ledger_params_for, make_private, release, strip_opacus_prefix
+from site_agent.training.device import resolve_device
+from site_agent.training.dp import ledger_params_for, strip_opacus_prefix
+from site_agent.training.engines import make_engine
 from site_agent.training.errors import TrainingError
 from site_agent.training.ledger import LedgerParams, PrivacyLedger
+from site_agent.training.rng import DPRandom, SecureRandom, SeededRandom
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class LocalTrainer:
             raise ValueError("num_threads must be >= 1")
         self.num_threads = num_threads
         self.config = config
+        #: resolved here, before any ledger is opened: a missing GPU stops the site before budget is spent
+        self.device = resolve_device(config.device)
         self.ledger_path = Path(ledger_path) if ledger_path is not None else None
         self.progress = progress
         #: log a progress line every this many steps (0 = off); set by the site service
@@ -118,12 +122,15 @@ class LocalTrainer:
         data_load_s: float,
     ) -> RoundResult:
         cfg = self.config
+        device = self.device
         t0 = time.perf_counter()
-        X = X.detach().to(torch.float32).contiguous()
-        y = y.detach().reshape(-1).to(torch.float32)
         n = int(X.shape[0])
-        if n == 0 or int(y.shape[0]) != n:
-            raise TrainingError(f"need a non-empty dataset with one label per image (got {n} images, {len(y)} labels)")
+        if n == 0 or int(y.reshape(-1).shape[0]) != n:
+            raise TrainingError(f"need a non-empty dataset with one label per image (got {n} images, {y.numel()} labels)")
+        # Data moves to the device once per round; every step indexes it there.
+        X = X.detach().to(device=device, dtype=torch.float32).contiguous()
+        y = y.detach().reshape(-1).to(device=device, dtype=torch.float32)
+        _sync(device)
         timings = {"data_load_s": float(data_load_s), "data_prep_s": time.perf_counter() - t0}
 
         t_setup = time.perf_counter()
@@ -134,78 +141,100 @@ class LocalTrainer:
         model = build_model(cfg.model, cfg.seed)
         if initial_state is not None:
             model.load_state_dict(strip_opacus_prefix(initial_state), strict=True)
-        model.train()
+        model.to(device).train()
         optimizer = self._optimizer([p for p in model.parameters() if p.requires_grad])
-        pos_weight = torch.tensor([cfg.pos_weight]) if cfg.pos_weight is not None else None
-        criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        pos_weight = torch.tensor([cfg.pos_weight], device=device) if cfg.pos_weight is not None else None
+        criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="sum")
         steps = cfg.steps_per_round(n)
-        sample_gen = torch.Generator().manual_seed(_round_seed(cfg.seed, round_index, 1))
-
-        wrapped = None
-        dp_optimizer = None
+        physical = cfg.physical_batch()
+        rng = self._random(round_index, device)
+        engine = None
         if ledger is not None:
-            noise_gen = torch.Generator().manual_seed(_round_seed(cfg.seed, round_index, 2))
-            wrapped, dp_optimizer = make_private(
-                model,
-                optimizer,
-                noise_multiplier=ledger.params.noise_multiplier,
-                max_grad_norm=cfg.dp.max_grad_norm,
-                expected_batch_size=max(1, round(ledger.params.sample_rate * n)),
-                generator=noise_gen,
-            )
+            engine = make_engine(cfg.dp.engine, model, cfg.dp.max_grad_norm)
+            n_values = sum(p.numel() for p in engine.params)
         timings["setup_s"] = time.perf_counter() - t_setup
 
-        forward_model: nn.Module = wrapped if wrapped is not None else model
-        fb_s = dp_s = opt_s = 0.0
+        fb_s = noise_s = opt_s = 0.0
+        images = 0
         losses: list[float] = []
-        order = torch.empty(0, dtype=torch.long)
+        order = torch.empty(0, dtype=torch.long, device=device)
         cursor = 0
         t_train = time.perf_counter()
         try:
-            with warnings.catch_warnings():
-                # Opacus' hooks fire on the first layer, whose input needs no grad; harmless and noisy.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                for step in tqdm(range(steps), desc=f"round {round_index}", disable=not self.progress, leave=False):
-                    if self.progress_every and step and step % self.progress_every == 0:
-                        # a service has no terminal for tqdm: one line every N steps in long rounds
-                        logger.info("round %d: step %d of %d, mean loss so far %.4f", round_index, step, steps,
-                                    sum(losses) / max(1, len(losses)), extra={"step": step, "steps": steps})
-                    if dp_optimizer is not None:
-                        # Poisson sampling: each example joins the batch independently with probability q,
-                        # which is what the RDP analysis of the subsampled Gaussian assumes.
-                        idx = torch.nonzero(torch.rand(n, generator=sample_gen) < ledger.params.sample_rate).reshape(-1)
-                    else:
-                        if cursor >= len(order):
-                            order, cursor = torch.randperm(n, generator=sample_gen), 0
-                        idx = order[cursor : cursor + cfg.batch_size]
-                        cursor += cfg.batch_size
-                    xb, yb = X[idx], y[idx]
-                    t = time.perf_counter()
-                    (dp_optimizer if dp_optimizer is not None else optimizer).zero_grad(set_to_none=True)
-                    logits = forward_model(xb).reshape(-1)
-                    loss = criterion(logits, yb) if len(idx) else logits.sum()
-                    loss.backward()
+            for step in tqdm(range(steps), desc=f"round {round_index}", disable=not self.progress, leave=False):
+                if self.progress_every and step and step % self.progress_every == 0:
+                    # a service has no terminal for tqdm: one line every N steps in long rounds
+                    logger.info("round %d: step %d of %d, mean loss so far %.4f", round_index, step, steps,
+                                sum(losses) / max(1, len(losses)), extra={"step": step, "steps": steps})
+                t = time.perf_counter()
+                if engine is not None:
+                    assert ledger is not None
+                    # Poisson sampling: each example joins the batch independently with probability q,
+                    # which is what the RDP analysis of the subsampled Gaussian assumes.
+                    idx = torch.nonzero(rng.uniform(n, device) < ledger.params.sample_rate).reshape(-1)
+                    images += len(idx)
+                    sums = [torch.zeros_like(p) for p in engine.params]
+                    loss_sum = 0.0
+                    for chunk in idx.split(physical):
+                        loss_sum += engine.accumulate(X[chunk], y[chunk], criterion, sums)
+                    _sync(device)
                     fb_s += time.perf_counter() - t
                     if len(idx):
-                        losses.append(float(loss.detach()))
+                        losses.append(loss_sum / len(idx))
                     t = time.perf_counter()
-                    if dp_optimizer is not None:
-                        proceed = dp_optimizer.pre_step()  # clip per sample, add noise, average
-                        dp_s += time.perf_counter() - t
-                        t = time.perf_counter()
-                        if proceed:
-                            optimizer.step()
-                    else:
-                        optimizer.step()
-                    opt_s += time.perf_counter() - t
+                    # One noise draw per logical batch, then Opacus' scaling by the expected batch size.
+                    std = ledger.params.noise_multiplier * cfg.dp.max_grad_norm
+                    expected = max(1, round(ledger.params.sample_rate * n))
+                    noise = rng.normal((n_values,), std, device)  # one draw for the whole model
+                    offset = 0
+                    for p, total in zip(engine.params, sums):
+                        k = total.numel()
+                        p.grad = (total + noise[offset : offset + k].view_as(total)) / expected
+                        offset += k
+                    _sync(device)
+                    noise_s += time.perf_counter() - t
+                else:
+                    if cursor >= len(order):
+                        order, cursor = rng.permutation(n, device), 0
+                    idx = order[cursor : cursor + cfg.batch_size]
+                    cursor += cfg.batch_size
+                    images += len(idx)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_sum = 0.0
+                    for chunk in idx.split(physical):
+                        loss = criterion(model(X[chunk]).reshape(-1), y[chunk]) / len(idx)
+                        loss.backward()
+                        loss_sum += float(loss.detach())
+                    _sync(device)
+                    fb_s += time.perf_counter() - t
+                    losses.append(loss_sum)
+                t = time.perf_counter()
+                optimizer.step()
+                _sync(device)
+                opt_s += time.perf_counter() - t
+        except torch.OutOfMemoryError as exc:
+            raise TrainingError(
+                f"{device} ran out of memory at max_physical_batch = {physical} ({cfg.model}): lower "
+                f"max_physical_batch (the privacy accounting does not depend on it); nothing was charged. {exc}"
+            ) from None
         finally:
-            if wrapped is not None:
-                release(wrapped)
+            if engine is not None:
+                engine.close()
+        clip_s = engine.clip_s if engine is not None else 0.0
         timings.update(
-            {"train_s": time.perf_counter() - t_train, "forward_backward_s": fb_s, "dp_clip_noise_s": dp_s, "optimizer_s": opt_s}
+            {
+                "train_s": time.perf_counter() - t_train,
+                "forward_backward_s": fb_s - clip_s,
+                "dp_clip_s": clip_s,
+                "dp_noise_s": noise_s,
+                "dp_clip_noise_s": clip_s + noise_s,
+                "optimizer_s": opt_s,
+                "physical_batch": float(physical),
+                "images": float(images),
+            }
         )
 
-        state = {k: v.detach().clone() for k, v in strip_opacus_prefix(model.state_dict()).items()}
+        state = {k: v.detach().to("cpu", copy=True) for k, v in strip_opacus_prefix(model.state_dict()).items()}
         result = RoundResult(
             state_dict=state,
             n_samples=n,
@@ -223,8 +252,21 @@ class LocalTrainer:
             timings["ledger_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
         logger.info(
-            "round %d: %d samples, %d steps, loss %.4f, epsilon %s, %.2fs",
+            "round %d: %d samples, %d steps, loss %.4f, epsilon %s, %.2fs on %s",
             round_index, n, steps, result.mean_loss,
-            f"{result.epsilon:.3f}" if result.epsilon is not None else "n/a (DP off)", timings["total_s"],
+            f"{result.epsilon:.3f}" if result.epsilon is not None else "n/a (DP off)", timings["total_s"], device,
         )
         return result
+
+    def _random(self, round_index: int, device: torch.device) -> DPRandom:
+        """Secure (ChaCha20, OS key, fresh per round) or seeded per (seed, round) streams."""
+        if self.config.dp.secure_noise:
+            return SecureRandom()
+        cfg = self.config
+        return SeededRandom(_round_seed(cfg.seed, round_index, 1), _round_seed(cfg.seed, round_index, 2), device)
+
+
+def _sync(device: torch.device) -> None:
+    # Timings split per phase are only honest once queued GPU work has finished.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
