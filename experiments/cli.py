@@ -12,7 +12,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "reproduce",
         help="centralized vs FL vs FL + DP (epsilon 1.2), and async vs sync with a straggler",
-        description="Runs the in-process federation (real training, sparsification, CKKS folding; no broker) "
+        description="Runs the in-process federation (the shipped trainer, update builder and AggregatorEngine; "
+        "CKKS-encrypted, no broker) "
         "and writes results.json, report.md and plots.",
     )
     p.add_argument("--quick", action="store_true", help="one seed, few rounds (about 4 minutes on 2 cores)")
@@ -21,11 +22,6 @@ def register(parser: argparse.ArgumentParser) -> None:
                    help="MedMNIST 2D npz name in the data root (binary datasets only; multi-class ones are refused)")
     p.add_argument("--data-root", type=Path, default=None, help="folder holding <dataset>.npz (default $FEDMQ_DATA_ROOT)")
     p.add_argument("--out", type=Path, default=Path("reports/reproduce"))
-    enc = p.add_mutually_exclusive_group()
-    enc.add_argument("--encrypted", dest="encrypted", action="store_true", default=None,
-                     help="CKKS-encrypt and fold ciphertexts (default)")
-    enc.add_argument("--plaintext", dest="encrypted", action="store_false",
-                     help="fold the plaintext mirror with identical integer weights (faster, same maths)")
     p.add_argument("--real-async-vs-sync", action="store_true",
                    help="time-to-target on a real broker + aggregator + site processes (experiments.federation)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default 1)")
@@ -44,7 +40,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     overrides: dict = {"dataset": args.dataset, "data_root": args.data_root,
                        "real_async_vs_sync": args.real_async_vs_sync}
-    for key in ("seeds", "encrypted", "threads", "jobs", "rounds", "rounds_dp"):
+    for key in ("seeds", "threads", "jobs", "rounds", "rounds_dp"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value

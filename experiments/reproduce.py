@@ -68,7 +68,6 @@ class ReproduceConfig(BaseModel):
     server_lr: float = 1.0
     weight_quantum: int = 64
     topk_fraction: float = 0.5
-    encrypted: bool = True
     ckks_preset: str = DEFAULT_CKKS_PRESET
     #: key-holder EMA of the global versions (post-processing, no privacy cost), all arms;
     #: selection on validation picks between x_v and ema_v. None = off.
@@ -105,7 +104,7 @@ class ReproduceConfig(BaseModel):
         base = dict(
             preset=self.preset, n_sites=self.n_sites, alpha=self.alpha, val_fraction=self.val_fraction,
             mode=self.fl_mode, buffer_size=self.buffer_size, server_lr=self.server_lr,
-            weight_quantum=self.weight_quantum, topk_fraction=self.topk_fraction, encrypted=self.encrypted,
+            weight_quantum=self.weight_quantum, topk_fraction=self.topk_fraction,
             ckks_preset=self.ckks_preset, ema_beta=self.ema_beta,
         )
         base.update(kw)
