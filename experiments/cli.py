@@ -19,7 +19,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="one seed, few rounds (about 4 minutes on 2 cores)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     p.add_argument("--dataset", default="pneumoniamnist",
-                   help="MedMNIST 2D npz name in the data root (binary datasets only; multi-class ones are refused)")
+                   help="a MedMNIST 2D binary task (experiments/datasets.py: pneumoniamnist, breastmnist); "
+                   "<data root>/<name>.npz, checked against its published MD5")
+    p.add_argument("--npz", type=Path, default=None,
+                   help="an npz in the official MedMNIST format outside the registry, run as given (MD5 recorded)")
     p.add_argument("--data-root", type=Path, default=None, help="folder holding <dataset>.npz (default $FEDMQ_DATA_ROOT)")
     p.add_argument("--out", type=Path, default=Path("reports/reproduce"))
     p.add_argument("--real-async-vs-sync", action="store_true",
@@ -35,10 +38,12 @@ def _reproduce(args: argparse.Namespace) -> int:
     from shared.errors import ConfigError
 
     from experiments.reproduce import ReproduceConfig, run_reproduce
+    from experiments.datasets import DatasetError
     from experiments.simulation import UnsupportedDataset
 
     logging.basicConfig(level=logging.WARNING)
     overrides: dict = {"dataset": args.dataset, "data_root": args.data_root,
+                       "npz": args.npz,
                        "real_async_vs_sync": args.real_async_vs_sync}
     for key in ("seeds", "threads", "jobs", "rounds", "rounds_dp"):
         value = getattr(args, key)
@@ -47,6 +52,6 @@ def _reproduce(args: argparse.Namespace) -> int:
     cfg = ReproduceConfig.quick_config(**overrides) if args.quick else ReproduceConfig(**overrides)
     try:
         run_reproduce(cfg, args.out, log=lambda m: print(m, flush=True))
-    except (FileNotFoundError, UnsupportedDataset) as exc:
+    except (DatasetError, UnsupportedDataset) as exc:
         raise ConfigError(str(exc)) from exc
     return 0

@@ -29,6 +29,7 @@ from experiments.simulation import (
     run_centralized,
     run_federation_sim,
 )
+from experiments.datasets import md5_of
 from shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,12 @@ class ReproduceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: a name in experiments.datasets.REGISTRY (file and MD5 checked)
     dataset: str = "pneumoniamnist"
     data_root: Path | None = None
+    #: an npz in the official MedMNIST format outside the registry (tests, private exports):
+    #: run as given, its MD5 recorded in results.json, not checked
+    npz: Path | None = None
     seeds: int = Field(3, ge=1)
     quick: bool = False
     #: torch intra-op threads; 1 is fastest for small_cnn on a busy 2-core machine
@@ -112,13 +117,19 @@ class ReproduceConfig(BaseModel):
 
 
 def npz_path(cfg: ReproduceConfig) -> Path:
+    """The dataset file: ``cfg.npz`` when given (explicitly, unverified), else the registered
+    ``cfg.dataset`` under the data root, checked against its published MD5 (experiments.datasets)."""
+    from experiments.datasets import DatasetError, resolve, task
+
+    if cfg.npz is not None:
+        if not Path(cfg.npz).is_file():
+            raise DatasetError(f"{cfg.npz} not found")
+        return Path(cfg.npz)
+    task(cfg.dataset)  # an unknown name is refused before the data root is looked for
     root = cfg.data_root or (Path(os.environ["FEDMQ_DATA_ROOT"]) if os.environ.get("FEDMQ_DATA_ROOT") else None)
     if root is None:
-        raise FileNotFoundError("no data root: pass --data-root or set FEDMQ_DATA_ROOT")
-    path = Path(root) / f"{cfg.dataset}.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (MedMNIST 2D npz files are named <dataset>.npz)")
-    return path
+        raise DatasetError("no data root: pass --data-root or set FEDMQ_DATA_ROOT")
+    return resolve(cfg.dataset, Path(root))
 
 
 def _measure_seconds_per_step(data: FederationData, cfg: ReproduceConfig) -> float:
@@ -296,7 +307,8 @@ def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
                         "met": ratios["fl_dp_ratio"] >= TARGETS["fl_dp_ratio"]},
     }
     results = {
-        "dataset": cfg.dataset,
+        "dataset": cfg.dataset if cfg.npz is None else f"file:{Path(cfg.npz).name}",
+        "dataset_md5": md5_of(npz),
         "quick": cfg.quick,
         "seeds": list(range(cfg.seeds)),
         "settings": json.loads(cfg.model_dump_json()),
