@@ -27,6 +27,7 @@ import torch
 
 from broker import topology
 from broker.connection import connect
+from experiments.scoring import select_threshold
 from shared.ckks import LoadedContext
 from shared.codec import CONTENT_TYPE, decode_global_version, encode
 from shared.errors import WireError
@@ -61,23 +62,6 @@ class VersionScore:
     ema_threshold: float = math.nan
 
 
-def best_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Threshold maximising balanced accuracy on validation (0.5 is meaningless under DP)."""
-    candidates = np.unique(np.round(probs, 4))
-    if candidates.size == 0:
-        return 0.5
-    if candidates.size > 200:
-        candidates = np.quantile(probs, np.linspace(0.005, 0.995, 200))
-    pos, neg = labels == 1, labels == 0
-    best, best_t = -1.0, 0.5
-    for t in candidates:
-        pred = probs >= t
-        bal = 0.5 * (pred[pos].mean() if pos.any() else 0) + 0.5 * ((~pred)[neg].mean() if neg.any() else 0)
-        if bal > best:
-            best, best_t = bal, float(t)
-    return best_t
-
-
 @dataclass
 class Evaluator:
     url: str
@@ -110,7 +94,7 @@ class Evaluator:
         """(val AUC, test AUC, test accuracy, threshold chosen on validation)."""
         net = self.model.to_module(vec)
         val_probs = predict_proba(net, self.val[0])
-        threshold = best_threshold(val_probs, self.val[1].numpy().reshape(-1))
+        threshold = select_threshold(labels=self.val[1].numpy(), probs=val_probs)
         val_auc = float(evaluate(net, *self.val)["auc"])
         test = evaluate(net, *self.test, threshold=threshold)
         return val_auc, float(test["auc"]), float(test["accuracy"]), threshold

@@ -40,6 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
+from experiments.scoring import accuracy_at, auc_of, select_threshold
 from site_agent.data.demo_data import dirichlet_partition, load_npz_split, load_official_split
 from site_agent.model_state import FederatedModel
 from site_agent.runtime import training_seed
@@ -189,31 +190,6 @@ def load_federation_data(
 # ----------------------------------------------------------------------------- metrics
 
 
-def auc_of(labels: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels).reshape(-1)
-    if len(np.unique(labels)) < 2:
-        return math.nan
-    return float(roc_auc_score(labels, probs))
-
-
-def best_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The threshold that maximizes accuracy (chosen on validation only)."""
-    labels = np.asarray(labels).reshape(-1)
-    candidates = np.unique(np.concatenate([[0.5], probs]))
-    best_t, best_acc = 0.5, -1.0
-    for t in candidates:
-        acc = float(((probs >= t) == (labels > 0.5)).mean())
-        if acc > best_acc:
-            best_t, best_acc = float(t), acc
-    return best_t
-
-
-def accuracy_at(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
-    return float(((np.asarray(probs) >= threshold) == (np.asarray(labels).reshape(-1) > 0.5)).mean())
-
-
 @dataclass
 class EvalPoint:
     version: int
@@ -322,11 +298,11 @@ class _Tracker:
     def finish(self, arm: str, **kw) -> RunResult:
         assert self.best is not None
         val_auc, version, pv, pt, kind, test_auc = self.best
-        thr = best_threshold(self.data.y_val.numpy(), pv)
+        thr = select_threshold(labels=self.data.y_val.numpy(), probs=pv)
         y_test = self.data.y_test.numpy()
         return RunResult(
             arm=arm, history=self.history, best_version=version, val_auc=val_auc, test_auc=test_auc,
-            threshold=thr, test_accuracy=accuracy_at(y_test, pt, thr), test_probs=pt,
+            threshold=thr, test_accuracy=accuracy_at(labels=y_test, probs=pt, threshold=thr), test_probs=pt,
             wall_seconds=time.perf_counter() - self.t_start, selected_model=kind, ema_beta=self.ema_beta, **kw,
         )
 

@@ -12,8 +12,6 @@ from experiments.simulation import (
     LocalSettings,
     SiteData,
     UnsupportedDataset,
-    accuracy_at,
-    best_threshold,
     _Tracker,
     bootstrap_auc_ci,
     check_binary,
@@ -175,11 +173,28 @@ def test_evaluator_keeps_the_same_ema() -> None:
     assert np.isnan(s.ema_val_auc) and np.isnan(s.ema_test_auc) and np.isnan(s.ema_test_accuracy)
 
 
-def test_threshold_is_chosen_for_accuracy() -> None:
+def test_one_threshold_rule_balanced_accuracy_on_validation() -> None:
+    from experiments.scoring import accuracy_at, balanced_accuracy_at, select_threshold
+
     y = np.array([0, 0, 1, 1, 1])
     p = np.array([0.1, 0.7, 0.8, 0.9, 0.95])
-    t = best_threshold(y, p)
-    assert accuracy_at(y, p, t) == 1.0
+    t = select_threshold(labels=y, probs=p)
+    assert accuracy_at(labels=y, probs=p, threshold=t) == 1.0
+    # a skewed split: 9 positives, 1 negative scored above 6 of them. Plain accuracy would call
+    # everything positive (0.9); balanced accuracy keeps the negative out.
+    y = np.array([0] + [1] * 9)
+    p = np.array([0.6] + [0.5] * 6 + [0.7] * 3)
+    t = select_threshold(labels=y, probs=p)
+    assert t == pytest.approx(0.7) and balanced_accuracy_at(labels=y, probs=p, threshold=t) == pytest.approx(2 / 3)
+    with pytest.raises(TypeError):
+        select_threshold(y, p)  # type: ignore[misc]  # positional arrays could be swapped: refused
+
+
+def test_no_second_threshold_function() -> None:
+    import experiments.evaluator as ev
+    import experiments.simulation as sim
+
+    assert not hasattr(ev, "best_threshold") and not hasattr(sim, "best_threshold")
 
 
 def test_bootstrap_interval_brackets_the_point_estimate() -> None:
