@@ -85,6 +85,7 @@ def results_json(result: FederationResult, spec: FederationSpec) -> dict:
         "settings": json.loads(spec.model_dump_json(exclude={"workdir", "data_npz", "amqp_url"})),
         "data": {k: v for k, v in result.data_summary.items()},
         "history": [s.__dict__ for s in result.scores],
+        "membership": membership_timeline(result.scores, list(result.data_summary.get("sites", {}))),
         "audit": {k: v for k, v in result.audit.items() if k != "tables_markdown"},
     }
 
@@ -149,10 +150,36 @@ def write_report(result: FederationResult, spec: FederationSpec, out: Path) -> N
             f"| {s.version} | {s.wall_s:.1f} | {s.val_auc:.3f} | {s.test_auc:.3f} | {s.test_accuracy:.3f} "
             f"| {s.ema_val_auc:.3f} | {s.ema_test_auc:.3f} |"
         )
+    lines += membership_section(result.scores, list(result.data_summary.get("sites", {})))
     lines += _audit_section(result.audit)
     if best is None:
         lines += ["", "No global version was published: see the logs under the work directory."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def membership_timeline(scores: list, sites: list[str]) -> list[dict]:
+    """Per version: which hospitals' updates it folded and at what staleness (from the signed
+    version messages the evaluator applied; a snapshot lists nobody)."""
+    rows = []
+    for s in scores:
+        by_site: dict[str, list[int]] = {site: [] for site in sites}
+        for site, tau in s.members:
+            by_site.setdefault(site, []).append(int(tau))
+        rows.append({"version": s.version, "wall_s": round(s.wall_s, 1), "sites": by_site})
+    return rows
+
+
+def membership_section(scores: list, sites: list[str]) -> list[str]:
+    timeline = membership_timeline(scores, sites)
+    names = sorted({n for row in timeline for n in row["sites"]} | set(sites))
+    lines = ["", "## Membership timeline", "",
+             "Who contributed to each version (an update's staleness in versions, in brackets; `-` = none).",
+             "A hospital that joins late or comes back appears from its first folded update on.", "",
+             "| version | wall s | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for row in timeline:
+        cells = [", ".join(f"x ({t})" for t in row["sites"].get(n, [])) or "-" for n in names]
+        lines.append(f"| {row['version']} | {row['wall_s']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _audit_section(audit: dict) -> list[str]:

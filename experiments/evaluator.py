@@ -60,6 +60,8 @@ class VersionScore:
     ema_test_auc: float = math.nan
     ema_test_accuracy: float = math.nan
     ema_threshold: float = math.nan
+    #: who contributed to this version, from its signed message: (site, staleness) per folded update
+    members: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -107,7 +109,7 @@ class Evaluator:
         self._ema = x.copy() if self._ema is None else self.ema_beta * self._ema + (1.0 - self.ema_beta) * x
         return self._ema.astype(np.asarray(vec).dtype)
 
-    def score(self, version: int, contributors: int) -> VersionScore:
+    def score(self, version: int, contributors: int, members: tuple[tuple[str, int], ...] = ()) -> VersionScore:
         vec = self.receiver.model_vector(self.model.x0)
         val_auc, test_auc, test_acc, threshold = self._score_vector(vec)
         ema = self.update_ema(vec)
@@ -116,7 +118,7 @@ class Evaluator:
             e_val, e_test, e_acc, e_thr = self._score_vector(ema)
             extra = dict(ema_val_auc=e_val, ema_test_auc=e_test, ema_test_accuracy=e_acc, ema_threshold=e_thr)
         return VersionScore(version, time.monotonic() - self.started, val_auc, test_auc, test_acc, threshold,
-                            contributors, **extra)
+                            contributors, members=members, **extra)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="fedmq-evaluator", daemon=True)
@@ -166,7 +168,8 @@ class Evaluator:
                     return
                 channel.basic_ack(method.delivery_tag)
                 if result.outcome == "applied":
-                    s = self.score(result.version, len(chunk.contributors))
+                    s = self.score(result.version, len(chunk.contributors),
+                                   tuple((c.site_id, c.staleness) for c in chunk.contributors))
                     with self._lock:
                         self.scores.append(s)
                 elif result.outcome == "gap" and self._asked_for != result.message_version:
