@@ -27,7 +27,11 @@ DOWN_FOR = 5
 
 
 def _spec(tmp_path: Path, npz: Path, url: str, **over) -> FederationSpec:
-    base = dict(workdir=tmp_path / "fed", data_npz=npz, n_sites=3, mode="async", buffer_size=2, planned_rounds=20,
+    # enough rounds that the first two sites are still sending when the third has started and
+    # the first is killed (a round on this slice takes about a second; the slowdown sleeps,
+    # which keeps the federation from hogging a shared machine)
+    base = dict(workdir=tmp_path / "fed", data_npz=npz, n_sites=3, mode="async", buffer_size=2, planned_rounds=200,
+                slowdown={"hospital_1": 3.0, "hospital_2": 3.0, "hospital_3": 3.0},
                 dp_enabled=False, training=SiteTraining(lr=0.05, batch_size=32, local_epochs=1), retrain_after_s=10.0,
                 time_limit_s=400, amqp_url=url)
     base.update(over)
