@@ -682,17 +682,11 @@ def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int) -> dict[s
 
 
 def async_vs_sync(sz: Sizes, tmp: Path) -> dict[str, Any]:
-    reported = ROOT / "reports" / "reproduce" / "results.json"
-    if reported.is_file():
-        try:
-            avs = json.loads(reported.read_text())["async_vs_sync"]
-            a, s = avs.get("async_seconds_to_target"), avs.get("sync_seconds_to_target")
-            return {"async_vs_sync_speedup": (s / a) if a and s else None,
-                    "async_vs_sync": {"source": f"{reported.relative_to(ROOT)} ({avs.get('source')})",
-                                      **{k: v for k, v in avs.items() if k != "curves"}}}
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("could not use %s: %s", reported, exc)
-    from experiments.federation import FederationSpec, SiteTraining, run_federation
+    """A one-seed, small-slice run of ``fedmq experiment async-vs-sync`` (experiments.async_vs_sync):
+    the same code as the full comparison, no input but the dataset (the full run's figures live in
+    reports/reproduce/results.json and docs/results.md, not here)."""
+    from experiments.async_vs_sync import AsyncVsSyncConfig, run
+    from experiments.federation import SiteTraining
 
     npz = data_npz()
     if npz is None:
@@ -707,21 +701,14 @@ def async_vs_sync(sz: Sizes, tmp: Path) -> dict[str, Any]:
     small = tmp / "avs-data" / "pneumoniamnist.npz"
     small.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(small, **out)
-    res: dict[str, Any] = {"source": "experiments.federation.run_federation (real broker, aggregator and 3 "
-                                     "site-agent processes)", "target_auc": sz.avs_target_auc, "target_on": "val",
-                           "slowdown": {"hospital_3": 4.0}, "train_images": sz.avs_train, "dp_enabled": False,
-                           "time_limit_s": sz.avs_time_limit_s}
-    for mode in ("async", "sync"):
-        spec = FederationSpec(
-            workdir=tmp / f"avs-{mode}", data_npz=small, n_sites=3, seed=0, mode=mode, buffer_size=2,
-            dp_enabled=False, planned_rounds=30, training=SiteTraining(), slowdown={"hospital_3": 4.0},
-            target_auc=sz.avs_target_auc, target_on="val", time_limit_s=sz.avs_time_limit_s, retrain_after_s=20.0,
-        )
-        r = run_federation(spec, progress=lambda m: log.info("avs %s: %s", mode, m))
-        res[f"{mode}_seconds_to_target"] = r.seconds_to_target
-        res[f"{mode}_stop_reason"] = r.stop_reason
-        res[f"{mode}_wall_seconds"] = r.wall_seconds
-        res[f"{mode}_versions"] = len(r.scores)
+    cfg = AsyncVsSyncConfig(
+        data_npz=small, out=tmp / "avs-out", reproduce_results=None, workdir=tmp / "avs", seeds=1, buffer_size=2,
+        dp_enabled=False, planned_rounds=30, training=SiteTraining(), target_auc=sz.avs_target_auc,
+        time_limit_s=sz.avs_time_limit_s, retrain_after_s=20.0,
+    )
+    entry = run(cfg, progress=lambda m: log.info("avs: %s", m))
+    res = {k: v for k, v in entry.items() if k != "runs"}
+    res.update(train_images=sz.avs_train, time_limit_s=sz.avs_time_limit_s)
     a, s = res["async_seconds_to_target"], res["sync_seconds_to_target"]
     if a and not s:
         res["note"] = f"sync did not reach the target within {sz.avs_time_limit_s}s: the ratio is a lower bound"

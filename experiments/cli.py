@@ -25,8 +25,6 @@ def register(parser: argparse.ArgumentParser) -> None:
                    help="an npz in the official MedMNIST format outside the registry, run as given (MD5 recorded)")
     p.add_argument("--data-root", type=Path, default=None, help="folder holding <dataset>.npz (default $FEDMQ_DATA_ROOT)")
     p.add_argument("--out", type=Path, default=Path("reports/reproduce"))
-    p.add_argument("--real-async-vs-sync", action="store_true",
-                   help="time-to-target on a real broker + aggregator + site processes (experiments.federation)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default 1)")
     p.add_argument("--jobs", type=int, default=None, help="seeds run in parallel processes (default 1)")
     p.add_argument("--rounds", type=int, default=None, help="override rounds per site (non-DP arms)")
@@ -67,8 +65,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     overrides: dict = {"dataset": args.dataset, "data_root": args.data_root,
-                       "npz": args.npz,
-                       "real_async_vs_sync": args.real_async_vs_sync}
+                       "npz": args.npz}
     for key in ("seeds", "threads", "jobs", "rounds", "rounds_dp"):
         value = getattr(args, key)
         if value is not None:

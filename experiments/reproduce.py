@@ -97,7 +97,6 @@ class ReproduceConfig(BaseModel):
     async_max_rounds: int = 30
     #: "steps" = simulated seconds from optimizer steps (robust on a shared CPU); "measured" = real compute
     clock: Literal["measured", "steps"] = "steps"
-    real_async_vs_sync: bool = False
 
     @classmethod
     def quick_config(cls, **overrides) -> "ReproduceConfig":
@@ -202,33 +201,6 @@ def _async_vs_sync_sim(data: FederationData, cfg: ReproduceConfig, sps: float, l
     }
 
 
-def _async_vs_sync_real(cfg: ReproduceConfig, npz: Path, out_dir: Path, log) -> dict:
-    """The same comparison on a real broker + aggregator + site-agent processes (experiments.federation)."""
-    from experiments.federation import FederationSpec, SiteTraining, run_federation, site_ids
-
-    ids = site_ids(cfg.n_sites)
-    training = SiteTraining(
-        model_preset=cfg.preset, lr=cfg.local.lr, optimizer=cfg.local.optimizer, momentum=cfg.local.momentum,
-        batch_size=cfg.local.batch_size, local_epochs=cfg.local.local_epochs,
-        max_grad_norm=cfg.local.max_grad_norm, topk_fraction=cfg.topk_fraction,
-    )
-    out: dict = {"source": "real-federation", "target_auc": cfg.target_val_auc, "target_on": "val",
-                 "slow_site": ids[cfg.slow_site], "slow_factor": cfg.slow_factor,
-                 "async_buffer_size": cfg.async_buffer_size}
-    for mode in ("async", "sync"):
-        spec = FederationSpec(
-            workdir=out_dir / f"real-{mode}", data_npz=npz, n_sites=cfg.n_sites, alpha=cfg.alpha, seed=0, mode=mode,
-            buffer_size=cfg.async_buffer_size, server_lr=cfg.server_lr, dp_enabled=False,
-            planned_rounds=cfg.async_max_rounds, training=training, slowdown={ids[cfg.slow_site]: cfg.slow_factor},
-            target_auc=cfg.target_val_auc, target_on="val",
-        )
-        res = run_federation(spec, progress=log)
-        out[f"{mode}_seconds_to_target"] = res.seconds_to_target
-        out[f"{mode}_stop_reason"] = res.stop_reason
-        out[f"{mode}_wall_seconds"] = res.wall_seconds
-    return out
-
-
 def _line(seed: int, arm: str, r: RunResult) -> str:
     return (f"seed {seed} {arm:15s} test AUC {r.test_auc:.4f} (val {r.val_auc:.4f}, v{r.best_version}"
             f"{' ema' if r.selected_model == 'ema' else ''}) "
@@ -293,10 +265,9 @@ def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
     arms = {a: _arm_summary(runs[a], y_test, cfg) for a in ARMS}
 
     log("async vs sync (one hospital %.0fx slower)" % cfg.slow_factor)
-    if cfg.real_async_vs_sync:
-        avs = _async_vs_sync_real(cfg, npz, out, log)
-    else:
-        avs = _async_vs_sync_sim(data, cfg, _measure_seconds_per_step(data, cfg), log)
+    # the simulation's clock here; on real processes: ``fedmq experiment async-vs-sync``
+    # (experiments/async_vs_sync.py), which replaces this entry with "source": "processes"
+    avs = _async_vs_sync_sim(data, cfg, _measure_seconds_per_step(data, cfg), log)
 
     c = arms["centralized"]["auc_mean"]
     ratios = {"fl_ratio": arms["fl"]["auc_mean"] / c, "fl_dp_ratio": arms["fl_dp"]["auc_mean"] / c}
