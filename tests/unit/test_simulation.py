@@ -212,3 +212,25 @@ def test_multi_class_dataset_is_refused(tmp_path) -> None:
     np.savez(path, train_images=np.zeros((6, 28, 28), np.uint8), train_labels=np.array([[0], [1], [2], [3], [0], [1]]))
     with pytest.raises(UnsupportedDataset, match="4 classes"):
         check_binary(path)
+
+
+def test_no_rule_of_aggregation_in_experiments_or_benchmarks() -> None:
+    """K, the weights, the value scale, commit and refusal rules and the version message live in
+    aggregator/ only: the drivers in experiments/ and benchmarks/ call the engine. The one
+    exception is the fault run's independent oracle, which recomputes each update's expected
+    weight with the imported aggregator function to check the engine's exactly-once result."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    rule = re.compile(r"\b(weight_units|value_scale|staleness_weight|fold_plain|commit_plain|commit_due)\(|"
+                      r"GlobalVersionChunk\(|\.admit\(|from aggregator\.policy import")
+    allowed = {("experiments/faults.py", "weight_units(")}
+    found = []
+    for folder in ("experiments", "benchmarks"):
+        for path in sorted((root / folder).glob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            for m in rule.finditer(path.read_text()):
+                if (rel, m.group(0)) not in allowed:
+                    found.append((rel, m.group(0)))
+    assert found == []
