@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from experiments.defaults import async_buffer_size
 from experiments.federation import FederationResult, FederationSpec, SiteTraining, run_federation, site_ids
 
 MODES = ("async", "sync")
@@ -52,8 +53,8 @@ class AsyncVsSyncConfig(BaseModel):
     #: index of the straggler in site order
     slow_site: int = Field(2, ge=0)
     slow_factor: float = Field(4.0, ge=1.0)
-    #: async K (docs/reproduction.md "Defaults as rules": n_sites under DP)
-    buffer_size: int = Field(3, ge=1)
+    #: async K; None = the rule in experiments/defaults.py (n_sites under DP, half without)
+    buffer_size: int | None = Field(None, ge=1)
     server_lr: float = Field(1.0, gt=0)
     dp_enabled: bool = True
     target_epsilon: float = Field(1.2, gt=0)
@@ -66,13 +67,17 @@ class AsyncVsSyncConfig(BaseModel):
     retrain_after_s: float = Field(60.0, gt=0)
     amqp_url: str | None = None
 
+    @property
+    def async_k(self) -> int:
+        return self.buffer_size or async_buffer_size(self.n_sites, dp=self.dp_enabled)
+
     def spec(self, mode: Literal["async", "sync"], seed: int) -> FederationSpec:
         ids = site_ids(self.n_sites)
         if self.slow_site >= self.n_sites:
             raise ValueError(f"slow_site {self.slow_site} is not one of {self.n_sites} sites")
         return FederationSpec(
             workdir=self.workdir / f"{mode}-seed{seed}", data_npz=self.data_npz, n_sites=self.n_sites, seed=seed,
-            mode=mode, buffer_size=self.buffer_size, server_lr=self.server_lr, dp_enabled=self.dp_enabled,
+            mode=mode, buffer_size=self.async_k, server_lr=self.server_lr, dp_enabled=self.dp_enabled,
             target_epsilon=self.target_epsilon, planned_rounds=self.planned_rounds, training=self.training,
             slowdown={ids[self.slow_site]: self.slow_factor}, target_auc=self.target_auc, target_on="test",
             time_limit_s=self.time_limit_s, retrain_after_s=self.retrain_after_s, amqp_url=self.amqp_url,
@@ -120,7 +125,7 @@ def aggregate(cfg: AsyncVsSyncConfig, runs: list[dict[str, Any]]) -> dict[str, A
         "min_versions_to_target": min(reached) if reached else None,
         "target_needs_10_versions": bool(reached) and min(reached) >= 10,
         "n_sites": cfg.n_sites, "slow_site": site_ids(cfg.n_sites)[cfg.slow_site], "slow_factor": cfg.slow_factor,
-        "async_buffer_size": cfg.buffer_size, "server_lr": cfg.server_lr, "dp_enabled": cfg.dp_enabled,
+        "async_buffer_size": cfg.async_k, "server_lr": cfg.server_lr, "dp_enabled": cfg.dp_enabled,
         "target_epsilon": cfg.target_epsilon if cfg.dp_enabled else None, "planned_rounds": cfg.planned_rounds,
         "diagnostics": {m: {"mean_staleness": _mean([r["mean_staleness"] for r in per[m]]),
                             "updates_per_version": _mean([r["updates_per_version"] for r in per[m]]),

@@ -59,3 +59,14 @@ def test_a_target_not_reached_is_none_not_a_number(tmp_path: Path) -> None:
     entry = run(cfg, progress=lambda m: None, run_one=_result)
     assert entry["async_seconds_to_target"] is None and entry["sync_seconds_to_target"] is None
     assert entry["speedup_sync_over_async"] is None and not entry["target_needs_10_versions"]
+
+
+def test_async_k_follows_the_documented_rule(tmp_path: Path) -> None:
+    from experiments.defaults import async_buffer_size
+
+    assert [async_buffer_size(n, dp=True) for n in (1, 3, 5)] == [1, 3, 5]
+    assert [async_buffer_size(n, dp=False) for n in (1, 3, 4, 5)] == [1, 2, 2, 3]
+    base = dict(data_npz=tmp_path / "x.npz", workdir=tmp_path / "w")
+    assert AsyncVsSyncConfig(**base).spec("async", 0).buffer_size == 3  # DP on by default
+    assert AsyncVsSyncConfig(**base, dp_enabled=False).spec("async", 0).buffer_size == 2
+    assert AsyncVsSyncConfig(**base, buffer_size=5).spec("async", 0).buffer_size == 5
