@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 FEDMQ_DATA_ROOT ?= $(if $(wildcard ../shared/data/pneumoniamnist.npz),$(abspath ../shared/data),)
 export FEDMQ_DATA_ROOT
 
-.PHONY: venv test faults demo bench bench-crypto bench-gpu broker-local clean
+.PHONY: venv test faults demo async-vs-sync bench bench-crypto bench-gpu broker-local clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,11 @@ faults: venv
 
 demo: venv
 	$(VENV)/bin/fedmq demo
+
+# async (FedBuff) vs sync (FedAvg) on real processes, 3 seeds, one site 4x slower (a quiet machine:
+# about 6 runs of up to 15 minutes) -> reports/async_vs_sync/, reports/reproduce/results.json
+async-vs-sync: venv
+	$(VENV)/bin/fedmq experiment async-vs-sync $(AVS_ARGS)
 
 broker-local: venv
 	$(VENV)/bin/fedmq broker local

@@ -394,8 +394,8 @@ def data_npz() -> Path | None:
 
 
 def auc_table(sz: Sizes, tmp: Path, wire: dict[str, Any]) -> dict[str, Any]:
-    """AUC cost of each top-k level (plaintext mirror, same integer weights) and each CKKS preset
-    (encrypted fold, at the default top-k), vs dense plaintext FedAvg: short in-process simulations."""
+    """AUC cost of each top-k level (default CKKS preset) and each CKKS preset (at the default
+    top-k), vs dense FedAvg: short in-process simulations of the shipped engine (always encrypted)."""
     from experiments.simulation import FederationSettings, LocalSettings, load_federation_data, run_federation_sim
 
     npz = data_npz()
@@ -415,14 +415,14 @@ def auc_table(sz: Sizes, tmp: Path, wire: dict[str, Any]) -> dict[str, Any]:
         return median(aucs)
 
     t = time.perf_counter()
-    base = run(sparsity_mode="dense", topk_fraction=1.0, encrypted=False)
+    base = run(sparsity_mode="dense", topk_fraction=1.0)
     by_level = {}
     for level in sz.auc_levels:
-        by_level[level] = base if level >= 1.0 else run(sparsity_mode="topk", topk_fraction=level, encrypted=False)
+        by_level[level] = base if level >= 1.0 else run(sparsity_mode="topk", topk_fraction=level)
     default_frac = wire["wire_default"]["topk_fraction"]
     by_preset = {}
     for preset in sz.auc_presets:
-        by_preset[preset] = run(sparsity_mode="topk", topk_fraction=default_frac, encrypted=True, ckks_preset=preset)
+        by_preset[preset] = run(sparsity_mode="topk", topk_fraction=default_frac, ckks_preset=preset)
     rows = []
     for r in wire["wire_table"]:
         level = r["topk_fraction"]
@@ -431,15 +431,15 @@ def auc_table(sz: Sizes, tmp: Path, wire: dict[str, Any]) -> dict[str, Any]:
         rows.append({**r, "auc": by_level[level], "auc_cost_points": 100 * (sparse_cost - ckks_cost)})
     return {
         "auc_table": rows,
-        "auc_dense_plaintext": base,
-        "auc_by_topk_plaintext": {str(k): v for k, v in by_level.items()},
+        "auc_dense": base,
+        "auc_by_topk": {str(k): v for k, v in by_level.items()},
         "auc_by_preset_encrypted_at_default_topk": by_preset,
         "auc_method": (f"experiments.simulation.run_federation_sim: 3 sites (Dirichlet 0.5), sync FedAvg, "
                        f"{sz.auc_rounds} rounds, non-DP Adam, <= {sz.auc_train_per_site} training images per site, "
-                       f"seeds {list(sz.auc_seeds)}; test AUC on the official test split; top-k levels in "
-                       f"the plaintext mirror (same integer weights), presets encrypted at top-k {default_frac}; "
-                       f"cost = dense plaintext AUC - AUC (top-k) + (plaintext - encrypted AUC at the default "
-                       f"top-k, per preset)"),
+                       f"seeds {list(sz.auc_seeds)}; the shipped AggregatorEngine in-process, every update "
+                       f"CKKS-encrypted; test AUC on the official test split; top-k levels under the default "
+                       f"preset, presets at top-k {default_frac}; cost = dense AUC - AUC (top-k) + (default-preset "
+                       f"AUC - preset AUC, at the default top-k)"),
         "auc_seconds": time.perf_counter() - t,
     }
 
@@ -682,17 +682,11 @@ def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int) -> dict[s
 
 
 def async_vs_sync(sz: Sizes, tmp: Path) -> dict[str, Any]:
-    reported = ROOT / "reports" / "reproduce" / "results.json"
-    if reported.is_file():
-        try:
-            avs = json.loads(reported.read_text())["async_vs_sync"]
-            a, s = avs.get("async_seconds_to_target"), avs.get("sync_seconds_to_target")
-            return {"async_vs_sync_speedup": (s / a) if a and s else None,
-                    "async_vs_sync": {"source": f"{reported.relative_to(ROOT)} ({avs.get('source')})",
-                                      **{k: v for k, v in avs.items() if k != "curves"}}}
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("could not use %s: %s", reported, exc)
-    from experiments.federation import FederationSpec, SiteTraining, run_federation
+    """A one-seed, small-slice run of ``fedmq experiment async-vs-sync`` (experiments.async_vs_sync):
+    the same code as the full comparison, no input but the dataset (the full run's figures live in
+    reports/reproduce/results.json and docs/results.md, not here)."""
+    from experiments.async_vs_sync import AsyncVsSyncConfig, run
+    from experiments.federation import SiteTraining
 
     npz = data_npz()
     if npz is None:
@@ -707,21 +701,14 @@ def async_vs_sync(sz: Sizes, tmp: Path) -> dict[str, Any]:
     small = tmp / "avs-data" / "pneumoniamnist.npz"
     small.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(small, **out)
-    res: dict[str, Any] = {"source": "experiments.federation.run_federation (real broker, aggregator and 3 "
-                                     "site-agent processes)", "target_auc": sz.avs_target_auc, "target_on": "val",
-                           "slowdown": {"hospital_3": 4.0}, "train_images": sz.avs_train, "dp_enabled": False,
-                           "time_limit_s": sz.avs_time_limit_s}
-    for mode in ("async", "sync"):
-        spec = FederationSpec(
-            workdir=tmp / f"avs-{mode}", data_npz=small, n_sites=3, seed=0, mode=mode, buffer_size=2,
-            dp_enabled=False, planned_rounds=30, training=SiteTraining(), slowdown={"hospital_3": 4.0},
-            target_auc=sz.avs_target_auc, target_on="val", time_limit_s=sz.avs_time_limit_s, retrain_after_s=20.0,
-        )
-        r = run_federation(spec, progress=lambda m: log.info("avs %s: %s", mode, m))
-        res[f"{mode}_seconds_to_target"] = r.seconds_to_target
-        res[f"{mode}_stop_reason"] = r.stop_reason
-        res[f"{mode}_wall_seconds"] = r.wall_seconds
-        res[f"{mode}_versions"] = len(r.scores)
+    cfg = AsyncVsSyncConfig(
+        data_npz=small, out=tmp / "avs-out", reproduce_results=None, workdir=tmp / "avs", seeds=1, buffer_size=2,
+        dp_enabled=False, planned_rounds=30, training=SiteTraining(), target_auc=sz.avs_target_auc,
+        time_limit_s=sz.avs_time_limit_s, retrain_after_s=20.0,
+    )
+    entry = run(cfg, progress=lambda m: log.info("avs: %s", m))
+    res = {k: v for k, v in entry.items() if k != "runs"}
+    res.update(train_images=sz.avs_train, time_limit_s=sz.avs_time_limit_s)
     a, s = res["async_seconds_to_target"], res["sync_seconds_to_target"]
     if a and not s:
         res["note"] = f"sync did not reach the target within {sz.avs_time_limit_s}s: the ratio is a lower bound"
@@ -893,7 +880,7 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {row['preset']} | {row['topk_fraction']} | {row['blocks_sent']} | {row['bytes']:,} | "
                          f"{row['ratio_vs_dense_fp32']:.2f}x | {_f(row.get('auc_cost_points'), '.2f')} |")
         if r.get("auc_method"):
-            lines += ["", f"AUC: {r['auc_method']}. Dense plaintext AUC {_f(r.get('auc_dense_plaintext'), '.4f')}."]
+            lines += ["", f"AUC: {r['auc_method']}. Dense AUC {_f(r.get('auc_dense'), '.4f')}."]
         lines.append("")
     so = r.get("site_overhead")
     if so:

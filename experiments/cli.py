@@ -12,45 +12,93 @@ def register(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "reproduce",
         help="centralized vs FL vs FL + DP (epsilon 1.2), and async vs sync with a straggler",
-        description="Runs the in-process federation (real training, sparsification, CKKS folding; no broker) "
+        description="Runs the in-process federation (the shipped trainer, update builder and AggregatorEngine; "
+        "CKKS-encrypted, no broker) "
         "and writes results.json, report.md and plots.",
     )
     p.add_argument("--quick", action="store_true", help="one seed, few rounds (about 4 minutes on 2 cores)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     p.add_argument("--dataset", default="pneumoniamnist",
-                   help="MedMNIST 2D npz name in the data root (binary datasets only; multi-class ones are refused)")
+                   help="a MedMNIST 2D binary task (experiments/datasets.py: pneumoniamnist, breastmnist); "
+                   "<data root>/<name>.npz, checked against its published MD5")
+    p.add_argument("--npz", type=Path, default=None,
+                   help="an npz in the official MedMNIST format outside the registry, run as given (MD5 recorded)")
     p.add_argument("--data-root", type=Path, default=None, help="folder holding <dataset>.npz (default $FEDMQ_DATA_ROOT)")
     p.add_argument("--out", type=Path, default=Path("reports/reproduce"))
-    enc = p.add_mutually_exclusive_group()
-    enc.add_argument("--encrypted", dest="encrypted", action="store_true", default=None,
-                     help="CKKS-encrypt and fold ciphertexts (default)")
-    enc.add_argument("--plaintext", dest="encrypted", action="store_false",
-                     help="fold the plaintext mirror with identical integer weights (faster, same maths)")
-    p.add_argument("--real-async-vs-sync", action="store_true",
-                   help="time-to-target on a real broker + aggregator + site processes (experiments.federation)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default 1)")
     p.add_argument("--jobs", type=int, default=None, help="seeds run in parallel processes (default 1)")
     p.add_argument("--rounds", type=int, default=None, help="override rounds per site (non-DP arms)")
     p.add_argument("--rounds-dp", type=int, default=None, help="override rounds per site (DP arms)")
     p.set_defaults(handler=_reproduce)
 
+    q = sub.add_parser(
+        "async-vs-sync",
+        help="async (FedBuff) vs sync (FedAvg) time to a test-AUC target on real processes, one site slower",
+        description="Per seed and mode: a private broker, the aggregator and the site agents as processes "
+        "(experiments/async_vs_sync.py). Writes <out>/async_vs_sync.{json,png} and the async_vs_sync entry "
+        "of the reproduction's results.json. Minutes per run: for a quiet machine, not for CI.",
+    )
+    q.add_argument("--dataset", default="pneumoniamnist", help="a registered MedMNIST 2D binary task")
+    q.add_argument("--data-root", type=Path, default=None, help="folder holding the dataset (default $FEDMQ_DATA_ROOT)")
+    q.add_argument("--npz", type=Path, default=None, help="an unregistered npz in the official format, run as given")
+    q.add_argument("--seeds", type=int, default=3)
+    q.add_argument("--target-auc", type=float, default=0.85, help="test AUC to reach (should need >= 10 versions)")
+    q.add_argument("--rounds", type=int, default=None, help="updates each site may send (its DP budget covers them)")
+    q.add_argument("--buffer-size", type=int, default=None, help="async K (default: the number of sites)")
+    q.add_argument("--slow-factor", type=float, default=4.0)
+    q.add_argument("--no-dp", action="store_true", help="both modes without DP (same on both sides)")
+    q.add_argument("--time-limit", type=float, default=900.0, help="seconds per run before it stops")
+    q.add_argument("--out", type=Path, default=Path("reports/async_vs_sync"))
+    q.add_argument("--results", type=Path, default=Path("reports/reproduce/results.json"),
+                   help="results.json whose async_vs_sync entry is set (other keys kept)")
+    q.add_argument("--workdir", type=Path, default=Path("var/async-vs-sync"))
+    q.add_argument("--amqp-url", default=None, help="an existing broker instead of private nodes")
+    q.set_defaults(handler=_async_vs_sync)
+
 
 def _reproduce(args: argparse.Namespace) -> int:
     from shared.errors import ConfigError
 
     from experiments.reproduce import ReproduceConfig, run_reproduce
+    from experiments.datasets import DatasetError
     from experiments.simulation import UnsupportedDataset
 
     logging.basicConfig(level=logging.WARNING)
     overrides: dict = {"dataset": args.dataset, "data_root": args.data_root,
-                       "real_async_vs_sync": args.real_async_vs_sync}
-    for key in ("seeds", "encrypted", "threads", "jobs", "rounds", "rounds_dp"):
+                       "npz": args.npz}
+    for key in ("seeds", "threads", "jobs", "rounds", "rounds_dp"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
     cfg = ReproduceConfig.quick_config(**overrides) if args.quick else ReproduceConfig(**overrides)
     try:
         run_reproduce(cfg, args.out, log=lambda m: print(m, flush=True))
-    except (FileNotFoundError, UnsupportedDataset) as exc:
+    except (DatasetError, UnsupportedDataset) as exc:
         raise ConfigError(str(exc)) from exc
+    return 0
+
+
+def _async_vs_sync(args: argparse.Namespace) -> int:
+    from shared.errors import ConfigError
+
+    from experiments.async_vs_sync import AsyncVsSyncConfig, run
+    from experiments.datasets import DatasetError
+    from experiments.reproduce import ReproduceConfig, npz_path
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        npz = npz_path(ReproduceConfig(dataset=args.dataset, data_root=args.data_root, npz=args.npz))
+    except DatasetError as exc:
+        raise ConfigError(str(exc)) from exc
+    over: dict = {}
+    if args.rounds is not None:
+        over["planned_rounds"] = args.rounds
+    if args.buffer_size is not None:
+        over["buffer_size"] = args.buffer_size
+    cfg = AsyncVsSyncConfig(
+        data_npz=npz, out=args.out, reproduce_results=args.results, workdir=args.workdir, seeds=args.seeds,
+        slow_factor=args.slow_factor, dp_enabled=not args.no_dp, target_auc=args.target_auc,
+        time_limit_s=args.time_limit, amqp_url=args.amqp_url, **over,
+    )
+    run(cfg, progress=lambda m: print(m, flush=True))
     return 0

@@ -27,6 +27,7 @@ import torch
 
 from broker import topology
 from broker.connection import connect
+from experiments.scoring import select_threshold
 from shared.ckks import LoadedContext
 from shared.codec import CONTENT_TYPE, decode_global_version, encode
 from shared.errors import WireError
@@ -59,23 +60,8 @@ class VersionScore:
     ema_test_auc: float = math.nan
     ema_test_accuracy: float = math.nan
     ema_threshold: float = math.nan
-
-
-def best_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Threshold maximising balanced accuracy on validation (0.5 is meaningless under DP)."""
-    candidates = np.unique(np.round(probs, 4))
-    if candidates.size == 0:
-        return 0.5
-    if candidates.size > 200:
-        candidates = np.quantile(probs, np.linspace(0.005, 0.995, 200))
-    pos, neg = labels == 1, labels == 0
-    best, best_t = -1.0, 0.5
-    for t in candidates:
-        pred = probs >= t
-        bal = 0.5 * (pred[pos].mean() if pos.any() else 0) + 0.5 * ((~pred)[neg].mean() if neg.any() else 0)
-        if bal > best:
-            best, best_t = bal, float(t)
-    return best_t
+    #: who contributed to this version, from its signed message: (site, staleness) per folded update
+    members: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -110,7 +96,7 @@ class Evaluator:
         """(val AUC, test AUC, test accuracy, threshold chosen on validation)."""
         net = self.model.to_module(vec)
         val_probs = predict_proba(net, self.val[0])
-        threshold = best_threshold(val_probs, self.val[1].numpy().reshape(-1))
+        threshold = select_threshold(labels=self.val[1].numpy(), probs=val_probs)
         val_auc = float(evaluate(net, *self.val)["auc"])
         test = evaluate(net, *self.test, threshold=threshold)
         return val_auc, float(test["auc"]), float(test["accuracy"]), threshold
@@ -123,7 +109,7 @@ class Evaluator:
         self._ema = x.copy() if self._ema is None else self.ema_beta * self._ema + (1.0 - self.ema_beta) * x
         return self._ema.astype(np.asarray(vec).dtype)
 
-    def score(self, version: int, contributors: int) -> VersionScore:
+    def score(self, version: int, contributors: int, members: tuple[tuple[str, int], ...] = ()) -> VersionScore:
         vec = self.receiver.model_vector(self.model.x0)
         val_auc, test_auc, test_acc, threshold = self._score_vector(vec)
         ema = self.update_ema(vec)
@@ -132,7 +118,7 @@ class Evaluator:
             e_val, e_test, e_acc, e_thr = self._score_vector(ema)
             extra = dict(ema_val_auc=e_val, ema_test_auc=e_test, ema_test_accuracy=e_acc, ema_threshold=e_thr)
         return VersionScore(version, time.monotonic() - self.started, val_auc, test_auc, test_acc, threshold,
-                            contributors, **extra)
+                            contributors, members=members, **extra)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="fedmq-evaluator", daemon=True)
@@ -182,7 +168,8 @@ class Evaluator:
                     return
                 channel.basic_ack(method.delivery_tag)
                 if result.outcome == "applied":
-                    s = self.score(result.version, len(chunk.contributors))
+                    s = self.score(result.version, len(chunk.contributors),
+                                   tuple((c.site_id, c.staleness) for c in chunk.contributors))
                     with self._lock:
                         self.scores.append(s)
                 elif result.outcome == "gap" and self._asked_for != result.message_version:

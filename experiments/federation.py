@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -256,8 +256,9 @@ class Federation:
         self.procs[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     # -- run -------------------------------------------------------------------------------
-    def start(self) -> Evaluator:
-        """Start the evaluator, the aggregator and every site agent; returns the evaluator."""
+    def start(self, sites: Sequence[str] | None = None) -> Evaluator:
+        """Start the evaluator, the aggregator and the site agents (every site, or ``sites``: the
+        others are provisioned and pinned but join later through ``spawn_site``)."""
         s = self.spec
         ctx = load_context(self.keys.secret_context, require_secret=True)
         model = FederatedModel.create(s.training.model_preset, 0)
@@ -267,9 +268,10 @@ class Federation:
                                    load_public_key(self.aggregator_pub), self.dir / "state" / EVALUATOR_ID)
         self.evaluator.start()
         self._stack.callback(self.evaluator.stop)
-        self.progress(f"starting the aggregator ({s.mode}) and {len(self.sites)} site agents as separate processes")
+        joining = list(self.sites if sites is None else sites)
+        self.progress(f"starting the aggregator ({s.mode}) and {len(joining)} site agents as separate processes")
         self.spawn_aggregator()
-        for site in self.sites:
+        for site in joining:
             self.spawn_site(site)
         self.started = time.monotonic()
         self.evaluator.started = self.started

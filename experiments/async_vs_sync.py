@@ -1,0 +1,212 @@
+"""Async (FedBuff) against sync (FedAvg) on real processes: ``fedmq experiment async-vs-sync``.
+
+Each run is a private RabbitMQ node, the aggregator and ``n_sites`` site agents as separate OS
+processes (``experiments.federation``), one of them ``slow_factor`` x slower in its compute
+(the site agent's proportional delay inside training). Both modes get the same data
+partition, model, training and DP settings and the same per-site budget (``planned_rounds``
+updates at epsilon ``target_epsilon``); only the aggregator's mode differs (and K, which sync
+fixes at the number of sites). The clock is the wall clock from the moment the processes
+start; the target is a **test** AUC reached by a released version, as the issue asks, and it
+should need at least 10 versions (``min_versions_to_target`` in the output says whether it did).
+
+Run (a command, not a test: minutes per run, a quiet machine):
+
+    fedmq experiment async-vs-sync --seeds 3 --target-auc 0.85
+
+Outputs: ``<out>/async_vs_sync.json`` and ``<out>/async_vs_sync.png`` (AUC against wall-clock
+seconds, both modes on one figure), and the ``async_vs_sync`` entry of
+``reports/reproduce/results.json`` (created or updated; other keys kept) with
+``"source": "processes"``.
+
+Diagnostics for when async is not >= 2x sooner: per mode the versions to target, updates
+folded per version, the mean staleness of folded updates, K and the server learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from experiments.defaults import async_buffer_size
+from experiments.federation import FederationResult, FederationSpec, SiteTraining, run_federation, site_ids
+
+MODES = ("async", "sync")
+
+
+class AsyncVsSyncConfig(BaseModel):
+    """Everything both arms share, in one place, so they cannot drift apart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_npz: Path
+    out: Path = Path("reports/async_vs_sync")
+    reproduce_results: Path | None = Path("reports/reproduce/results.json")
+    workdir: Path = Path("var/async-vs-sync")
+    seeds: int = Field(3, ge=1)
+    n_sites: int = Field(3, ge=2)
+    #: index of the straggler in site order
+    slow_site: int = Field(2, ge=0)
+    slow_factor: float = Field(4.0, ge=1.0)
+    #: async K; None = the rule in experiments/defaults.py (n_sites under DP, half without)
+    buffer_size: int | None = Field(None, ge=1)
+    server_lr: float = Field(1.0, gt=0)
+    dp_enabled: bool = True
+    target_epsilon: float = Field(1.2, gt=0)
+    planned_rounds: int = Field(30, ge=1)
+    training: SiteTraining = SiteTraining(optimizer="sgd", lr=0.02, momentum=0.9, batch_size=128, local_epochs=1,
+                                          max_grad_norm=1.0)
+    #: test AUC a released version must reach (None: run until the budget or time limit ends)
+    target_auc: float | None = Field(0.85, gt=0, lt=1)
+    time_limit_s: float = Field(900.0, gt=0)
+    retrain_after_s: float = Field(60.0, gt=0)
+    amqp_url: str | None = None
+
+    @property
+    def async_k(self) -> int:
+        return self.buffer_size or async_buffer_size(self.n_sites, dp=self.dp_enabled)
+
+    def spec(self, mode: Literal["async", "sync"], seed: int) -> FederationSpec:
+        ids = site_ids(self.n_sites)
+        if self.slow_site >= self.n_sites:
+            raise ValueError(f"slow_site {self.slow_site} is not one of {self.n_sites} sites")
+        return FederationSpec(
+            workdir=self.workdir / f"{mode}-seed{seed}", data_npz=self.data_npz, n_sites=self.n_sites, seed=seed,
+            mode=mode, buffer_size=self.async_k, server_lr=self.server_lr, dp_enabled=self.dp_enabled,
+            target_epsilon=self.target_epsilon, planned_rounds=self.planned_rounds, training=self.training,
+            slowdown={ids[self.slow_site]: self.slow_factor}, target_auc=self.target_auc, target_on="test",
+            time_limit_s=self.time_limit_s, retrain_after_s=self.retrain_after_s, amqp_url=self.amqp_url,
+        )
+
+
+def summarize(mode: str, seed: int, result: FederationResult, target: float | None) -> dict[str, Any]:
+    """One run's figures: the time and versions to target, and what the versions folded."""
+    scores = [s for s in result.scores if s.members]  # versions (snapshots list no contributors)
+    reached = next((s for s in scores if target is not None and s.test_auc >= target), None)
+    stale = [tau for s in scores for _, tau in s.members]
+    return {
+        "mode": mode, "seed": seed,
+        "seconds_to_target": reached.wall_s if reached else None,
+        "versions_to_target": reached.version if reached else None,
+        "versions": len(scores), "wall_seconds": result.wall_seconds, "stop_reason": result.stop_reason,
+        "updates_per_version": (sum(len(s.members) for s in scores) / len(scores)) if scores else None,
+        "mean_staleness": (sum(stale) / len(stale)) if stale else None,
+        "max_staleness": max(stale) if stale else None,
+        "updates_by_site": result.updates_by_site, "epsilon_by_site": result.epsilon_by_site,
+        "curve": [{"version": s.version, "wall_s": s.wall_s, "test_auc": s.test_auc, "val_auc": s.val_auc,
+                   "members": [list(m) for m in s.members]} for s in scores],
+    }
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return sum(vals) / len(vals) if vals and len(vals) == len(xs) else None
+
+
+def aggregate(cfg: AsyncVsSyncConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``async_vs_sync`` entry: per-seed and mean seconds to target for each mode."""
+    per = {m: [r for r in runs if r["mode"] == m] for m in MODES}
+    secs = {m: [r["seconds_to_target"] for r in per[m]] for m in MODES}
+    a, s = _mean(secs["async"]), _mean(secs["sync"])
+    versions = [r["versions_to_target"] for r in per["sync"]] + [r["versions_to_target"] for r in per["async"]]
+    reached = [v for v in versions if v is not None]
+    return {
+        "source": "processes",
+        "target_auc": cfg.target_auc, "target_on": "test",
+        "seeds": sorted({r["seed"] for r in runs}),
+        "async_seconds_to_target": a, "sync_seconds_to_target": s,
+        "async_seconds_to_target_per_seed": secs["async"], "sync_seconds_to_target_per_seed": secs["sync"],
+        "speedup_sync_over_async": (s / a) if a and s else None,
+        "min_versions_to_target": min(reached) if reached else None,
+        "target_needs_10_versions": bool(reached) and min(reached) >= 10,
+        "n_sites": cfg.n_sites, "slow_site": site_ids(cfg.n_sites)[cfg.slow_site], "slow_factor": cfg.slow_factor,
+        "async_buffer_size": cfg.async_k, "server_lr": cfg.server_lr, "dp_enabled": cfg.dp_enabled,
+        "target_epsilon": cfg.target_epsilon if cfg.dp_enabled else None, "planned_rounds": cfg.planned_rounds,
+        "diagnostics": {m: {"mean_staleness": _mean([r["mean_staleness"] for r in per[m]]),
+                            "updates_per_version": _mean([r["updates_per_version"] for r in per[m]]),
+                            "versions_to_target": [r["versions_to_target"] for r in per[m]]} for m in MODES},
+        "runs": runs,
+    }
+
+
+def plot(entry: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = {"async": "tab:blue", "sync": "tab:orange"}
+    for run in entry["runs"]:
+        pts = run["curve"]
+        label = f"{run['mode']} (K={entry['async_buffer_size'] if run['mode'] == 'async' else entry['n_sites']})"
+        first = run["seed"] == entry["seeds"][0]
+        ax.plot([p["wall_s"] for p in pts], [p["test_auc"] for p in pts], marker=".", color=colors[run["mode"]],
+                alpha=0.8, label=label if first else None)
+    if entry["target_auc"] is not None:
+        ax.axhline(entry["target_auc"], color="grey", linestyle="--", linewidth=1, label=f"target {entry['target_auc']}")
+    ax.set_xlabel("wall-clock seconds since the processes started")
+    ax.set_ylabel("test AUC of the released version")
+    ax.set_title(f"async vs sync on real processes, {entry['slow_site']} {entry['slow_factor']:g}x slower, "
+                 f"seeds {entry['seeds']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def merge_into_results(path: Path, entry: dict[str, Any]) -> None:
+    """Set ``async_vs_sync`` in the reproduction's results.json, keeping everything else."""
+    from shared.atomic import atomic_write_json
+
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["async_vs_sync"] = {k: v for k, v in entry.items() if k != "runs"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, data)
+
+
+def run(cfg: AsyncVsSyncConfig, progress: Callable[[str], None] = print,
+        run_one: Callable[[FederationSpec], FederationResult] | None = None) -> dict[str, Any]:
+    """Both modes for every seed, sync first within a seed; writes the outputs."""
+    runs = []
+    for seed in range(cfg.seeds):
+        for mode in ("sync", "async"):
+            spec = cfg.spec(mode, seed)  # type: ignore[arg-type]
+            t = time.monotonic()
+            progress(f"seed {seed} {mode}: starting")
+            result = (run_one or (lambda sp: run_federation(sp, progress)))(spec)
+            summary = summarize(mode, seed, result, cfg.target_auc)
+            progress(f"seed {seed} {mode}: {summary['versions']} versions, target "
+                     + (f"at {summary['seconds_to_target']:.0f} s (version {summary['versions_to_target']})"
+                        if summary["seconds_to_target"] is not None else "not reached")
+                     + f" ({time.monotonic() - t:.0f} s)")
+            runs.append(summary)
+    entry = aggregate(cfg, runs)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "async_vs_sync.json").write_text(json.dumps(entry, indent=2, default=_json_default) + "\n")
+    plot(entry, cfg.out / "async_vs_sync.png")
+    if cfg.reproduce_results is not None:
+        merge_into_results(cfg.reproduce_results, entry)
+    a, s = entry["async_seconds_to_target"], entry["sync_seconds_to_target"]
+    progress(f"async {_fmt(a)} s, sync {_fmt(s)} s to test AUC {cfg.target_auc}"
+             + (f": sync/async = {entry['speedup_sync_over_async']:.2f}x" if entry["speedup_sync_over_async"] else ""))
+    return entry
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o)}")
