@@ -65,6 +65,7 @@ class AggregatorSettings(FedmqSettings):
     #: per-site bounds on incomplete updates (aggregator.update_guard): one site cannot crowd
     #: out the others; a normal site has one update in flight, two after a crash mid-publish
     max_pending_updates_per_site: int = Field(4, ge=1)
+    #: bytes one site's incomplete updates may hold at most (refused with reason pending-limit)
     max_pending_bytes_per_site: int = Field(256 << 20, ge=1 << 20)
     #: committed update ids remembered per version, for duplicate detection, this many versions back
     remember_versions: int = Field(64, ge=1)

@@ -1,6 +1,6 @@
 """A tiny real hospital site on disk for tests: keys, a few PNG images, a manifest, settings.
 
-Everything is real (CKKS context, Ed25519 key, image files read by the site loader); it is only
+Everything is real (CKKS context, hybrid signing keys, image files read by the site loader); it is only
 small, so a SiteRuntime opens in a second or two.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from shared.ckks import init_keys
-from shared.signing import generate_site_key, private_key_path
+from shared.signing import generate_aggregator_key, generate_site_key, private_key_path
 from site_agent.settings import SiteSettings
 
 
@@ -24,11 +24,15 @@ class SiteKit:
     public_context: Path
     site_keys_dir: Path
     manifest: Path
+    #: the aggregator's hybrid key pair (it signs versions; sites pin the public half)
+    aggregator_key: Path
+    aggregator_public_key: Path
 
     def settings(self, site_id: str = "alpha", **over: Any) -> SiteSettings:
         base: dict[str, Any] = dict(
             site_id=site_id, secret_context=self.secret_context,
             signing_key=private_key_path(self.site_keys_dir, site_id), manifest=self.manifest,
+            aggregator_public_key=self.aggregator_public_key,
             state_dir=self.root / "state" / site_id, model_preset="small_cnn", image_size=28,
             batch_size=8, planned_rounds=3, target_epsilon=5.0, progress_bars=False, log_json=False,
         )
@@ -62,4 +66,5 @@ def make_site_kit(root: Path, sites: tuple[str, ...] = ("alpha",), n_train: int 
     for s in sites:
         generate_site_key(site_keys, s)
     manifest = write_pngs(root / "data", {"train": n_train, "val": n_val})
-    return SiteKit(root, keys.secret_context, keys.public_context, site_keys, manifest)
+    agg_key, agg_pub = generate_aggregator_key(root / "aggregator-keys")
+    return SiteKit(root, keys.secret_context, keys.public_context, site_keys, manifest, agg_key, agg_pub)

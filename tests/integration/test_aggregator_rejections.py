@@ -196,7 +196,9 @@ def running(fed, broker, tmp_path_factory):
     """One vhost and one aggregator for all cases (a vhost costs seconds of rabbitmqctl)."""
     ns = broker.new_namespace("aggregator-rejections")
     settings = fed.settings(tmp_path_factory.mktemp("state"), amqp_url=ns.url, buffer_size=1, max_staleness=1,
-                            layout_fingerprint=LAYOUT_FP, incomplete_timeout_s=1.0)
+                            layout_fingerprint=LAYOUT_FP, incomplete_timeout_s=1.0,
+                            # the headroom case needs the raw unit formula (w_ref = 1), not the mean of reports
+                            reference_sample_weight=1.0)
     declare_topology(ns.url)
     listener = GlobalListener(ns.url)
     try:

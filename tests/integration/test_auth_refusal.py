@@ -47,7 +47,7 @@ def test_site_exits_after_repeated_403(tmp_path, amqp_url):
     s = kit.settings(state_dir=tmp_path / "state")
     cfg = tmp_path / "site.toml"
     cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
-        ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key),
+        ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key), ("aggregator_public_key", s.aggregator_public_key),
         ("manifest", s.manifest), ("state_dir", s.state_dir))) + "\n")
     proc = _run(["site", "run", "--config", str(cfg)], _wrong_password(amqp_url))
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -33,32 +33,12 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "config"
-PATH_KEYS = ("public_context", "site_keys_dir", "state_dir", "secret_context", "signing_key", "manifest")
+PATH_KEYS = ("public_context", "site_keys_dir", "state_dir", "secret_context", "signing_key", "aggregator_public_key",
+             "manifest")
 
 
 def _toml(values: dict) -> str:
     return "".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n" for k, v in values.items())
-
-
-def _resnet18_dp_blocker() -> str | None:
-    """Issue 12 makes resnet18 DP-compatible (out-of-place residual add); until then Opacus refuses
-    its in-place ops. Returns that refusal, None when resnet18 trains; any other error is raised."""
-    import torch
-
-    from site_agent.training import DPConfig, LocalTrainer, TrainingConfig
-    from site_agent.models import build_model
-
-    try:
-        model = build_model("resnet18", seed=0)
-        trainer = LocalTrainer(TrainingConfig(model="resnet18", batch_size=4, dp=DPConfig(
-            enabled=True, target_epsilon=5.0, planned_rounds=1)), None)
-        X, y = torch.rand(8, 1, 28, 28), torch.tensor([0.0, 1.0] * 4)
-        trainer.train_round(model.state_dict(), X, y, round_index=1)
-        return None
-    except RuntimeError as exc:
-        if "inplace" in str(exc) or "in-place" in str(exc):
-            return str(exc).splitlines()[0][:200]
-        raise
 
 
 class Deployment:
@@ -70,10 +50,12 @@ class Deployment:
         self.sites = ("hospital_1", "hospital_2", "hospital_3")
         for s in self.sites:
             assert main(["keys", "site", "--site-id", s, "--out", str(sites_dir)]) == 0
+        assert main(["keys", "aggregator", "--out", str(keys / "aggregator")]) == 0
         self.files = {
             "public_context": next(keys.rglob("aggregator-public.ckks")),
             "secret_context": next(keys.rglob("site-secret.ckks")),
-            "site_keys_dir": next(keys.rglob("hospital_1.ed25519.pub")).parent,
+            "site_keys_dir": next(keys.rglob("hospital_1.hybrid.pub")).parent,
+            "aggregator_public_key": next(keys.rglob("aggregator.hybrid.pub")),
         }
         passwords: dict[str, str] = {}
         grants = provision.plan(list(self.sites), lambda u: passwords.setdefault(u, provision.generate_password()))
@@ -96,7 +78,7 @@ class Deployment:
             if key == "state_dir":
                 values[key] = str(self.root / "state" / (site or "aggregator"))
             elif key == "signing_key":
-                values[key] = str(next(self.root.joinpath("keys").rglob(f"{site}.ed25519")))
+                values[key] = str(next(self.root.joinpath("keys").rglob(f"{site or 'aggregator'}.hybrid")))
             elif key == "manifest":
                 size = int(shipped.get("image_size", 28))
                 values[key] = str(write_pngs(self.root / "data" / site, {"train": 16, "val": 8}, size=size + 8))
@@ -186,18 +168,15 @@ def test_compose_configs_run_one_round(deployment):
 
 
 def test_systemd_examples_run_one_round(deployment):
-    """aggregator.example.toml (K = 1 here: one site only) with site.example.toml (resnet18 at
-    224 px under DP), as the systemd units run them."""
+    """aggregator.example.toml (K = 1 here: one site only) with site.example.toml (resnet18_224
+    under DP), as the systemd units run them."""
     dep = deployment
     agg = dep.config("aggregator.example.toml", buffer_size=1)
     dep.start("aggregator", ["aggregator", "run", "--config", str(agg)], provision.AGGREGATOR_USER,
               FEDMQ_METRICS_PORT="0")
-    blocker = _resnet18_dp_blocker()
-    name = "hospital_1.toml" if blocker else "site.example.toml"  # the aggregator example runs either way
+    name = "site.example.toml"
     site = tomllib.loads((CONFIG / name).read_text())["site_id"]
     dep.start(site, ["site", "run", "--config", str(dep.config(name, site))], site)
     dep.wait(lambda: dep.version(site) >= 1, 600, f"version 1 at {name}")
     codes = dep.stop()
     assert set(codes.values()) == {0}, codes
-    if blocker:
-        pytest.xfail(f"site.example.toml needs issue 12 (resnet18 under DP): {blocker}")

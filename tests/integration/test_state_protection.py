@@ -104,7 +104,8 @@ def test_second_aggregator_on_one_state_dir_exits_with_a_clear_message(tmp_path,
     declare_topology(amqp_url)
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_CHECK_USER_ID="false", FEDMQ_LOG_JSON="false")
     args = [sys.executable, "-m", "shared.cli", "aggregator", "run", "--state-dir", str(settings.state_dir), "--buffer-size", "1",
-            "--amqp-url", amqp_url, "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir)]
+            "--amqp-url", amqp_url, "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir),
+            "--signing-key", str(settings.signing_key)]
     with AggregatorThread(settings):
         proc = subprocess.run([*args, "--metrics-port", "0"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
@@ -122,7 +123,8 @@ def _known_site(tmp_path: Path, amqp_url: str):
     settings = fed.settings(amqp_url=amqp_url, buffer_size=1)
     declare_topology(amqp_url)
     site_settings = kit.settings(amqp_url=amqp_url, secret_context=fed.keys_dir / "site-secret.ckks",
-                                 signing_key=fed.site_keys_dir / "alpha.ed25519", join_wait_s=20.0,
+                                 signing_key=fed.site_keys_dir / "alpha.hybrid", join_wait_s=20.0,
+                                 aggregator_public_key=fed.keys_dir / "aggregator.hybrid.pub",
                                  reconnect_initial_s=0.1)
     return fed, settings, site_settings
 

@@ -79,7 +79,9 @@ def test_version_messages_carry_their_own_commit(fed, tmp_path):
 
 
 def test_headroom_guard_refuses_a_buffer_that_could_wrap(fed, tmp_path):
-    eng = AggregatorEngine(fed.settings(tmp_path / "h", buffer_size=3))
+    # w_ref = 1 configured: the mean-of-reports default keeps every factor <= n_sites, so only a
+    # misconfigured reference weight can reach the limit, and that is what the guard is for
+    eng = AggregatorEngine(fed.settings(tmp_path / "h", buffer_size=3, reference_sample_weight=1.0))
     try:
         limit = eng.ctx.preset.fold_units_limit
         big = limit / 64 * 0.6  # 60% of the limit's units with Q = 64

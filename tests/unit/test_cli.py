@@ -98,5 +98,5 @@ def test_keys_messages_name_toml_keys_and_public_files_can_live_apart(tmp_path: 
                  "--public-out", str(tmp_path / "pinned")]) == 0
     printed = capsys.readouterr().out
     assert "`signing_key`" in printed and "`site_keys_dir`" in printed
-    assert [p.name for p in (tmp_path / "pinned").iterdir()] == ["site-a.ed25519.pub"]
-    assert [p.name for p in (tmp_path / "private").iterdir()] == ["site-a.ed25519"]
+    assert [p.name for p in (tmp_path / "pinned").iterdir()] == ["site-a.hybrid.pub"]
+    assert [p.name for p in (tmp_path / "private").iterdir()] == ["site-a.hybrid"]

@@ -74,7 +74,7 @@ def test_check_data_command(tmp_path):
     cfg = tmp_path / "site.toml"
     s = kit.settings()
     cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
-        ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key),
+        ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key), ("aggregator_public_key", s.aggregator_public_key),
         ("manifest", s.manifest), ("state_dir", tmp_path / "state"))) + "\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "shared.cli", "site", "check-data", "--config", str(cfg),

@@ -19,7 +19,7 @@ from site_agent.runtime import training_config
 from site_agent.settings import SiteSettings
 from site_agent.training.rng import SecureRandom, chacha20_words_openssl, chacha20_words_torch
 
-REQUIRED = 'site_id = "h1"\nsecret_context = "s.ckks"\nsigning_key = "k"\nmanifest = "m.csv"\nstate_dir = "st"\n'
+REQUIRED = 'site_id = "h1"\nsecret_context = "s.ckks"\nsigning_key = "k"\naggregator_public_key = "a.pub"\nmanifest = "m.csv"\nstate_dir = "st"\n'
 
 
 @pytest.fixture(autouse=True)

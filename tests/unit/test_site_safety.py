@@ -52,7 +52,8 @@ def test_second_process_on_a_state_dir_is_refused_with_a_clear_message(kit, tmp_
     try:
         with pytest.raises(StateDirLocked, match="in use by another fedmq process.*pid"):
             SiteRuntime.open(kit.settings(state_dir=state), load_data=False)
-        agg = AggregatorSettings(public_context=kit.public_context, site_keys_dir=kit.site_keys_dir, state_dir=state)
+        agg = AggregatorSettings(public_context=kit.public_context, site_keys_dir=kit.site_keys_dir, state_dir=state,
+                                 signing_key=kit.aggregator_key)
         with pytest.raises(StateDirLocked, match="write-ahead log"):
             AggregatorEngine(agg)
         assert not (state / "checkpoint.msgpack").exists(), "nothing may be written before the lock"
@@ -60,7 +61,7 @@ def test_second_process_on_a_state_dir_is_refused_with_a_clear_message(kit, tmp_
         cfg = tmp_path / "site.toml"
         s = kit.settings(state_dir=state)
         cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
-            ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key),
+            ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key), ("aggregator_public_key", s.aggregator_public_key),
             ("manifest", s.manifest), ("state_dir", state))) + "\n")
         proc = subprocess.run([sys.executable, "-m", "shared.cli", "site", "run", "--config", str(cfg)],
                               capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -148,7 +149,7 @@ def test_fedmq_site_resume_lifts_a_pause(kit, tmp_path, capsys):
     cfg = tmp_path / "site.toml"
     cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
         ("site_id", settings.site_id), ("secret_context", settings.secret_context),
-        ("signing_key", settings.signing_key), ("manifest", settings.manifest), ("state_dir", settings.state_dir))) + "\n")
+        ("signing_key", settings.signing_key), ("aggregator_public_key", settings.aggregator_public_key), ("manifest", settings.manifest), ("state_dir", settings.state_dir))) + "\n")
     PauseFile(settings.state_dir).pause("sequence-backwards", "state directory restored from an old copy")
     rt = SiteRuntime.open(settings, load_data=False)
     assert "paused until `fedmq site resume`" in (rt.why_not_contribute() or "")
