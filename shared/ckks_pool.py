@@ -8,8 +8,11 @@ length-prefixed protocol over their pipes, not ``multiprocessing``: spawn and fo
 re-import the caller's ``__main__`` in every worker (a script without a main guard would
 recurse), and fork would copy a site agent's training and broker threads mid-flight. Each
 worker loads the secret key file once (the path travels, never the key bytes) and encrypts
-batches of blocks sent as float64 rows; one thread per worker in the caller writes a batch and
-reads its ciphertexts, so the pipes never deadlock. Small updates stay in the calling process,
+batches of blocks sent as float64 rows (written straight from the array, no copy) and answers
+with the batch's ciphertexts back to back in one write (they all have the seeded size); one
+thread per worker in the caller writes a batch and reads its ciphertexts, so the pipes never
+deadlock. Workers range-check each batch as the serial path does; a refused batch leaves the
+worker running. Small updates stay in the calling process,
 where a round trip would cost more than it saves.
 """
 
@@ -28,7 +31,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from shared.ckks import LoadedContext, encrypt_block, load_context
+from shared.ckks import LoadedContext, encrypt_blocks, load_context
 from shared.errors import CryptoError
 
 #: below this many blocks an update is encrypted in the calling process
@@ -45,6 +48,10 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+class _Refused(CryptoError):
+    """A worker refused a batch (a value out of range); the worker itself is fine."""
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
@@ -69,17 +76,15 @@ class _Worker:
         try:
             rows, cols = batch.shape
             stdin.write(_BATCH_HEAD.pack(rows, cols))
-            stdin.write(np.ascontiguousarray(batch, dtype="<f8").tobytes())
+            stdin.write(memoryview(np.ascontiguousarray(batch, dtype="<f8")).cast("B"))  # no copy
             stdin.flush()
             (status,) = _LEN.unpack(_read_exact(stdout, _LEN.size))
             if status == 0xFFFFFFFF:  # the worker refused the batch: its message follows
                 (n,) = _LEN.unpack(_read_exact(stdout, _LEN.size))
-                raise CryptoError(_read_exact(stdout, n).decode(errors="replace"))
-            out = []
-            for _ in range(status):
-                (n,) = _LEN.unpack(_read_exact(stdout, _LEN.size))
-                out.append(_read_exact(stdout, n))
-            return out
+                raise _Refused(_read_exact(stdout, n).decode(errors="replace"))
+            (size,) = _LEN.unpack(_read_exact(stdout, _LEN.size))
+            data = _read_exact(stdout, status * size)  # the ciphertexts, all of one size, back to back
+            return [data[i * size : (i + 1) * size] for i in range(status)]
         except (OSError, EOFError, ValueError) as exc:
             raise CryptoError(f"encryption worker {self.proc.pid} failed ({exc})") from None
 
@@ -147,12 +152,11 @@ def encrypt_blocks_parallel(ctx: LoadedContext, blocks: np.ndarray, *, workers: 
     n = default_workers() if workers is None else max(1, workers)
     pool = _pool_for(ctx, n) if n > 1 and len(blocks) >= MIN_PARALLEL_BLOCKS else None
     if pool is None:
-        return [encrypt_block(ctx, b) for b in blocks]
-    for b in blocks:  # refuse out-of-range values here, with the serial path's error
-        if b.size and not float(np.max(np.abs(b))) <= ctx.preset.value_bound:
-            encrypt_block(ctx, b)  # raises CryptoError
+        return [row.tobytes() for row in encrypt_blocks(ctx, blocks)]
     try:
         return pool.encrypt(blocks)
+    except _Refused as exc:  # out-of-range values: the workers range-check as the serial path does
+        raise CryptoError(str(exc)) from None
     except CryptoError:
         with _pools_lock:  # a broken pool is replaced on the next call
             if _pools.get((str(ctx.source), n)) is pool:
@@ -183,16 +187,14 @@ def _serve(key_path: str) -> int:
         rows, cols = _BATCH_HEAD.unpack(head)
         batch = np.frombuffer(_read_exact(stdin, rows * cols * 8), dtype="<f8").reshape(rows, cols)
         try:
-            cts = [encrypt_block(ctx, row) for row in batch]
+            cts = encrypt_blocks(ctx, batch)
         except (CryptoError, ValueError) as exc:
             msg = str(exc).encode()
             stdout.write(_LEN.pack(0xFFFFFFFF) + _LEN.pack(len(msg)) + msg)
             stdout.flush()
             continue
-        stdout.write(_LEN.pack(len(cts)))
-        for ct in cts:
-            stdout.write(_LEN.pack(len(ct)))
-            stdout.write(ct)
+        stdout.write(_LEN.pack(cts.shape[0]) + _LEN.pack(cts.shape[1]))
+        stdout.write(memoryview(cts).cast("B"))
         stdout.flush()
 
 
