@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -120,9 +121,19 @@ class EncryptionPool:
 
     def encrypt(self, blocks: np.ndarray) -> list[bytes]:
         """``blocks``: (n, <= block_size) float64, one row a block."""
+        return [ct for batch in self.iter_encrypt(blocks) for ct in batch]
+
+    def iter_encrypt(self, blocks: np.ndarray) -> Iterator[list[bytes]]:
+        """The ciphertexts of ``blocks`` batch by batch, in order, each as soon as it is ready
+        (the caller chunks and signs the first ones while the workers encrypt the rest)."""
         futures = [self._threads.submit(self._run, blocks[start : start + BATCH_BLOCKS])
                    for start in range(0, len(blocks), BATCH_BLOCKS)]
-        return [ct for f in futures for ct in f.result()]
+        try:
+            for f in futures:
+                yield f.result()
+        finally:
+            for f in futures:  # a caller that stops early leaves no batch queued
+                f.cancel()
 
     def close(self) -> None:
         self._threads.shutdown(wait=True)
@@ -148,13 +159,21 @@ def _pool_for(ctx: LoadedContext, workers: int) -> EncryptionPool | None:
 def encrypt_blocks_parallel(ctx: LoadedContext, blocks: np.ndarray, *, workers: int | None = None) -> list[bytes]:
     """Encrypt the rows of ``blocks`` (n, <= block_size) on ``workers`` processes (default: every
     core this process may use), in order."""
+    return [ct for batch in iter_encrypt_blocks(ctx, blocks, workers=workers) for ct in batch]
+
+
+def iter_encrypt_blocks(ctx: LoadedContext, blocks: np.ndarray, *, workers: int | None = None) -> Iterator[list[bytes]]:
+    """``encrypt_blocks_parallel`` batch by batch: lists of ciphertexts, in order, each yielded
+    as soon as it is ready. Small updates are encrypted in this process, also batch by batch."""
     blocks = np.asarray(blocks, dtype=np.float64)
     n = default_workers() if workers is None else max(1, workers)
     pool = _pool_for(ctx, n) if n > 1 and len(blocks) >= MIN_PARALLEL_BLOCKS else None
     if pool is None:
-        return [row.tobytes() for row in encrypt_blocks(ctx, blocks)]
+        for start in range(0, len(blocks), BATCH_BLOCKS):
+            yield [row.tobytes() for row in encrypt_blocks(ctx, blocks[start : start + BATCH_BLOCKS])]
+        return
     try:
-        return pool.encrypt(blocks)
+        yield from pool.iter_encrypt(blocks)
     except _Refused as exc:  # out-of-range values: the workers range-check as the serial path does
         raise CryptoError(str(exc)) from None
     except CryptoError:
