@@ -274,7 +274,7 @@ class _SlotMap:
 
     def to_slots(self, x: np.ndarray) -> np.ndarray:
         """Works on one block or on rows of blocks (the last axis), with identical results."""
-        return (self.n * np.fft.ifft(x * self.twist, axis=-1))[..., self.index]
+        return self.n * np.fft.ifft(x * self.twist, axis=-1)[..., self.index]  # same values, half the multiplies
 
     def from_slots(self, z: np.ndarray) -> np.ndarray:
         full = np.zeros(self.n, dtype=np.complex128)

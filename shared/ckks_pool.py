@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -125,9 +125,14 @@ class EncryptionPool:
 
     def iter_encrypt(self, blocks: np.ndarray) -> Iterator[list[bytes]]:
         """The ciphertexts of ``blocks`` batch by batch, in order, each as soon as it is ready
-        (the caller chunks and signs the first ones while the workers encrypt the rest)."""
+        (the caller chunks and signs the first ones while the workers encrypt the rest). The
+        work starts at this call, not at the first ``next``."""
         futures = [self._threads.submit(self._run, blocks[start : start + BATCH_BLOCKS])
                    for start in range(0, len(blocks), BATCH_BLOCKS)]
+        return self._results(futures)
+
+    @staticmethod
+    def _results(futures: list[Future[list[bytes]]]) -> Iterator[list[bytes]]:
         try:
             for f in futures:
                 yield f.result()
@@ -164,16 +169,22 @@ def encrypt_blocks_parallel(ctx: LoadedContext, blocks: np.ndarray, *, workers: 
 
 def iter_encrypt_blocks(ctx: LoadedContext, blocks: np.ndarray, *, workers: int | None = None) -> Iterator[list[bytes]]:
     """``encrypt_blocks_parallel`` batch by batch: lists of ciphertexts, in order, each yielded
-    as soon as it is ready. Small updates are encrypted in this process, also batch by batch."""
+    as soon as it is ready. The workers start at this call, so the caller can prepare while they
+    run; small updates are encrypted in this process, batch by batch as they are taken."""
     blocks = np.asarray(blocks, dtype=np.float64)
     n = default_workers() if workers is None else max(1, workers)
     pool = _pool_for(ctx, n) if n > 1 and len(blocks) >= MIN_PARALLEL_BLOCKS else None
     if pool is None:
-        for start in range(0, len(blocks), BATCH_BLOCKS):
-            yield [row.tobytes() for row in encrypt_blocks(ctx, blocks[start : start + BATCH_BLOCKS])]
-        return
+        return (
+            [row.tobytes() for row in encrypt_blocks(ctx, blocks[start : start + BATCH_BLOCKS])]
+            for start in range(0, len(blocks), BATCH_BLOCKS)
+        )
+    return _pool_results(ctx, n, pool, pool.iter_encrypt(blocks))
+
+
+def _pool_results(ctx: LoadedContext, n: int, pool: EncryptionPool, results: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
     try:
-        yield from pool.iter_encrypt(blocks)
+        yield from results
     except _Refused as exc:  # out-of-range values: the workers range-check as the serial path does
         raise CryptoError(str(exc)) from None
     except CryptoError:

@@ -116,6 +116,9 @@ def build_update(
     total = sparse.total_blocks
     if n > total:
         raise ValueError(f"{n} shards but only {total} blocks")
+    # the workers start now and encrypt while this thread lays out the chunks
+    t0 = time.perf_counter()
+    batches = iter_encrypt_blocks(ctx, sparse.blocks, workers=encrypt_workers)
     # Chunk first, with stand-ins of the ciphertexts' size (every fresh ciphertext has exactly
     # ``seeded_bytes``), then fill and sign each chunk as soon as its ciphertexts arrive: on a
     # large update the signing overlaps the workers' encryption instead of following it.
@@ -148,8 +151,7 @@ def build_update(
         layouts += chunk_blocks(template, stand_ins, max_message_bytes)
     # shards own ascending index ranges and chunks hold ascending indices, so the layouts'
     # blocks, in order, are ``sparse.indices``: the order the ciphertexts arrive in
-    t0 = time.perf_counter()
-    arriving = (ct for batch in iter_encrypt_blocks(ctx, sparse.blocks, workers=encrypt_workers) for ct in batch)
+    arriving = (ct for batch in batches for ct in batch)
     chunks: list[UpdateChunk] = []
     encrypt_seconds = time.perf_counter() - t0
     for layout in layouts:

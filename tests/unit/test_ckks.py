@@ -340,8 +340,10 @@ def test_batch_encryption_gives_the_serial_bytes(keys: tuple[LoadedContext, Load
     blocks = rng.uniform(-100, 100, (21, secret.block_size))
     blocks[4] = 0.0
     slots = secret._slots.to_slots(blocks)
+    sm = secret._slots
     for row, b in zip(slots, blocks):
-        assert np.array_equal(row, secret._slots.to_slots(b))
+        assert np.array_equal(row, sm.to_slots(b))
+        assert np.array_equal(row, (sm.n * np.fft.ifft(b * sm.twist))[sm.index])  # the first format's formula
     streams = []
     for row in slots:
         plain = ckks.seal.Plaintext()
