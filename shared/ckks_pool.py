@@ -195,6 +195,21 @@ def _pool_results(ctx: LoadedContext, n: int, pool: EncryptionPool, results: Ite
         raise
 
 
+def workers_cpu_seconds() -> float | None:
+    """CPU seconds (user + system) the live encryption workers have used so far, or None where
+    /proc is missing: benchmarks report it beside wall time, which other jobs on the machine inflate."""
+    with _pools_lock:
+        pids = [w.proc.pid for p in _pools.values() for w in p.workers]
+    total = 0.0
+    try:
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
 def shutdown_pools() -> None:
     with _pools_lock:
         pools = list(_pools.values())
