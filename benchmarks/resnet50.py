@@ -2,6 +2,8 @@
 
 * site build: the site pipeline (``build_update``: sparsify, encrypt on every core, chunk, sign)
   on a dense delta of ``params`` values, after one small update has warmed the worker pool;
+  with the CPU seconds of the site process and of the encryption workers beside the wall time
+  (on a shared machine the wall time depends on the other jobs; CPU seconds much less);
 * floor: deserialize + fold of the same ciphertexts alone, in this process (weight 1);
 * aggregator end to end: a real aggregator *process* (``python -m aggregator``), consuming and
   then SIGSTOPped while the update is published, timed from SIGCONT until its status says the
@@ -81,7 +83,7 @@ def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int = RESNET50
     from aggregator import fold as foldmod
     from benchmarks.suite import MAX_MESSAGE_BYTES, build, make_keys
     from shared.ckks import load_ciphertext
-    from shared.ckks_pool import MIN_PARALLEL_BLOCKS, default_workers
+    from shared.ckks_pool import MIN_PARALLEL_BLOCKS, default_workers, workers_cpu_seconds
     from shared.codec import decode_update_chunk
 
     keys = make_keys(tmp / "resnet50")
@@ -90,9 +92,14 @@ def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int = RESNET50
     build(keys, "site-a", 1, rng.uniform(-0.5, 0.5, 2 * MIN_PARALLEL_BLOCKS * block))  # start the worker pool
     delta = rng.uniform(-0.5, 0.5, params)
     load = os.getloadavg()[0]
+    workers_cpu0, cpu0 = workers_cpu_seconds(), time.process_time()
     t = time.perf_counter()
     bodies, built = build(keys, "site-a", 2, delta)
     build_s = time.perf_counter() - t
+    site_cpu = time.process_time() - cpu0
+    workers_cpu1 = workers_cpu_seconds()
+    workers_cpu = workers_cpu1 - workers_cpu0 if workers_cpu0 is not None and workers_cpu1 is not None else None
+    load_after = os.getloadavg()[0]
     del delta
     update_bytes = sum(map(len, bodies))
     blocks = len(built.sent_indices)
@@ -125,7 +132,9 @@ def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int = RESNET50
             "params": params, "blocks": blocks, "dense_fp32_bytes": 4 * params,
             "update_vs_dense_fp32": update_bytes / (4 * params), "encrypted_model_bytes": folded_model_bytes,
             "encrypt_workers": encrypt_workers or default_workers(), "encrypt_seconds": built.encrypt_seconds,
-            "load_average_at_build": load, "peak_rss_fold_run": rss_fold, "peak_rss_version_run": rss_version,
+            "load_average_at_build": load, "load_average_after_build": load_after,
+            "site_build_cpu_seconds": {"site_process": site_cpu, "encryption_workers": workers_cpu},
+            "peak_rss_fold_run": rss_fold, "peak_rss_version_run": rss_version,
             "note": ("fold = SIGCONT to the update folded (K=2, no commit); version = SIGCONT to version 1 "
                      "committed, checkpointed and published (K=1); floor = deserialize + fold alone, one thread; "
                      "encrypted model = blocks x a folded ciphertext's bytes"),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,9 @@ _HEAD = struct.Struct("<2sBBB8s4s")  # magic, version, preset id, kind, key id, 
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr mode, reserved, size
 _SEAL_MAGIC = 0xA15E
 _COMPR_NONE, _COMPR_ZSTD = 0, 2
+#: a packed coefficient's low 48 bits, and the same fields within SEAL's 64-bit word
+_LOW48 = np.dtype({"names": ["lo", "mid"], "formats": ["<u4", "<u2"], "offsets": [0, 4], "itemsize": 6})
+_WORD_PARTS = np.dtype({"names": ["lo", "mid"], "formats": ["<u4", "<u2"], "offsets": [0, 4], "itemsize": 8})
 
 
 class CiphertextError(WireError, CryptoError):
@@ -184,6 +188,80 @@ def seal_to_wire(seal_file_bytes: bytes, params: WireParams) -> bytes:
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, params.preset_id, kind, params.key_id, b"\0\0\0\0")
     checksum = _checksum(head[:13], rest)
     return head[:13] + checksum + rest
+
+
+def seeded_streams_to_wire(streams: Sequence[bytes], params: WireParams) -> np.ndarray:
+    """Many fresh (seeded) ciphertexts as SEAL saved them -> their wire bytes, one row each.
+
+    The same bytes as ``seal_to_wire`` on each stream (tests/unit/test_ckks.py checks it), but
+    parsed and bit-packed as one numpy array: a site encrypting a ResNet-50 update packs ~6,000
+    ciphertexts, and per-ciphertext numpy calls were a tenth of its encryption time. A stream
+    whose layout differs from the one expected goes through ``seal_to_wire`` on its own, so
+    every stream gets exactly that function's checks and errors."""
+    rows = np.empty((len(streams), params.size(KIND_SEEDED)), dtype=np.uint8)
+    if not streams:
+        return rows
+    n, bits = params.n, params.bits
+    prefix = _prefix(params, size=2)
+    p = len(prefix)
+    seed_at = p + _SEAL_HEADER.size + 8 + 8 * n
+    body_len = seed_at + _SEAL_HEADER.size + 1 + SEED_BYTES
+    dctx = zstandard.ZstdDecompressor()
+    bodies: list[bytes] = []
+    odd: list[int] = []
+    for i, data in enumerate(streams):
+        magic, hsize, _major, _minor, compr, _res, size = _SEAL_HEADER.unpack_from(data)
+        if magic != _SEAL_MAGIC or hsize != _SEAL_HEADER.size or size != len(data) or compr != _COMPR_ZSTD:
+            odd.append(i)
+            continue
+        body = dctx.decompress(memoryview(data)[_SEAL_HEADER.size :], max_output_size=body_len + 1)
+        if len(body) != body_len:
+            odd.append(i)
+            continue
+        bodies.append(body)
+    good = np.setdiff1d(np.arange(len(streams)), np.asarray(odd, dtype=np.int64))
+    if good.size:
+        arr = np.frombuffer(b"".join(bodies), dtype=np.uint8).reshape(good.size, body_len)
+        count = arr[:, p + _SEAL_HEADER.size : p + _SEAL_HEADER.size + 8].copy().view("<u8")[:, 0]
+        seed_size = arr[:, seed_at + 8 : seed_at + 16].copy().view("<u8")[:, 0]
+        ok = ((arr[:, :p] == np.frombuffer(prefix, dtype=np.uint8)).all(axis=1)
+              & (count == n) & (seed_size == _SEAL_HEADER.size + 1 + SEED_BYTES))
+        if not ok.all():  # let seal_to_wire name the fault
+            odd += [int(i) for i in good[~ok]]
+            arr, good = arr[ok], good[ok]
+        coeffs = arr[:, p + _SEAL_HEADER.size + 8 : seed_at].reshape(good.size, n, 8)
+        head = _HEAD.pack(MAGIC, FORMAT_VERSION, params.preset_id, KIND_SEEDED, params.key_id, b"\0\0\0\0")[:13]
+        out = rows if good.size == len(streams) else np.empty((good.size, rows.shape[1]), dtype=np.uint8)
+        out[:, :13] = np.frombuffer(head, dtype=np.uint8)
+        at = _HEAD.size
+        out[:, at] = SEED_BYTES
+        out[:, at + 1] = arr[:, seed_at + _SEAL_HEADER.size]
+        out[:, at + 2 : at + 2 + SEED_BYTES] = arr[:, seed_at + _SEAL_HEADER.size + 1 :]
+        at += 2 + SEED_BYTES
+        # the low 6 bytes of each 8-byte word, copied as a 4-byte and a 2-byte field (numpy
+        # copies whole fields much faster than single bytes)
+        low = out[:, at : at + 6 * n].view(_LOW48)
+        words = coeffs.view(_WORD_PARTS)[:, :, 0]
+        low["lo"] = words["lo"]
+        low["mid"] = words["mid"]
+        at += 6 * n
+        high_bits = bits - 48
+        if high_bits == 1:
+            packed = np.packbits(coeffs[:, :, 6] & 1, axis=1, bitorder="little")
+        else:
+            planes = np.unpackbits(coeffs[:, :, 6:7], axis=2, bitorder="little")[:, :, :high_bits]
+            packed = np.packbits(planes.reshape(good.size, n * high_bits), axis=1, bitorder="little")
+        out[:, at:] = packed
+        for row in out:
+            row[13:17] = np.frombuffer(_checksum(row[:13].data, row[_HEAD.size :].data), dtype=np.uint8)
+        if out is not rows:
+            rows[good] = out
+    for i in odd:
+        wire = seal_to_wire(streams[i], params)
+        if len(wire) != rows.shape[1]:
+            raise CryptoError("SEAL saved a ciphertext that is not a fresh seeded one")
+        rows[i] = np.frombuffer(wire, dtype=np.uint8)
+    return rows
 
 
 def check_wire(data: bytes, params: WireParams) -> int:

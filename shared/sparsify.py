@@ -57,13 +57,18 @@ def sparsify(
     fraction: float = 0.5,
 ) -> tuple[SparseUpdate, np.ndarray]:
     """Return the blocks to send and the new residual (same length as ``delta``)."""
-    acc = delta.astype(np.float64, copy=True)
+    if residual is not None and residual.shape != delta.shape:
+        raise ValueError("residual does not match the update's shape")
+    # delta + residual, written once into the zero-padded block array (a ResNet-50 update is
+    # 188 MB in float64: every full copy costs a tenth of a second)
+    blocks = np.zeros((n_blocks(delta.size, block_size), block_size), dtype=np.float64)
+    flat = blocks.reshape(-1)[: delta.size]
+    flat[:] = delta
     if residual is not None:
-        if residual.shape != delta.shape:
-            raise ValueError("residual does not match the update's shape")
-        acc += residual
-    blocks = block_view(acc, block_size)
+        flat += residual
     keep = blocks_to_keep(blocks.shape[0], mode, fraction)
+    if keep == blocks.shape[0]:  # dense: every block goes, nothing stays behind
+        return SparseUpdate(tuple(range(keep)), blocks, keep), np.zeros(delta.size, dtype=np.float64)
     norms = np.linalg.norm(blocks, axis=1)
     # Stable order: ties broken by index so every run picks the same blocks.
     order = np.lexsort((np.arange(len(norms)), -norms))[:keep]

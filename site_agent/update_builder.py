@@ -22,7 +22,8 @@ import numpy as np
 
 from shared.chunking import chunk_blocks
 from shared.ckks import LoadedContext
-from shared.ckks_pool import encrypt_blocks_parallel
+from shared.ckks_pool import iter_encrypt_blocks
+from shared.errors import CryptoError
 from shared.schema import EncryptedBlock, UpdateChunk
 from shared.signing import SigningKey, sign_chunk
 from shared.sparsify import SparsityMode, sparsify
@@ -76,6 +77,8 @@ class BuiltUpdate:
     chunks: list[UpdateChunk]
     residual: np.ndarray
     sent_indices: tuple[int, ...]
+    #: from the first block sent to be encrypted to the last ciphertext back (the first
+    #: chunks are signed meanwhile, while later blocks are still being encrypted)
     encrypt_seconds: float
 
 
@@ -110,25 +113,26 @@ def build_update(
         raise ValueError(f"need one base version per shard ({n}), got {len(shard_base_versions)}")
     block_size = ctx.block_size
     sparse, new_residual = sparsify(delta, residual, block_size, mode, fraction)
-    t0 = time.perf_counter()
-    ciphertexts = encrypt_blocks_parallel(ctx, sparse.blocks, workers=encrypt_workers)
-    blocks = [
-        EncryptedBlock(index=idx, ciphertext=ct) for idx, ct in zip(sparse.indices, ciphertexts, strict=True)
-    ]
-    encrypt_seconds = time.perf_counter() - t0
     total = sparse.total_blocks
     if n > total:
         raise ValueError(f"{n} shards but only {total} blocks")
+    # the workers start now and encrypt while this thread lays out the chunks
+    t0 = time.perf_counter()
+    batches = iter_encrypt_blocks(ctx, sparse.blocks, workers=encrypt_workers)
+    # Chunk first, with stand-ins of the ciphertexts' size (every fresh ciphertext has exactly
+    # ``seeded_bytes``), then fill and sign each chunk as soon as its ciphertexts arrive: on a
+    # large update the signing overlaps the workers' encryption instead of following it.
+    stand_in = bytes(ctx.preset.seeded_bytes)
     created_at = time.time()
-    chunks: list[UpdateChunk] = []
+    layouts: list[UpdateChunk] = []
     for shard in range(n):
-        mine = [b for b in blocks if b.index * n // total == shard] if n > 1 else blocks
+        mine = [i for i in sparse.indices if i * n // total == shard] if n > 1 else list(sparse.indices)
         template = UpdateChunk(
             chunk_index=0,
             chunk_count=1,
             block_size=block_size,
             total_blocks=total,
-            block_indices=tuple(b.index for b in mine),
+            block_indices=tuple(mine),
             blocks=(),
             key_fingerprint=ctx.fingerprint,
             layout_fingerprint=layout_fingerprint,
@@ -143,5 +147,22 @@ def build_update(
             sparsity_fraction=1.0 if mode == "dense" else float(fraction),
             created_at=created_at,
         )
-        chunks += [sign_chunk(c, signing_key) for c in chunk_blocks(template, mine, max_message_bytes)]
+        stand_ins = [EncryptedBlock.model_construct(index=i, ciphertext=stand_in) for i in mine]
+        layouts += chunk_blocks(template, stand_ins, max_message_bytes)
+    # shards own ascending index ranges and chunks hold ascending indices, so the layouts'
+    # blocks, in order, are ``sparse.indices``: the order the ciphertexts arrive in
+    arriving = (ct for batch in batches for ct in batch)
+    chunks: list[UpdateChunk] = []
+    encrypt_seconds = time.perf_counter() - t0
+    for layout in layouts:
+        blocks = []
+        for placeholder in layout.blocks:
+            ct = next(arriving, None)
+            if ct is None or len(ct) != len(stand_in):
+                raise CryptoError("encryption returned fewer ciphertexts, or other sizes, than blocks")
+            blocks.append(EncryptedBlock(index=placeholder.index, ciphertext=ct))
+        encrypt_seconds = time.perf_counter() - t0
+        chunks.append(sign_chunk(layout.model_copy(update={"blocks": tuple(blocks)}), signing_key))
+    if next(arriving, None) is not None:
+        raise CryptoError("encryption returned more ciphertexts than blocks")
     return BuiltUpdate(chunks, new_residual, sparse.indices, encrypt_seconds)

@@ -328,3 +328,82 @@ def test_update_builder_end_to_end(tmp_path: Path) -> None:
     decrypted = np.stack([decrypt_block(secret, serialize(v)) for v in sums])
     recovered = densify(built.sent_indices, decrypted, size, slots)
     np.testing.assert_allclose(recovered + built.residual, delta, rtol=0, atol=AGGREGATION_ERROR_BUDGET)
+
+
+def test_batch_encryption_gives_the_serial_bytes(keys: tuple[LoadedContext, LoadedContext]) -> None:
+    """The batched site path changes no byte: the slot FFT over many rows equals the per-row one
+    bit for bit, and the batched parse-and-pack of SEAL's streams equals ``seal_to_wire`` on each
+    stream, including a stream that is not a fresh seeded one (it goes the per-stream way and
+    gets that way's error)."""
+    secret, public = keys
+    rng = np.random.default_rng(13)
+    blocks = rng.uniform(-100, 100, (21, secret.block_size))
+    blocks[4] = 0.0
+    slots = secret._slots.to_slots(blocks)
+    sm = secret._slots
+    for row, b in zip(slots, blocks):
+        assert np.array_equal(row, sm.to_slots(b))
+        assert np.array_equal(row, (sm.n * np.fft.ifft(b * sm.twist))[sm.index])  # the first format's formula
+    streams = []
+    for row in slots:
+        plain = ckks.seal.Plaintext()
+        secret._encoder.encode(row.tolist(), secret._scale, plain)
+        streams.append(ckks._save(secret._encryptor.encrypt_symmetric(plain), "t"))
+    packed = ckks_wire.seeded_streams_to_wire(streams, secret._wire)
+    assert packed.shape == (len(streams), secret.preset.seeded_bytes)
+    for row, stream in zip(packed, streams):
+        assert row.tobytes() == ckks_wire.seal_to_wire(stream, secret._wire)
+    assert ckks_wire.seeded_streams_to_wire([], secret._wire).shape == (0, secret.preset.seeded_bytes)
+    # an uncompressed stream (SEAL's other mode) takes the per-stream path, same bytes
+    body = zstandard.ZstdDecompressor().decompress(streams[2][16:], max_output_size=1 << 20)
+    plain_stream = ckks_wire._seal_header(secret._wire, 16 + len(body)) + body
+    mixed = ckks_wire.seeded_streams_to_wire([streams[0], plain_stream, streams[1]], secret._wire)
+    assert [r.tobytes() for r in mixed] == [ckks_wire.seal_to_wire(s, secret._wire)
+                                            for s in (streams[0], streams[2], streams[1])]
+    # a folded (two-polynomial) ciphertext is not a fresh one: refused, not mis-packed
+    folded = accumulate(load_ciphertext(public, packed[0].tobytes()), load_ciphertext(public, packed[1].tobytes()), 1)
+    with pytest.raises(CryptoError):
+        ckks_wire.seeded_streams_to_wire([streams[0], ckks._save(folded._ct, "t")], secret._wire)
+    # and the whole batch path decrypts to its values; short rows are zero-padded
+    cts = ckks.encrypt_blocks(secret, blocks[:3, :100])
+    for ct, b in zip(cts, blocks[:3]):
+        got = decrypt_block(secret, ct.tobytes())
+        np.testing.assert_allclose(got[:100], b[:100], atol=AGGREGATION_ERROR_BUDGET)
+        np.testing.assert_allclose(got[100:], 0.0, atol=AGGREGATION_ERROR_BUDGET)
+    with pytest.raises(CryptoError):
+        ckks.encrypt_blocks(secret, np.full((2, 8), np.inf))
+    with pytest.raises(ValueError):
+        ckks.encrypt_blocks(secret, np.zeros((1, secret.block_size + 1)))
+
+
+def test_pipelined_build_chunks_as_the_plain_chunker_would(tmp_path: Path) -> None:
+    """The site chunks with stand-ins and fills each chunk as its ciphertexts arrive: the chunks
+    hold every block once, in order, grouped exactly as ``chunk_blocks`` groups the real ones,
+    for one shard and for three, through the worker pool and in-process."""
+    from shared.chunking import chunk_blocks
+    from shared.ckks_pool import MIN_PARALLEL_BLOCKS
+    from site_agent.update_builder import UpdateIdentity, build_update
+
+    files = init_keys(tmp_path)
+    secret = load_context(files.secret_context, require_secret=True)
+    key = new_signing_key()
+    rng = np.random.default_rng(8)
+    for blocks, shards, workers in ((MIN_PARALLEL_BLOCKS + 9, 1, 2), (MIN_PARALLEL_BLOCKS + 9, 3, 2), (7, 2, 1)):
+        delta = rng.uniform(-0.5, 0.5, blocks * secret.block_size - 5)
+        built = build_update(delta, None, UpdateIdentity("site-a", 1, 0, 1.0), secret, "f" * 32, key,
+                             mode="dense", max_message_bytes=200_000, shard_count=shards, encrypt_workers=workers)
+        assert built.sent_indices == tuple(range(blocks))
+        assert [b.index for c in built.chunks for b in c.blocks] == list(range(blocks))
+        for shard in range(shards):
+            mine = [c for c in built.chunks if c.shard_index == shard]
+            real = [b for c in mine for b in c.blocks]
+            regrouped = chunk_blocks(mine[0].model_copy(update={"signature": b""}), real, 200_000)
+            assert [[b.index for b in c.blocks] for c in regrouped] == [[b.index for b in c.blocks] for c in mine]
+            assert all(c.chunk_count == len(mine) for c in mine)
+            for c in mine:
+                verify_chunk(c, {"site-a": key.public_key()})
+        for c in built.chunks[:2]:
+            for b in c.blocks[:2]:
+                start = b.index * secret.block_size
+                want = ckks.pad_block(delta[start : start + secret.block_size], secret.block_size)
+                np.testing.assert_allclose(decrypt_block(secret, b.ciphertext), want, atol=AGGREGATION_ERROR_BUDGET)
