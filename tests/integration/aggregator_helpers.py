@@ -120,12 +120,14 @@ def connect(url: str):  # type: ignore[no-untyped-def]
     return pika.BlockingConnection(params)
 
 
-def declare_topology(url: str) -> None:
-    from broker.topology import EXCHANGES, aggregator_queue_specs, declare
+def declare_topology(url: str, sites: tuple[str, ...] = ()) -> None:
+    """What an administrator declares: exchanges, the aggregator's queues and, for ``sites``, each
+    site's own queue (sites may not declare it themselves)."""
+    from broker import provision
 
     conn = connect(url)
     try:
-        declare(conn.channel(), EXCHANGES, aggregator_queue_specs())
+        provision.declare_topology(conn.channel(), sites)
     finally:
         conn.close()
 

@@ -34,7 +34,8 @@ def _run(argv: list[str], url: str) -> subprocess.CompletedProcess:
 def test_aggregator_exits_after_repeated_403(tmp_path, amqp_url):
     fed = make_federation(tmp_path, sites=("alpha",))
     proc = _run(["aggregator", "run", "--state-dir", str(tmp_path / "state"), "--public-context", str(fed.public_path),
-                 "--site-keys", str(fed.site_keys_dir)], _wrong_password(amqp_url))
+                 "--site-keys", str(fed.site_keys_dir), "--signing-key", str(fed.keys_dir / "aggregator.hybrid")],
+                _wrong_password(amqp_url))
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("fedmq: error: giving up after 3 refusals in a row"), last

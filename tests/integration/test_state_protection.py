@@ -121,7 +121,7 @@ def _known_site(tmp_path: Path, amqp_url: str):
     fed = make_federation(tmp_path / "fed", sites=("alpha",))
     # the site kit's keys are the federation's: alpha signs with its pinned key
     settings = fed.settings(amqp_url=amqp_url, buffer_size=1)
-    declare_topology(amqp_url)
+    declare_topology(amqp_url, sites=("alpha",))
     site_settings = kit.settings(amqp_url=amqp_url, secret_context=fed.keys_dir / "site-secret.ckks",
                                  signing_key=fed.site_keys_dir / "alpha.hybrid", join_wait_s=20.0,
                                  aggregator_public_key=fed.keys_dir / "aggregator.hybrid.pub",
