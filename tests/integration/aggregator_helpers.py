@@ -120,12 +120,13 @@ def connect(url: str):  # type: ignore[no-untyped-def]
     return pika.BlockingConnection(params)
 
 
-def declare_topology(url: str) -> None:
-    from broker.topology import EXCHANGES, aggregator_queue_specs, declare
+def declare_topology(url: str, sites: tuple[str, ...] = ()) -> None:
+    """What an administrator declares: the aggregator's queues and each named site's queue."""
+    from broker.topology import EXCHANGES, aggregator_queue_specs, declare, site_queue_spec
 
     conn = connect(url)
     try:
-        declare(conn.channel(), EXCHANGES, aggregator_queue_specs())
+        declare(conn.channel(), EXCHANGES, (*aggregator_queue_specs(), *(site_queue_spec(s) for s in sites)))
     finally:
         conn.close()
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from shared.ckks import init_keys
-from shared.signing import generate_site_key, private_key_path
+from shared.signing import AGGREGATOR_KEY_NAME, generate_aggregator_key, generate_site_key, private_key_path, public_key_path
 from site_agent.settings import SiteSettings
 
 
@@ -31,6 +31,7 @@ class SiteKit:
             signing_key=private_key_path(self.site_keys_dir, site_id), manifest=self.manifest,
             state_dir=self.root / "state" / site_id, model_preset="small_cnn", image_size=28,
             batch_size=8, planned_rounds=3, target_epsilon=5.0, progress_bars=False, log_json=False,
+            aggregator_public_key=public_key_path(self.root / "keys", AGGREGATOR_KEY_NAME),
         )
         base.update(over)
         return SiteSettings(**base)
@@ -58,6 +59,7 @@ def write_pngs(folder: Path, n_per_split: dict[str, int], size: int = 32, seed: 
 
 def make_site_kit(root: Path, sites: tuple[str, ...] = ("alpha",), n_train: int = 24, n_val: int = 12) -> SiteKit:
     keys = init_keys(root / "keys")
+    generate_aggregator_key(root / "keys")  # sites verify every version against its public half
     site_keys = root / "site-keys"
     for s in sites:
         generate_site_key(site_keys, s)

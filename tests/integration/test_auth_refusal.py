@@ -14,6 +14,7 @@ import pytest
 
 from integration.aggregator_helpers import make_federation
 from integration.site_kit import make_site_kit
+from shared.signing import AGGREGATOR_KEY_NAME, private_key_path
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,8 @@ def _run(argv: list[str], url: str) -> subprocess.CompletedProcess:
 def test_aggregator_exits_after_repeated_403(tmp_path, amqp_url):
     fed = make_federation(tmp_path, sites=("alpha",))
     proc = _run(["aggregator", "run", "--state-dir", str(tmp_path / "state"), "--public-context", str(fed.public_path),
-                 "--site-keys", str(fed.site_keys_dir)], _wrong_password(amqp_url))
+                 "--site-keys", str(fed.site_keys_dir),
+                 "--signing-key", str(private_key_path(fed.keys_dir, AGGREGATOR_KEY_NAME))], _wrong_password(amqp_url))
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("fedmq: error: giving up after 3 refusals in a row"), last
@@ -48,7 +50,7 @@ def test_site_exits_after_repeated_403(tmp_path, amqp_url):
     cfg = tmp_path / "site.toml"
     cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
         ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key),
-        ("manifest", s.manifest), ("state_dir", s.state_dir))) + "\n")
+        ("manifest", s.manifest), ("state_dir", s.state_dir), ("aggregator_public_key", s.aggregator_public_key))) + "\n")
     proc = _run(["site", "run", "--config", str(cfg)], _wrong_password(amqp_url))
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]

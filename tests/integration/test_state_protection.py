@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.signing import AGGREGATOR_KEY_NAME, private_key_path, public_key_path
+
 from aggregator.status_cli import render
 from integration.aggregator_helpers import (
     AggregatorThread, GlobalListener, connect, declare_topology, make_federation, publish, random_delta,
@@ -53,7 +55,7 @@ def test_sequence_backwards_is_answered_on_the_site_queue_and_shown_in_status(tm
 
     fed = make_federation(tmp_path, sites=("alpha",))
     settings = fed.settings(amqp_url=amqp_url, buffer_size=1)
-    declare_topology(amqp_url)
+    declare_topology(amqp_url, sites=("alpha",))
     conn = connect(amqp_url)
     topology.declare(conn.channel(), topology.EXCHANGES, (topology.site_queue_spec("alpha"),))
     conn.close()
@@ -101,10 +103,11 @@ def test_sequence_backwards_is_answered_on_the_site_queue_and_shown_in_status(tm
 def test_second_aggregator_on_one_state_dir_exits_with_a_clear_message(tmp_path, amqp_url):
     fed = make_federation(tmp_path, sites=("alpha",))
     settings = fed.settings(amqp_url=amqp_url, buffer_size=1)
-    declare_topology(amqp_url)
+    declare_topology(amqp_url, sites=("alpha",))
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_CHECK_USER_ID="false", FEDMQ_LOG_JSON="false")
     args = [sys.executable, "-m", "shared.cli", "aggregator", "run", "--state-dir", str(settings.state_dir), "--buffer-size", "1",
-            "--amqp-url", amqp_url, "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir)]
+            "--amqp-url", amqp_url, "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir),
+            "--signing-key", str(settings.signing_key)]
     with AggregatorThread(settings):
         proc = subprocess.run([*args, "--metrics-port", "0"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
@@ -120,9 +123,10 @@ def _known_site(tmp_path: Path, amqp_url: str):
     fed = make_federation(tmp_path / "fed", sites=("alpha",))
     # the site kit's keys are the federation's: alpha signs with its pinned key
     settings = fed.settings(amqp_url=amqp_url, buffer_size=1)
-    declare_topology(amqp_url)
+    declare_topology(amqp_url, sites=("alpha",))
     site_settings = kit.settings(amqp_url=amqp_url, secret_context=fed.keys_dir / "site-secret.ckks",
-                                 signing_key=fed.site_keys_dir / "alpha.ed25519", join_wait_s=20.0,
+                                 signing_key=private_key_path(fed.site_keys_dir, "alpha"), join_wait_s=20.0,
+                                 aggregator_public_key=public_key_path(fed.keys_dir, AGGREGATOR_KEY_NAME),
                                  reconnect_initial_s=0.1)
     return fed, settings, site_settings
 

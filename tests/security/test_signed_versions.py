@@ -116,7 +116,7 @@ def setup(tmp_path: Path, amqp_url: str):  # type: ignore[no-untyped-def]
     site = _Site(SiteAgent(settings, SiteRuntime.open(settings, load_data=False)))
     site.thread.start()
     try:
-        site.wait(lambda: site.agent._channel is not None, "the site agent to connect")
+        site.wait(site.agent.connected.is_set, "the site agent to connect")
         yield fed, engine, deltas, snaps, agg_key, site, amqp_url
     finally:
         site.agent.stop()
