@@ -53,7 +53,7 @@ class SiteAgent:
         self.rt = runtime or SiteRuntime.open(settings)
         self.guard = VersionGuard(load_public_key(settings.aggregator_public_key), settings.state_dir, settings.shard_count)
         self.version_metrics = SiteVersionMetrics()
-        self.receiver = GlobalModelReceiver(self.rt.state, self.rt.ctx, self.rt.layout.fingerprint, self.rt.layout.size,
+        self.receiver = GlobalModelReceiver(self.rt.owner, self.rt.ctx, self.rt.layout.fingerprint, self.rt.layout.size,
                                             shard_count=settings.shard_count, guard=self.guard)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None

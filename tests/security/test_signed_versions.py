@@ -128,7 +128,12 @@ def test_site_refuses_bad_versions_and_audit_chains(setup, caplog) -> None:  # t
     fed, engine, deltas, snaps, agg_key, site, url = setup
     caplog.set_level(logging.ERROR, logger="site_agent.service")
     agent = site.agent
-    state = agent.rt.state
+
+    class _Held:  # what the site holds now, read through its state owner
+        version = property(lambda self: agent.rt.state.version)
+        global_sum = property(lambda self: agent.rt.owner.model_sum()[0])
+
+    state = _Held()
 
     def send(bodies: list[bytes]) -> None:
         publish(url, bodies, exchange=topology.GLOBAL_EXCHANGE, routing_key="")

@@ -52,7 +52,10 @@ def test_second_process_on_a_state_dir_is_refused_with_a_clear_message(kit, tmp_
     try:
         with pytest.raises(StateDirLocked, match="in use by another fedmq process.*pid"):
             SiteRuntime.open(kit.settings(state_dir=state), load_data=False)
-        agg = AggregatorSettings(public_context=kit.public_context, site_keys_dir=kit.site_keys_dir, state_dir=state)
+        from shared.signing import AGGREGATOR_KEY_NAME, private_key_path
+
+        agg = AggregatorSettings(public_context=kit.public_context, site_keys_dir=kit.site_keys_dir, state_dir=state,
+                                 signing_key=private_key_path(kit.root / "keys", AGGREGATOR_KEY_NAME))
         with pytest.raises(StateDirLocked, match="write-ahead log"):
             AggregatorEngine(agg)
         assert not (state / "checkpoint.msgpack").exists(), "nothing may be written before the lock"
@@ -61,7 +64,7 @@ def test_second_process_on_a_state_dir_is_refused_with_a_clear_message(kit, tmp_
         s = kit.settings(state_dir=state)
         cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
             ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key),
-            ("manifest", s.manifest), ("state_dir", state))) + "\n")
+            ("manifest", s.manifest), ("state_dir", state), ("aggregator_public_key", s.aggregator_public_key))) + "\n")
         proc = subprocess.run([sys.executable, "-m", "shared.cli", "site", "run", "--config", str(cfg)],
                               capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert proc.returncode == 2 and "in use by another fedmq process" in proc.stderr, proc.stderr
@@ -77,7 +80,8 @@ def test_a_lost_ledger_is_refused_never_reset(kit, tmp_path):
     settings = kit.settings(state_dir=tmp_path / "s")
     rt = SiteRuntime.open(settings)
     assert rt.why_not_contribute() is None  # opens (creates) the ledger
-    rt.state.updates_sent = 2
+    with rt.owner.edit() as st:
+        st.updates_sent = 2
     rt.save_state()
     rt.dir_lock.release()
     ledger = settings.state_dir / LEDGER_FILE
@@ -115,9 +119,10 @@ def test_a_diverged_model_pauses_the_site_before_any_budget_is_spent(kit, tmp_pa
     eps0 = rt.epsilon_spent()
     # the server step scaled by the image count: x = x0 + 2000 * (a normal update)
     rng = np.random.default_rng(0)
-    rt.state.global_sum = rng.normal(0, 1.0, rt.model.x0.size)
-    rt.state.value_scale = 2000.0 * 0.01
-    rt.state.version = 1
+    with rt.owner.edit() as st:
+        st.global_sum = rng.normal(0, 1.0, rt.model.x0.size)
+        st.value_scale = 2000.0 * 0.01
+        st.version = 1
     diverged = rt.evaluate_current()
     assert diverged["loss"] > 10 * healthy["loss"]
     alert = rt.observe_version(diverged)
@@ -148,7 +153,8 @@ def test_fedmq_site_resume_lifts_a_pause(kit, tmp_path, capsys):
     cfg = tmp_path / "site.toml"
     cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
         ("site_id", settings.site_id), ("secret_context", settings.secret_context),
-        ("signing_key", settings.signing_key), ("manifest", settings.manifest), ("state_dir", settings.state_dir))) + "\n")
+        ("signing_key", settings.signing_key), ("manifest", settings.manifest), ("state_dir", settings.state_dir),
+        ("aggregator_public_key", settings.aggregator_public_key))) + "\n")
     PauseFile(settings.state_dir).pause("sequence-backwards", "state directory restored from an old copy")
     rt = SiteRuntime.open(settings, load_data=False)
     assert "paused until `fedmq site resume`" in (rt.why_not_contribute() or "")
