@@ -35,7 +35,7 @@ from aggregator.update_guard import check_pending_room, check_update_id
 from aggregator.wal import WriteAheadLog, read_records, write_segment
 from broker.topology import DETAIL_HEADER, REASON_HEADER
 from shared.atomic import atomic_write_json
-from shared.chunking import Assembled, ChunkAssembler, chunk_blocks, header_of
+from shared.chunking import ChunkAssembler, chunk_blocks, header_of
 from aggregator.blockstore import CiphertextStore
 from aggregator.he_guard import check_chunk_ciphertexts, check_headroom
 from shared.ckks import HeVector, LoadedContext, check_ciphertext, load_ciphertext, load_context
@@ -55,6 +55,7 @@ from shared.errors import (
     WireError,
 )
 from shared.schema import Contributor, EncryptedBlock, GlobalVersionChunk, Rejection, UpdateChunk
+from shared.sharding import block_shard
 from shared.signing import SigningKey, load_pinned_keys, load_private_key, sign_version, verify_chunk
 from shared.statelock import lock_state_dir
 
@@ -349,7 +350,7 @@ class AggregatorEngine:
                 )
             if self.settings.shard_count > 1:
                 for b in chunk.block_indices:
-                    if foldmod.block_shard(b, chunk.total_blocks, self.settings.shard_count) != self.settings.shard_index:
+                    if block_shard(b, chunk.total_blocks, self.settings.shard_count) != self.settings.shard_index:
                         raise WrongShard(f"block {b} belongs to another shard")
             check_chunk_ciphertexts(self.ctx, chunk)  # each block's bytes; a reason per kind of damage
             uid = chunk.update_id

@@ -24,6 +24,7 @@ from shared.chunking import chunk_blocks
 from shared.ckks import LoadedContext
 from shared.ckks_pool import encrypt_blocks_parallel
 from shared.schema import EncryptedBlock, UpdateChunk
+from shared.sharding import block_shard
 from shared.signing import SigningKey, sign_chunk
 from shared.sparsify import SparsityMode, sparsify
 from shared.update_ids import shard_update_id
@@ -122,7 +123,7 @@ def build_update(
     created_at = time.time()
     chunks: list[UpdateChunk] = []
     for shard in range(n):
-        mine = [b for b in blocks if b.index * n // total == shard] if n > 1 else blocks
+        mine = [b for b in blocks if block_shard(b.index, total, n) == shard] if n > 1 else blocks
         template = UpdateChunk(
             chunk_index=0,
             chunk_count=1,

@@ -10,7 +10,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from aggregator.fold import owned_blocks, weight_units
+from aggregator.fold import weight_units
+from shared.sharding import owned_blocks
 from broker.topology import (
     CONTROL_EXCHANGE, EXCHANGES, GLOBAL_EXCHANGE, SITE_DIRECT_EXCHANGE, SNAPSHOT_REQUEST_KEY, aggregator_queue_specs,
     declare, shard_key,

@@ -11,7 +11,10 @@ from broker.harness import Namespace
 
 
 @dataclass(frozen=True)
-class Federation:
+class ProvisionedVhost:
+    """A vhost provisioned as for a real federation: the aggregator and two site users with
+    fedmq's permissions, and their URLs (what the security tests attack)."""
+
     namespace: Namespace
     admin_url: str
     site_a: str
