@@ -34,7 +34,7 @@ def _publish(url: str, bodies: list[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from broker.cluster import LocalRabbitCluster
+    from testkit.cluster import LocalRabbitCluster
     from broker.local_node import find_rabbitmq_install
 
     if find_rabbitmq_install() is None:

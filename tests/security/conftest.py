@@ -14,7 +14,7 @@ import pika
 import pytest
 
 from broker import provision
-from broker.harness import Broker
+from testkit.broker import Broker
 from tests.security.helpers import ProvisionedVhost, connect
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pika
 
 from broker import provision
-from broker.harness import Namespace
+from testkit.broker import Namespace
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pika.exceptions
 import pytest
 
 from broker import topology
-from broker.harness import Broker
+from testkit.broker import Broker
 from broker.local_node import GUEST_USER
 from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
 from tests.security.helpers import ProvisionedVhost, connect

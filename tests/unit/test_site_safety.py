@@ -43,6 +43,7 @@ def _hold(state_dir: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_second_process_on_a_state_dir_is_refused_with_a_clear_message(kit, tmp_path):
     from aggregator.engine import AggregatorEngine
     from aggregator.settings import AggregatorSettings
@@ -135,6 +136,7 @@ def test_a_diverged_model_pauses_the_site_before_any_budget_is_spent(kit, tmp_pa
     assert guard["alert"] == alert
 
 
+@pytest.mark.slow  # trains DP rounds
 def test_long_rounds_log_a_progress_line_every_n_steps(kit, tmp_path, caplog):
     settings = kit.settings(state_dir=tmp_path / "s", dp_enabled=False, batch_size=2, local_epochs=2,
                             progress_every_steps=5)
