@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 FEDMQ_DATA_ROOT ?= $(if $(wildcard ../shared/data/pneumoniamnist.npz),$(abspath ../shared/data),)
 export FEDMQ_DATA_ROOT
 
-.PHONY: venv test faults demo async-vs-sync bench bench-crypto bench-gpu broker-local clean
+.PHONY: venv test test-fast faults demo async-vs-sync bench bench-crypto bench-gpu broker-local clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The edit-run loop: unit tests only, no broker and nothing marked slow (under a minute).
+test-fast: venv
+	$(PY) -m pytest -q -m "not broker and not slow" tests/unit $(PYTEST_ARGS)
 
 # Fault injection on live federations (>= 20 aggregator SIGKILLs, a broker restart, broker-side
 # connection closes, a site killed mid-publish) + fuzzing; writes reports/faults/results.json.

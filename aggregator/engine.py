@@ -4,7 +4,8 @@
 appends it to the write-ahead log (fsync) and returns a ``Decision``; the caller acks the
 message (or dead-letters a refused one) and then calls ``apply(decision)``, which assembles
 chunks and folds complete updates, committing a version every K folds. What must go out on
-the broker comes back as ``Outgoing`` values; the consumer publishes them.
+the broker comes back as ``Outgoing`` values naming an ``Intent`` (never an exchange); the
+service maps intents onto topology names and publishes them.
 
 Durable state (``state_dir``): ``checkpoint.msgpack`` (D_v and bookkeeping at the last
 commit), ``wal-<version>.log`` (every accepted chunk since), ``status.json``. On start the
@@ -14,6 +15,7 @@ at any point folds each acknowledged update exactly once.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections import deque
@@ -31,9 +33,9 @@ from aggregator.policy import Admission, Policy
 from aggregator.settings import AggregatorSettings
 from aggregator.update_guard import check_pending_room, check_update_id
 from aggregator.wal import WriteAheadLog, read_records, write_segment
-from broker.topology import DEAD_LETTER_EXCHANGE, DETAIL_HEADER, GLOBAL_EXCHANGE, REASON_HEADER, SITE_DIRECT_EXCHANGE
+from broker.topology import DETAIL_HEADER, REASON_HEADER
 from shared.atomic import atomic_write_json
-from shared.chunking import Assembled, ChunkAssembler, chunk_blocks, header_of
+from shared.chunking import ChunkAssembler, chunk_blocks, header_of
 from aggregator.blockstore import CiphertextStore
 from aggregator.he_guard import check_chunk_ciphertexts, check_headroom
 from shared.ckks import HeVector, LoadedContext, check_ciphertext, load_ciphertext, load_context
@@ -53,6 +55,7 @@ from shared.errors import (
     WireError,
 )
 from shared.schema import Contributor, EncryptedBlock, GlobalVersionChunk, Rejection, UpdateChunk
+from shared.sharding import block_shard
 from shared.signing import SigningKey, load_pinned_keys, load_private_key, sign_version, verify_chunk
 from shared.statelock import lock_state_dir
 
@@ -83,10 +86,19 @@ class BadCiphertext(WireError):
 CrashHook = Callable[[str], None]
 
 
+class Intent(enum.Enum):
+    """Where an outgoing message should go, without naming broker objects: the service maps
+    each intent onto topology names (``AggregatorService`` via ``aggregator.consumer.route``)."""
+
+    VERSION_TO_ALL = "version-to-all"  # a global version for every site (the fanout)
+    TO_SITE = "to-site"  # a snapshot or notice for one site's own queue (``site_id``)
+    DEAD_LETTER = "dead-letter"  # a refusal record for the operators' dead-letter queue
+
+
 @dataclass
 class Outgoing:
-    exchange: str
-    routing_key: str
+    intent: Intent
+    site_id: str | None
     body: bytes
     kind: Literal["delta", "snapshot", "dead-letter", "notice"]
     headers: dict[str, Any] | None = None
@@ -97,9 +109,9 @@ class _VersionMessage(Outgoing):
     version is ~290 MB of messages, which would otherwise sit in memory beside D until sent. The
     chunk holds the block bytes of its own commit, so a later commit cannot change it."""
 
-    def __init__(self, exchange: str, routing_key: str, chunk: GlobalVersionChunk,
+    def __init__(self, intent: Intent, site_id: str | None, chunk: GlobalVersionChunk,
                  kind: Literal["delta", "snapshot"]) -> None:
-        self.exchange, self.routing_key, self.kind, self.headers = exchange, routing_key, kind, None
+        self.intent, self.site_id, self.kind, self.headers = intent, site_id, kind, None
         self.chunk = chunk
 
     @property  # type: ignore[override]
@@ -338,7 +350,7 @@ class AggregatorEngine:
                 )
             if self.settings.shard_count > 1:
                 for b in chunk.block_indices:
-                    if foldmod.block_shard(b, chunk.total_blocks, self.settings.shard_count) != self.settings.shard_index:
+                    if block_shard(b, chunk.total_blocks, self.settings.shard_count) != self.settings.shard_index:
                         raise WrongShard(f"block {b} belongs to another shard")
             check_chunk_ciphertexts(self.ctx, chunk)  # each block's bytes; a reason per kind of damage
             uid = chunk.update_id
@@ -495,13 +507,13 @@ class AggregatorEngine:
 
     def _notice(self, reason: str, detail: str, site: str | None, uid: str | None) -> Outgoing:
         body = encode_rejection(Rejection(reason=reason, detail=detail[:2000], site_id=site, update_id=uid))
-        return Outgoing(DEAD_LETTER_EXCHANGE, "", body, "dead-letter", {REASON_HEADER: reason, DETAIL_HEADER: detail[:2000]})
+        return Outgoing(Intent.DEAD_LETTER, None, body, "dead-letter", {REASON_HEADER: reason, DETAIL_HEADER: detail[:2000]})
 
     def _site_notice(self, reason: str, detail: str, site: str, uid: str | None) -> Outgoing:
         """A notice on the site's own queue (site-direct exchange), so the site itself learns of it."""
         body = encode_rejection(Rejection(reason=reason, detail=detail[:2000], site_id=site, update_id=uid,
                                           last_seq=self.site_seq.get(site, 0)))
-        return Outgoing(SITE_DIRECT_EXCHANGE, site, body, "notice", {REASON_HEADER: reason})
+        return Outgoing(Intent.TO_SITE, site, body, "notice", {REASON_HEADER: reason})
 
     def _commit(self, carry: list[dict[str, Any]]) -> list[Outgoing]:
         changed = foldmod.commit(self.D, self.buffer)  # the store serializes each changed block
@@ -564,8 +576,8 @@ class AggregatorEngine:
         )
         chunks = [sign_version(c, self.signing_key) for c in chunk_blocks(template, blocks, self.settings.max_message_bytes)]
         if target_site is None:
-            return [_VersionMessage(GLOBAL_EXCHANGE, "", c, mode) for c in chunks]
-        return [_VersionMessage(SITE_DIRECT_EXCHANGE, target_site, c, mode) for c in chunks]
+            return [_VersionMessage(Intent.VERSION_TO_ALL, None, c, mode) for c in chunks]
+        return [_VersionMessage(Intent.TO_SITE, target_site, c, mode) for c in chunks]
 
     def snapshot(self, target_site: str | None = None, since: int | None = None) -> list[Outgoing]:
         """Every block of the current version, with the audit records a site needs to reach it

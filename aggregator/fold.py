@@ -38,15 +38,6 @@ def value_scale(server_lr: float, quantum: int, buffer_size: int) -> float:
     return float(server_lr) / (quantum * buffer_size)
 
 
-def owned_blocks(total_blocks: int, shard_index: int, shard_count: int) -> range | list[int]:
-    """Shard i of n owns blocks with ``block * n // total == i``."""
-    if shard_count == 1:
-        return range(total_blocks)
-    return [b for b in range(total_blocks) if b * shard_count // total_blocks == shard_index]
-
-
-def block_shard(block: int, total_blocks: int, shard_count: int) -> int:
-    return block * shard_count // total_blocks
 
 
 def fold_into(

@@ -31,8 +31,8 @@ def _rate(fn: Callable[[], Any], min_s: float = 0.3, min_n: int = 20) -> float:
 
 
 def signature_costs(sz: Any, tmp: Path, overhead: dict[str, Any] | None = None) -> dict[str, Any]:
-    from benchmarks.suite import LAYOUT_FP, _engine_version_seconds, build, make_keys, median
-    from shared.audit import ChainFile, load_chain
+    from benchmarks.suite import _engine_version_seconds, build, make_keys, median
+    from shared.audit import load_chain
     from shared.codec import decode_update_chunk
     from shared.signing import (
         SigningKey,

@@ -209,42 +209,37 @@ def fresh_url(node: Any) -> str:
 
 
 def _connect(url: str):  # type: ignore[no-untyped-def]
-    import pika
+    """A confirm-mode link through the transport seam (pika stays in broker/)."""
+    from broker.connection import connect
+    from broker.transport import AmqpLink
 
-    params = pika.URLParameters(url)
-    params.connection_attempts = 10
-    params.retry_delay = 0.5
-    return pika.BlockingConnection(params)
+    return AmqpLink(connect(url, attempts=10))
 
 
 def declare_all(url: str, shards: int = 1) -> None:
-    from broker.topology import EXCHANGES, aggregator_queue_specs, declare
+    from broker.topology import EXCHANGES, aggregator_queue_specs
 
-    conn = _connect(url)
+    link = _connect(url)
     try:
-        declare(conn.channel(), EXCHANGES, aggregator_queue_specs(shards))
+        link.declare(EXCHANGES, aggregator_queue_specs(shards))
     finally:
-        conn.close()
+        link.close()
 
 
 def publish(url: str, bodies: list[bytes], shard_of: Callable[[bytes], int] | None = None) -> float:
     """Publish with confirms; returns the seconds it took."""
-    import pika
-
     from broker.topology import UPDATES_EXCHANGE, shard_key
+    from broker.transport import Message
 
-    conn = _connect(url)
+    link = _connect(url)
     try:
-        ch = conn.channel()
-        ch.confirm_delivery()
         t = time.perf_counter()
         for body in bodies:
             key = shard_key(shard_of(body) if shard_of else 0)
-            ch.basic_publish(UPDATES_EXCHANGE, key, body,
-                             pika.BasicProperties(delivery_mode=2, content_type="application/x-msgpack"), mandatory=True)
+            link.publish(Message(UPDATES_EXCHANGE, key, body, mandatory=True))
         return time.perf_counter() - t
     finally:
-        conn.close()
+        link.close()
 
 
 class _AggThread:
@@ -604,11 +599,11 @@ def _spawn_shard(keys: Keys, url: str, state: Path, index: int, count: int, K: i
 
 
 def _consumers(url: str, queue: str) -> int:
-    conn = _connect(url)
+    link = _connect(url)
     try:
-        return conn.channel().queue_declare(queue, passive=True).method.consumer_count
+        return link.consumer_count(queue)
     finally:
-        conn.close()
+        link.close()
 
 
 def _status_version(state: Path) -> int:

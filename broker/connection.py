@@ -105,7 +105,6 @@ def connect(
     in order and takes the first that answers. A single URL behaves exactly as before."""
     backoff = backoff or Backoff()
     last: Exception | None = None
-    urls = split_urls(url)
     for _ in range(attempts):
         try:
             params = parameters_list(url, heartbeat, name, tls)

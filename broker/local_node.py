@@ -143,7 +143,7 @@ class LocalRabbitNode:
         start_timeout: seconds :meth:`start` waits for the node to become usable.
         install: the RabbitMQ scripts to use; found with :func:`find_rabbitmq_install` when None.
         cookie: the Erlang cookie; a random one when None. Nodes meant to form a cluster
-            (:mod:`broker.cluster`) share one.
+            (the test kit's ``tests/testkit/cluster.py``) share one.
         epmd_port: the epmd port; a free one when None. Clustered nodes must share one epmd to
             find each other.
         amqp_port: the AMQP port; a free one when None. A pilot that runs the node for good

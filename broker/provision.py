@@ -65,7 +65,7 @@ SITE_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 NOTHING = "^$"
 
 #: runs ``rabbitmqctl <args>`` against the target node and returns stdout, raising on failure
-#: (``broker.harness.Broker.rabbitmqctl`` and ``LocalRabbitNode.rabbitmqctl`` both fit)
+#: (the test kit's ``Broker.rabbitmqctl`` and ``LocalRabbitNode.rabbitmqctl`` both fit)
 CtlRunner = Callable[..., str]
 
 
@@ -108,10 +108,6 @@ def check_site_id(site_id: str) -> str:
     if site_id in {AGGREGATOR_USER, ADMIN_USER}:
         raise ProvisionError(f"site id {site_id!r} collides with a service user")
     return site_id
-
-
-def aggregator_queue_names(shards: int = 1) -> list[str]:
-    return [q.name for q in topology.aggregator_queue_specs(shards)]
 
 
 def aggregator_permissions(shards: int = 1) -> Permissions:

@@ -115,7 +115,7 @@ def write_report(result: FederationResult, spec: FederationSpec, out: Path) -> N
         "|---|---|",
         f"| versions published | {data['versions']} |",
         f"| wall time | {data['wall_seconds']} s |",
-        f"| selected model (best validation AUC) | "
+        "| selected model (best validation AUC) | "
         + ("EMA of the versions up to " if data["selected_model"] == "ema" else "global version ")
         + f"{data['selected_version']} |",
         f"| test AUC (official test split, 624 images) | {_f(data['test_auc'])} |",

@@ -500,7 +500,6 @@ def run_federation_sim(
     decides when each site's update arrives, never what the aggregator does with it.
     ``on_engine`` (tests) sees the driver before its temporary state is removed.
     """
-    from shared.ckks import get_preset
     from shared.codec import DEFAULT_MAX_MESSAGE_BYTES, encode_update_chunk
     from site_agent.update_builder import UpdateIdentity, build_update
 

@@ -12,6 +12,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from shared.sharding import block_shard
+
 SCHEMA_VERSION = 1
 
 SiteId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -79,7 +81,7 @@ class ChunkedMessage(WireModel):
             raise ValueError("shard_index must be < shard_count")
         if self.shard_count > 1:
             n, total = self.shard_count, self.total_blocks
-            if any(b * n // total != self.shard_index for b in self.block_indices):
+            if any(block_shard(b, total, n) != self.shard_index for b in self.block_indices):
                 raise ValueError("block_indices outside the shard's block range")
         if list(self.block_indices) != sorted(set(self.block_indices)):
             raise ValueError("block_indices must be sorted and unique")

@@ -14,7 +14,6 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from shared.ckks import DEFAULT_PRESET
 from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
 from shared.errors import ConfigError
 
@@ -29,8 +28,6 @@ class FedmqSettings(BaseSettings):
     #: largest chunk this party makes or accepts; capped at the codec's default so that the
     #: broker's max_message_size (broker.topology.BROKER_MAX_MESSAGE_SIZE, 2x) always admits it
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=64 * 1024, le=DEFAULT_MAX_MESSAGE_BYTES)
-    #: CKKS parameter preset (shared.ckks.PRESETS); federation-wide
-    ckks_preset: str = DEFAULT_PRESET
     #: fedmq's own log level; pika/Opacus stay quiet unless DEBUG
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: one JSON object per log line (for a SIEM); false: plain text

@@ -13,7 +13,6 @@ import ast
 import inspect
 import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
 from pydantic.fields import FieldInfo

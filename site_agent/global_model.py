@@ -23,8 +23,10 @@ from shared.chunking import Assembled, ChunkAssembler
 from shared.ckks import LoadedContext, decrypt_block
 from shared.errors import KeyMismatch, LayoutMismatch
 from shared.schema import GlobalVersionChunk
+from shared.sharding import shard_block_range
 from site_agent.model_state import model_vector
 from site_agent.state import SiteState
+from site_agent.state_owner import SiteStateOwner
 from site_agent.version_guard import VersionGuard
 
 logger = logging.getLogger(__name__)
@@ -52,10 +54,13 @@ class ShardMismatch(LayoutMismatch):
 
 class GlobalModelReceiver:
     def __init__(
-        self, state: SiteState, ctx: LoadedContext, layout_fingerprint: str, model_size: int, shard_count: int = 1,
-        *, guard: VersionGuard,
+        self, state: SiteStateOwner | SiteState, ctx: LoadedContext, layout_fingerprint: str, model_size: int,
+        shard_count: int = 1, *, guard: VersionGuard,
     ) -> None:
-        self.state = state
+        """``state``: the site's state owner (a bare ``SiteState`` gets a private owner: single-
+        threaded tools such as the evaluator)."""
+        self.owner = state if isinstance(state, SiteStateOwner) else SiteStateOwner(state)
+        self.site_id = self.owner.view().site_id
         #: signatures, rollback/replay and the audit chain (site_agent/version_guard.py)
         self.guard = guard
         self.ctx = ctx
@@ -64,23 +69,25 @@ class GlobalModelReceiver:
         self.shard_count = shard_count
         self.assembler: ChunkAssembler[GlobalVersionChunk] = ChunkAssembler(version_key, max_pending=16 * shard_count)
         if shard_count > 1:
-            held = state.shard_versions
-            if held is None:
-                # a state written before sharding (or fresh): its single version is shard-less
-                if state.version != 0:
-                    logger.warning("site state holds version %d of an unsharded aggregator; "
-                                   "tracking %d shards from 0", state.version, shard_count)
-                state.shard_versions = [0] * shard_count
-            elif len(held) != shard_count:
-                raise ShardMismatch(f"site state tracks {len(held)} shards, settings say {shard_count}")
-            state.version = sum(state.shard_versions)
+            with self.owner.edit() as st:
+                held = st.shard_versions
+                if held is None:
+                    # a state written before sharding (or fresh): its single version is shard-less
+                    if st.version != 0:
+                        logger.warning("site state holds version %d of an unsharded aggregator; "
+                                       "tracking %d shards from 0", st.version, shard_count)
+                    st.shard_versions = [0] * shard_count
+                elif len(held) != shard_count:
+                    raise ShardMismatch(f"site state tracks {len(held)} shards, settings say {shard_count}")
+                st.version = sum(st.shard_versions)
 
     def shard_version(self, shard: int = 0) -> int:
         """The version held of one shard (the version, with one shard)."""
+        view = self.owner.view()
         if self.shard_count == 1:
-            return self.state.version
-        assert self.state.shard_versions is not None
-        return self.state.shard_versions[shard]
+            return view.version
+        assert view.shard_versions is not None
+        return view.shard_versions[shard]
 
     def versions(self) -> tuple[int, ...]:
         return tuple(self.shard_version(i) for i in range(self.shard_count))
@@ -89,7 +96,7 @@ class GlobalModelReceiver:
         """Feed one chunk; returns what happened once its version is complete."""
         shard = chunk.shard_index
         self.guard.check_signature(chunk)
-        if chunk.target_site is not None and chunk.target_site != self.state.site_id:
+        if chunk.target_site is not None and chunk.target_site != self.site_id:
             return ApplyResult("not-for-us", self.shard_version(0), chunk.version, shard)
         if chunk.key_fingerprint != self.ctx.fingerprint:
             raise KeyMismatch(f"global version under key {chunk.key_fingerprint}, ours is {self.ctx.fingerprint}")
@@ -117,32 +124,34 @@ class GlobalModelReceiver:
         new_records = self.guard.check_audit(head)
         block = head.block_size
         size = head.total_blocks * block
-        if self.state.global_sum.size != size:
-            self.state.global_sum = np.zeros(size)
-        if head.mode == "delta":
-            target = self.state.global_sum
-        elif self.shard_count == 1:
-            target = np.zeros(size)
-        else:  # a shard's snapshot replaces that shard's block range only
-            target = self.state.global_sum.copy()
-            n, total = self.shard_count, head.total_blocks
-            lo = next(b for b in range(total) if b * n // total == shard)
-            hi = next((b for b in range(lo, total) if b * n // total != shard), total)
-            target[lo * block : hi * block] = 0.0
-        for b in done.blocks:
-            target[b.index * block : (b.index + 1) * block] = decrypt_block(self.ctx, b.ciphertext)[:block]
+        # decrypt outside the state lock (the slow part); hand the values over under it
+        values = [(b.index, decrypt_block(self.ctx, b.ciphertext)[:block]) for b in done.blocks]
         self.guard.commit(head, new_records, done.chunks)
-        self.state.global_sum = target
-        if self.shard_count == 1:
-            self.state.version = head.version
-        else:
-            assert self.state.shard_versions is not None
-            self.state.shard_versions[shard] = head.version
-            self.state.version = sum(self.state.shard_versions)
-        self.state.value_scale = head.value_scale
+        with self.owner.edit() as st:
+            if st.global_sum.size != size:
+                st.global_sum = np.zeros(size)
+            if head.mode == "delta":
+                target = st.global_sum
+            elif self.shard_count == 1:
+                target = np.zeros(size)
+            else:  # a shard's snapshot replaces that shard's block range only
+                target = st.global_sum.copy()
+                lo, hi = shard_block_range(shard, head.total_blocks, self.shard_count)
+                target[lo * block : hi * block] = 0.0
+            for index, v in values:
+                target[index * block : (index + 1) * block] = v
+            st.global_sum = target
+            if self.shard_count == 1:
+                st.version = head.version
+            else:
+                assert st.shard_versions is not None
+                st.shard_versions[shard] = head.version
+                st.version = sum(st.shard_versions)
+            st.value_scale = head.value_scale
         logger.info("applied global version", extra={"version": head.version, "mode": head.mode,
                                                      "blocks": len(done.blocks), "shard": shard})
         return ApplyResult("applied", head.version, head.version, shard)
 
     def model_vector(self, x0: np.ndarray) -> np.ndarray:
-        return model_vector(x0, self.state.global_sum, self.state.value_scale)
+        global_sum, value_scale = self.owner.model_sum()
+        return model_vector(x0, global_sum, value_scale)

@@ -28,6 +28,7 @@ from site_agent.guard import GUARD_FILE, DivergenceGuard, PauseFile
 from site_agent.model_state import FederatedModel, model_vector
 from site_agent.settings import SiteSettings
 from site_agent.state import SiteState, SiteStateStore
+from site_agent.state_owner import SiteStateOwner, StateView
 from site_agent.training import DPConfig, LocalTrainer, PrivacyBudgetExhausted, TrainingConfig, evaluate
 from site_agent.training.device import resolve_device
 from site_agent.update_builder import UpdateIdentity, build_update
@@ -86,14 +87,14 @@ class SiteRuntime:
         self.model = model
         self.layout = model.layout
         self.store = store
-        self.state = state
+        #: the one owner of the mutable site state (site_agent/state_owner.py)
+        self.owner = SiteStateOwner(state, store)
         self.train = train
         self.val = val
         self.signing_key = load_private_key(settings.signing_key)
         self.trainer = LocalTrainer(training_config(settings), store.dir / LEDGER_FILE, progress=settings.progress_bars)
         self.trainer.progress_every = settings.progress_every_steps
         self.last_timings: dict[str, float] = {}
-        self._lock = threading.Lock()
         self.update_built_hook: UpdateBuiltHook | None = None
         self.guard = DivergenceGuard.open(store.dir / GUARD_FILE, settings.divergence_loss_factor,
                                           settings.divergence_flat_auc_versions)
@@ -132,15 +133,20 @@ class SiteRuntime:
         return cls(settings, ctx, model, store, state, train, val)
 
     # -- model ---------------------------------------------------------------------------
+    @property
+    def state(self) -> StateView:
+        """A consistent copy of the state's scalar fields (writes go through ``self.owner``)."""
+        return self.owner.view()
+
     def current_vector(self) -> np.ndarray:
-        return model_vector(self.model.x0, self.state.global_sum, self.state.value_scale)
+        global_sum, value_scale = self.owner.model_sum()
+        return model_vector(self.model.x0, global_sum, value_scale)
 
     def current_model(self) -> nn.Module:
         return self.model.to_module(self.current_vector())
 
     def save_state(self) -> None:
-        with self._lock:
-            self.store.save(self.state)
+        self.owner.save()
 
     def evaluate_current(self) -> dict[str, float]:
         if self.val is None or len(self.val) == 0:
@@ -199,11 +205,20 @@ class SiteRuntime:
             logger.warning("not training: paused", extra={"reason": paused})
             return False
         started = time.perf_counter()
-        base = self.current_vector()
+        global_sum, value_scale, view = self.owner.training_base()
+        if view.version != base_version or (shard_versions is not None and view.shard_versions != tuple(shard_versions)):
+            # a version was applied between the service's decision and this read: the update
+            # names the version its model really came from
+            logger.info("a newer global version arrived before the round started; training from it",
+                        extra={"asked": base_version, "held": view.version})
+            base_version = view.version
+            shard_versions = view.shard_versions if shard_versions is not None else None
+        seq = view.next_seq
+        base = model_vector(self.model.x0, global_sum, value_scale)
         try:
             result = self.trainer.train_round(
-                self.layout.unflatten(base), self.train.X, self.train.y, round_index=self.state.next_seq,
-                data_load_s=self.train.load_seconds if self.state.next_seq == 1 else 0.0,
+                self.layout.unflatten(base), self.train.X, self.train.y, round_index=seq,
+                data_load_s=self.train.load_seconds if seq == 1 else 0.0,
             )
         except PrivacyBudgetExhausted as exc:
             logger.warning("privacy budget exhausted; no longer contributing", extra={"detail": str(exc)})
@@ -213,10 +228,9 @@ class SiteRuntime:
             # Straggler emulation for experiments: stretch the round as a slower machine would.
             (stop or threading.Event()).wait(train_wall * (self.settings.slowdown_factor - 1.0))
         delta = self.layout.flatten(result.state_dict) - base
-        seq = self.state.next_seq
         built = build_update(
             delta,
-            self.state.residual,
+            self.owner.residual(),
             UpdateIdentity(self.settings.site_id, seq, base_version, float(result.n_samples)),
             self.ctx,
             self.layout.fingerprint,
@@ -231,13 +245,7 @@ class SiteRuntime:
         record_own_updates(self.store.dir, built.chunks)  # ciphertext digests, for proofs of inclusion
         if self.update_built_hook is not None:
             self.update_built_hook(self, seq, delta, base_version, float(result.n_samples))
-        with self._lock:
-            self.state.residual = built.residual
-            self.state.pending = encoded
-            self.state.pending_seq = seq
-            self.state.next_seq = seq + 1
-            self.state.last_trained_base = base_version
-            self.store.save(self.state)
+        self.owner.record_built(residual=built.residual, pending=encoded, seq=seq, base_version=base_version)
         self.last_timings = {
             **{k: round(v, 4) for k, v in result.timings.items()},
             "encrypt_s": round(built.encrypt_seconds, 4),
@@ -248,13 +256,7 @@ class SiteRuntime:
         return True
 
     def mark_pending_published(self) -> None:
-        with self._lock:
-            sent = sum(map(len, self.state.pending or []))
-            self.state.pending = None
-            self.state.pending_seq = None
-            self.state.updates_sent += 1
-            self.state.bytes_sent += sent
-            self.store.save(self.state)
+        self.owner.mark_published()
 
 
 def load_site_data(settings: SiteSettings) -> tuple[LoadedDataset, LoadedDataset]:

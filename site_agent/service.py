@@ -1,8 +1,8 @@
 """``fedmq site run``: the long-lived agent next to a hospital's images.
 
-Threads: the main thread owns the pika connection (heartbeats, consuming global versions,
-publishing with confirms); one worker thread trains. The worker never touches pika: it hands
-its finished, encrypted update back with ``connection.add_callback_threadsafe``. The update
+Threads: the main thread owns the broker link (``broker.transport``: heartbeats, consuming
+global versions, publishing with confirms); one worker thread trains. The worker never touches
+the link: it hands its finished, encrypted update back with ``Link.call_threadsafe``. The update
 is persisted (with the privacy ledger already charged) before the first chunk is published,
 so a crash mid-publish re-sends the same update id on restart instead of a new one.
 """
@@ -14,14 +14,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-import pika
-import pika.exceptions
 
 from broker import topology
-from broker.connection import AuthRefusals, Backoff, BrokerAuthenticationError, connect, username_of
-from shared.codec import CONTENT_TYPE, decode, encode
+from broker.connection import AuthRefusals, Backoff, username_of
+from broker.transport import Connect, Delivery, Link, Message, QueueMissing, amqp_connect, run_reconnecting
+from shared.codec import decode, encode
 from shared.errors import ConfigError, FedmqError, LayoutMismatch, UnknownMessageKind, WireError
 from shared.schema import GlobalVersionChunk, Rejection, SiteMetrics, SnapshotRequest
 from shared.signing import load_public_key
@@ -49,18 +46,21 @@ class KnownIdentityWithoutState(ConfigError):
 
 class SiteAgent:
     def __init__(
-        self, settings: SiteSettings, runtime: SiteRuntime | None = None, *, chunk_published_hook: ChunkPublishedHook | None = None
+        self, settings: SiteSettings, runtime: SiteRuntime | None = None, *, chunk_published_hook: ChunkPublishedHook | None = None,
+        connect: Connect | None = None,
     ) -> None:
         self.settings = settings
         self.rt = runtime or SiteRuntime.open(settings)
         self.guard = VersionGuard(load_public_key(settings.aggregator_public_key), settings.state_dir, settings.shard_count)
         self.version_metrics = SiteVersionMetrics()
-        self.receiver = GlobalModelReceiver(self.rt.state, self.rt.ctx, self.rt.layout.fingerprint, self.rt.layout.size,
+        self.receiver = GlobalModelReceiver(self.rt.owner, self.rt.ctx, self.rt.layout.fingerprint, self.rt.layout.size,
                                             shard_count=settings.shard_count, guard=self.guard)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self._conn: pika.BlockingConnection | None = None
-        self._channel: Any = None
+        self._connect = connect or amqp_connect(settings.amqp_url, name=f"fedmq-site-{settings.site_id}", tls=settings)
+        self._link: Link | None = None
+        #: set while consuming; cleared when the link is lost
+        self.connected = threading.Event()
         self._backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s)
         #: per shard: the message version a snapshot was last requested for (one request per gap)
         self._snapshot_requested_for: dict[int, int] = {}
@@ -87,55 +87,39 @@ class SiteAgent:
         """Connect, consume and train until stopped; reconnects with backoff after broker loss."""
         logger.info("site agent starting", extra={"site": self.settings.site_id, "version": self.rt.state.version})
         self.version_metrics.serve(self.settings.metrics_port)
-        while not self._stop.is_set():
-            try:
-                self._run_connected()
-                if self._fatal is not None:
-                    raise self._fatal
-            except KnownIdentityWithoutState:
-                raise
-            except BrokerAuthenticationError as exc:
-                self._auth.refused(str(exc))  # raises after a few in a row: exit non-zero, systemd sees it
-                if self._stop.is_set():
-                    break
-                delay = self._backoff.next_delay()
-                logger.error("broker refused our credentials; retrying", extra={"error": str(exc), "delay_s": round(delay, 2)})
-                self._stop.wait(delay)
-            except (pika.exceptions.AMQPError, FedmqError, OSError) as exc:
-                if self._stop.is_set():
-                    break
-                delay = self._backoff.next_delay()
-                logger.warning("broker connection lost; reconnecting", extra={"error": repr(exc), "delay_s": round(delay, 2)})
-                self._stop.wait(delay)
-            finally:
-                self._close()
+        run_reconnecting(self._session, stop=self._stop, backoff=self._backoff, auth=self._auth,
+                         what=f"site {self.settings.site_id}", on_lost=self.connected.clear,
+                         recoverable=(FedmqError, OSError), fatal=(KnownIdentityWithoutState,))
         if self._worker is not None:
             self._worker.join()
         logger.info("site agent stopped", extra={"site": self.settings.site_id})
 
-    def _close(self) -> None:
-        conn, self._conn, self._channel = self._conn, None, None
-        if conn is not None and conn.is_open:
-            try:
-                conn.close()
-            except pika.exceptions.AMQPError:
-                pass
+    def _session(self) -> None:
+        """One connected session; a fatal error (``KnownIdentityWithoutState``) is not a
+        ``FedmqError`` the reconnect loop retries, so it ends ``run``."""
+        try:
+            self._run_connected()
+            if self._fatal is not None:
+                raise self._fatal
+        finally:
+            self.connected.clear()
+            link, self._link = self._link, None
+            if link is not None:
+                link.close()
 
     def _run_connected(self) -> None:
-        self._conn = connect(self.settings.amqp_url, backoff=self._backoff, name=f"fedmq-site-{self.settings.site_id}", tls=self.settings)
+        link = self._link = self._connect()
         self._auth.ok()
-        ch = self._channel = self._conn.channel()
-        ch.confirm_delivery()
+        self._backoff.connected()
         spec = topology.site_queue_spec(self.settings.site_id)
         try:
-            topology.check_declared(ch, (spec,))  # declared by the administrator; sites have no configure right
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                logger.error("site queue missing: an administrator declares it (fedmq broker declare --sites %s)",
-                             self.settings.site_id, extra={"queue": spec.name})
+            link.check_declared((spec,))  # declared by the administrator; sites have no configure right
+        except QueueMissing:
+            logger.error("site queue missing: an administrator declares it (fedmq broker declare --sites %s)",
+                         self.settings.site_id, extra={"queue": spec.name})
             raise
-        ch.basic_qos(prefetch_count=8)
-        ch.basic_consume(spec.name, self._on_global_message)
+        link.consume(spec.name, self._on_global_message, prefetch=8)
+        self.connected.set()
         logger.info("connected", extra={"queue": spec.name})
         if self.rt.state.pending is not None:
             self._publish_pending()
@@ -149,7 +133,7 @@ class SiteAgent:
                 self._join_deadline = time.monotonic() + self.settings.join_wait_s
         self._maybe_train()
         while not self._stop.is_set() and self._fatal is None:
-            self._conn.process_data_events(time_limit=0.5)
+            link.process(0.5)
             if self._join_deadline is not None and time.monotonic() >= self._join_deadline:
                 self._join_deadline, self._join_done = None, True  # waited: no objection from the aggregator
                 logger.info("no objection from the aggregator to a new member; starting",
@@ -161,12 +145,12 @@ class SiteAgent:
                 break
 
     # -- global versions -----------------------------------------------------------------
-    def _on_global_message(self, ch: Any, method: Any, properties: Any, body: bytes) -> None:
+    def _on_global_message(self, delivery: Delivery) -> None:
         chunk = None
         try:
-            msg = decode(body, max_bytes=self.settings.max_message_bytes)
+            msg = decode(delivery.body, max_bytes=self.settings.max_message_bytes)
             if isinstance(msg, Rejection):
-                ch.basic_ack(method.delivery_tag)
+                delivery.ack()
                 self._on_notice(msg)
                 return
             if not isinstance(msg, GlobalVersionChunk):
@@ -174,7 +158,7 @@ class SiteAgent:
             chunk = msg
             result = self.receiver.offer(chunk)
         except LayoutMismatch as exc:
-            ch.basic_ack(method.delivery_tag)
+            delivery.ack()
             self._on_layout_mismatch(msg, exc)
             return
         except WireError as exc:
@@ -182,7 +166,7 @@ class SiteAgent:
             logger.error("refused a global-version message: %s: %s", exc.reason, exc.detail,
                          extra={"reason": exc.reason, "detail": exc.detail})
             self.version_metrics.refuse(exc.reason)
-            ch.basic_ack(method.delivery_tag)
+            delivery.ack()
             if isinstance(exc, AuditGap):  # records missing: ask for a snapshot with them, once
                 shard = getattr(chunk, "shard_index", 0)
                 have = self.guard.chains[shard].head
@@ -197,10 +181,10 @@ class SiteAgent:
             self._last_progress = time.monotonic()
             self.rt.save_state()
             self._snapshot_requested_for.pop(result.shard, None)
-            ch.basic_ack(method.delivery_tag)
+            delivery.ack()
             self._after_new_version()
             return
-        ch.basic_ack(method.delivery_tag)
+        delivery.ack()
         shard = result.shard
         if result.outcome == "gap" and self._snapshot_requested_for.get(shard) != result.message_version:
             self._request_snapshot(result.version, f"gap: have {result.version}, got {result.message_version}", shard)
@@ -312,14 +296,14 @@ class SiteAgent:
         self._worker.start()
 
     def _train_worker(self, base_version: int, shard_versions: tuple[int, ...] | None) -> None:
-        conn = self._conn
+        link = self._link
         try:
             self.rt.train_and_build(base_version, self._stop, shard_versions)
         except Exception:  # a failed round must not kill the service; it is retried on the next version
             logger.exception("local round failed")
             return
-        if conn is not None and conn.is_open:
-            conn.add_callback_threadsafe(self._on_update_ready)
+        if link is not None and link.is_open:
+            link.call_threadsafe(self._on_update_ready)
 
     def _on_update_ready(self) -> None:
         self._publish_pending()
@@ -339,15 +323,10 @@ class SiteAgent:
         self.rt.mark_pending_published()
 
     def _publish(self, exchange: str, key: str, body: bytes, kind: str, persistent: bool = True) -> None:
-        props = pika.BasicProperties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient,
-            type=kind,
-            user_id=self._user_id,
-            timestamp=int(time.time()),
-        )
-        # With confirm_delivery, basic_publish blocks until the broker confirms (or raises).
-        self._channel.basic_publish(exchange, key, body, props, mandatory=True)
+        """Blocks until the broker confirms (or raises ``BrokerConnectionError``)."""
+        assert self._link is not None
+        self._link.publish(Message(exchange, key, body, kind=kind, user_id=self._user_id, persistent=persistent,
+                                   mandatory=True, timestamp=int(time.time())))
 
 
 def run_site(settings: SiteSettings) -> int:

@@ -25,30 +25,11 @@ from shared.ckks import LoadedContext
 from shared.ckks_pool import iter_encrypt_blocks
 from shared.errors import CryptoError
 from shared.schema import EncryptedBlock, UpdateChunk
+from shared.sharding import block_shard
 from shared.signing import SigningKey, sign_chunk
 from shared.sparsify import SparsityMode, sparsify
 from shared.update_ids import shard_update_id
 from shared.update_ids import update_id as make_update_id
-
-
-class ShardedVersion(int):
-    """A site's version when the aggregator is sharded: the int value is the site's overall
-    counter (sum of its shard versions), ``per_shard`` the version of each shard.
-
-    It travels as the ``base_version`` a local round starts from (``SiteRuntime.train_and_build``
-    takes one int and hands it to ``UpdateIdentity``), so that ``build_update`` can stamp each
-    shard's sub-update with that shard's own base version.
-    """
-
-    per_shard: tuple[int, ...]
-
-    def __new__(cls, per_shard: Sequence[int]) -> "ShardedVersion":
-        obj = super().__new__(cls, sum(int(v) for v in per_shard))
-        obj.per_shard = tuple(int(v) for v in per_shard)
-        return obj
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (ShardedVersion, (self.per_shard,))
 
 
 def shard_of_encoded(raw: bytes) -> int:
@@ -99,16 +80,14 @@ def build_update(
 ) -> BuiltUpdate:
     """Sparsify, encrypt, chunk and sign one update.
 
-    ``shard_count`` (default: ``len(identity.base_version.per_shard)`` for a
-    :class:`ShardedVersion`, else 1) splits it per aggregator shard; ``shard_base_versions``
-    (default: the ``ShardedVersion``'s, else ``identity.base_version`` for every shard) are the
-    site's versions of each shard. The returned chunks are ordered by shard, then chunk index.
+    ``shard_count`` (default: the length of ``shard_base_versions``, else 1) splits it per
+    aggregator shard; ``shard_base_versions`` (default: ``identity.base_version`` for every
+    shard) are the site's versions of each shard. The returned chunks are ordered by shard, then chunk index.
     ``encrypt_workers`` (default: every core) encrypts large updates in worker processes.
     """
-    per_shard = getattr(identity.base_version, "per_shard", None)
-    n = shard_count if shard_count is not None else (len(per_shard) if per_shard else 1)
+    n = shard_count if shard_count is not None else (len(shard_base_versions) if shard_base_versions else 1)
     if shard_base_versions is None:
-        shard_base_versions = per_shard if per_shard and len(per_shard) == n else [int(identity.base_version)] * n
+        shard_base_versions = [int(identity.base_version)] * n
     if len(shard_base_versions) != n or n < 1:
         raise ValueError(f"need one base version per shard ({n}), got {len(shard_base_versions)}")
     block_size = ctx.block_size
@@ -126,7 +105,7 @@ def build_update(
     created_at = time.time()
     layouts: list[UpdateChunk] = []
     for shard in range(n):
-        mine = [i for i in sparse.indices if i * n // total == shard] if n > 1 else list(sparse.indices)
+        mine = [i for i in sparse.indices if block_shard(i, total, n) == shard] if n > 1 else list(sparse.indices)
         template = UpdateChunk(
             chunk_index=0,
             chunk_count=1,

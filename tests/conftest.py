@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import pytest
 
-from broker.harness import Broker, BrokerUnavailableError, Namespace, open_test_broker
+from testkit.broker import Broker, BrokerUnavailableError, Namespace, open_test_broker
 
 logger = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def record_plaintext(runtime: Any, seq: int, delta: np.ndarray, base_version: in
     from shared.sparsify import sparsify
 
     s = runtime.settings
-    sparse, _ = sparsify(delta, runtime.state.residual, runtime.ctx.block_size, s.sparsity_mode, s.topk_fraction)
+    sparse, _ = sparsify(delta, runtime.owner.residual(), runtime.ctx.block_size, s.sparsity_mode, s.topk_fraction)
     buf = io.BytesIO()
     np.savez(buf, indices=np.asarray(sparse.indices, dtype=np.int64), blocks=sparse.blocks,
              base_version=base_version, sample_weight=sample_weight)

@@ -15,21 +15,10 @@ import pytest
 
 from aggregator.consumer import AggregatorService
 from broker import topology
-from broker.connection import connect, parameters_list
+from broker.connection import connect
 from experiments.faults import FuzzKit
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow]
-
-
-class MultiNodeAggregator(AggregatorService):
-    """The aggregator connecting with the node list (what ``AggregatorService._connect`` does once
-    it adopts ``broker.connection.parameters_list``)."""
-
-    def _connect(self) -> pika.BlockingConnection:
-        params = parameters_list(self.settings.amqp_url, self.settings.heartbeat_s, "fedmq-aggregator-shard-0")
-        for p in params:
-            p.blocked_connection_timeout = 300
-        return pika.BlockingConnection(params)
 
 
 def _publish(url: str, bodies: list[bytes]) -> None:
@@ -45,7 +34,7 @@ def _publish(url: str, bodies: list[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from broker.cluster import LocalRabbitCluster
+    from testkit.cluster import LocalRabbitCluster
     from broker.local_node import find_rabbitmq_install
 
     if find_rabbitmq_install() is None:
@@ -69,7 +58,7 @@ def test_node_loss_mid_run_loses_nothing(cluster, tmp_path: Path) -> None:
     updates = [kit.update(seq, rng) for seq in range(1, 7)]
     settings = kit.settings(tmp_path / "state", amqp_url=url, buffer_size=2, reconnect_initial_s=0.2, reconnect_max_s=1.0,
                             heartbeat_s=5)
-    svc = MultiNodeAggregator(settings)
+    svc = AggregatorService(settings)  # the product's own connect: the node list, in order
     th = threading.Thread(target=svc.run, daemon=True)
     th.start()
     try:

@@ -31,7 +31,10 @@ SLOTS = get_preset(DEFAULT_PRESET).block_size
 
 
 @dataclass
-class Federation:
+class FederationKit:
+    """Keys and signed, encrypted updates of a small federation, without any process or broker
+    (not ``experiments.federation.Federation``, which runs one)."""
+
     root: Path
     sites: tuple[str, ...]
     n_params: int
@@ -78,7 +81,7 @@ class Federation:
         return reconstruct(np.zeros(self.n_params), self.decrypt(blocks), value_scale, SLOTS)
 
 
-def make_federation(root: Path, sites: tuple[str, ...] = SITES, n_params: int = 3 * SLOTS + 100) -> Federation:
+def make_federation(root: Path, sites: tuple[str, ...] = SITES, n_params: int = 3 * SLOTS + 100) -> FederationKit:
     keys = init_keys(root / "keys")
     generate_aggregator_key(root / "keys")
     site_keys = root / "site-keys"
@@ -87,7 +90,7 @@ def make_federation(root: Path, sites: tuple[str, ...] = SITES, n_params: int = 
         generate_site_key(site_keys, s)
         signing[s] = load_private_key(private_key_path(site_keys, s))
     secret = load_context(keys.secret_context, require_secret=True)
-    return Federation(root, sites, n_params, secret, keys.public_context, root / "keys", site_keys, signing)
+    return FederationKit(root, sites, n_params, secret, keys.public_context, root / "keys", site_keys, signing)
 
 
 def random_delta(rng: np.random.Generator, n: int, scale: float = 0.5) -> np.ndarray:

@@ -10,8 +10,8 @@ import pika
 import pika.exceptions
 import pytest
 
-from broker import harness
-from broker.harness import Broker, BrokerUnavailableError, open_test_broker, url_with_vhost
+from testkit import broker as harness
+from testkit.broker import Broker, BrokerUnavailableError, open_test_broker, url_with_vhost
 
 MESSAGES = 200
 

@@ -10,7 +10,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from aggregator.fold import owned_blocks, weight_units
+from aggregator.fold import weight_units
+from shared.sharding import owned_blocks
 from broker.topology import (
     CONTROL_EXCHANGE, EXCHANGES, GLOBAL_EXCHANGE, SITE_DIRECT_EXCHANGE, SNAPSHOT_REQUEST_KEY, aggregator_queue_specs,
     declare, shard_key,
@@ -25,7 +26,7 @@ from shared.signing import AGGREGATOR_KEY_NAME, load_public_key, public_key_path
 from site_agent.global_model import GlobalModelReceiver
 from site_agent.version_guard import VersionGuard
 from site_agent.state import SiteState, SiteStateStore
-from site_agent.update_builder import ShardedVersion, UpdateIdentity, build_update, shard_of_encoded
+from site_agent.update_builder import UpdateIdentity, build_update, shard_of_encoded
 
 N_SHARDS = 2
 
@@ -33,8 +34,8 @@ N_SHARDS = 2
 def _build(fed, site, seq, bases, delta, *, mode="dense", fraction=0.5, sample_weight=1.0):
     """Encoded chunks per shard + the plaintext blocks sent (index -> values)."""
     built = build_update(
-        delta, None, UpdateIdentity(site, seq, ShardedVersion(bases), sample_weight), fed.secret, LAYOUT_FP,
-        fed.signing[site], mode=mode, fraction=fraction, max_message_bytes=256 * 1024,
+        delta, None, UpdateIdentity(site, seq, sum(bases), sample_weight), fed.secret, LAYOUT_FP,
+        fed.signing[site], mode=mode, fraction=fraction, max_message_bytes=256 * 1024, shard_base_versions=tuple(bases),
     )
     padded = np.zeros(fed.total_blocks * SLOTS)
     padded[: delta.size] = delta

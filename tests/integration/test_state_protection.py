@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
 from aggregator.status_cli import render
 from integration.aggregator_helpers import (
     AggregatorThread, GlobalListener, connect, declare_topology, make_federation, publish, random_delta,
@@ -53,7 +54,7 @@ def test_sequence_backwards_is_answered_on_the_site_queue_and_shown_in_status(tm
 
     fed = make_federation(tmp_path, sites=("alpha",))
     settings = fed.settings(amqp_url=amqp_url, buffer_size=1)
-    declare_topology(amqp_url)
+    declare_topology(amqp_url, sites=("alpha",))
     conn = connect(amqp_url)
     topology.declare(conn.channel(), topology.EXCHANGES, (topology.site_queue_spec("alpha"),))
     conn.close()
@@ -101,7 +102,7 @@ def test_sequence_backwards_is_answered_on_the_site_queue_and_shown_in_status(tm
 def test_second_aggregator_on_one_state_dir_exits_with_a_clear_message(tmp_path, amqp_url):
     fed = make_federation(tmp_path, sites=("alpha",))
     settings = fed.settings(amqp_url=amqp_url, buffer_size=1)
-    declare_topology(amqp_url)
+    declare_topology(amqp_url, sites=("alpha",))
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_CHECK_USER_ID="false", FEDMQ_LOG_JSON="false")
     args = [sys.executable, "-m", "shared.cli", "aggregator", "run", "--state-dir", str(settings.state_dir), "--buffer-size", "1",
             "--amqp-url", amqp_url, "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir),

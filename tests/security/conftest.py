@@ -14,12 +14,12 @@ import pika
 import pytest
 
 from broker import provision
-from broker.harness import Broker
-from tests.security.helpers import Federation, connect
+from testkit.broker import Broker
+from tests.security.helpers import ProvisionedVhost, connect
 
 
 @pytest.fixture(scope="module")
-def federation(broker: Broker) -> Iterator[Federation]:
+def federation(broker: Broker) -> Iterator[ProvisionedVhost]:
     """Aggregator + two sites (unique ids) with least privilege; the admin declared the
     exchanges, the aggregator's queues and both sites' queues (sites cannot declare)."""
     if not broker.can_rabbitmqctl:
@@ -45,7 +45,7 @@ def federation(broker: Broker) -> Iterator[Federation]:
     finally:
         conn.close()
     try:
-        yield Federation(namespace, namespace.url, site_a, site_b, urls)
+        yield ProvisionedVhost(namespace, namespace.url, site_a, site_b, urls)
     finally:
         broker.drop_namespace(namespace)
         for user in (site_a, site_b):
@@ -56,7 +56,7 @@ def federation(broker: Broker) -> Iterator[Federation]:
 
 
 @pytest.fixture
-def open_channel(federation: Federation) -> Iterator:
+def open_channel(federation: ProvisionedVhost) -> Iterator:
     """``open_channel(user, confirm=True)`` -> a fresh channel; connections closed afterwards."""
     connections: list[pika.BlockingConnection] = []
 

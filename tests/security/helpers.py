@@ -7,11 +7,14 @@ from dataclasses import dataclass
 import pika
 
 from broker import provision
-from broker.harness import Namespace
+from testkit.broker import Namespace
 
 
 @dataclass(frozen=True)
-class Federation:
+class ProvisionedVhost:
+    """A vhost provisioned as for a real federation: the aggregator and two site users with
+    fedmq's permissions, and their URLs (what the security tests attack)."""
+
     namespace: Namespace
     admin_url: str
     site_a: str

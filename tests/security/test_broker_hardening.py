@@ -9,10 +9,10 @@ import pika.exceptions
 import pytest
 
 from broker import topology
-from broker.harness import Broker
+from testkit.broker import Broker
 from broker.local_node import GUEST_USER
 from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
-from tests.security.helpers import Federation, connect
+from tests.security.helpers import ProvisionedVhost, connect
 
 pytestmark = [pytest.mark.security, pytest.mark.broker]
 
@@ -23,7 +23,7 @@ def _private_node(broker: Broker) -> Broker:
     return broker
 
 
-def test_guest_cannot_log_in(broker: Broker, federation: Federation) -> None:
+def test_guest_cannot_log_in(broker: Broker, federation: ProvisionedVhost) -> None:
     """The private node (tests, demo, ``fedmq broker local``) has no guest account: a login
     from localhost as guest/guest is refused, on ``/`` and on a provisioned federation vhost."""
     node = _private_node(broker).node
@@ -35,7 +35,7 @@ def test_guest_cannot_log_in(broker: Broker, federation: Federation) -> None:
     assert GUEST_USER not in {line.split()[0] for line in users.splitlines() if line.strip()}
 
 
-def test_oversize_publish_is_refused_by_the_broker(broker: Broker, federation: Federation) -> None:
+def test_oversize_publish_is_refused_by_the_broker(broker: Broker, federation: ProvisionedVhost) -> None:
     """A site publishing more than max_message_size (2x the largest chunk) has its channel
     closed by the broker; the largest chunk the codec makes still goes through."""
     _private_node(broker)
@@ -61,7 +61,7 @@ def test_oversize_publish_is_refused_by_the_broker(broker: Broker, federation: F
         admin.close()
 
 
-def test_dead_letter_queue_is_capped(broker: Broker, federation: Federation) -> None:
+def test_dead_letter_queue_is_capped(broker: Broker, federation: ProvisionedVhost) -> None:
     """The dead-letter queue is a bounded ring: over its bytes cap the broker drops the oldest
     copies (drop-head), so nothing routed into it can fill the disk."""
     out = broker.rabbitmqctl("list_queues", "-p", federation.namespace.vhost, "name", "arguments", "--no-table-headers")

@@ -11,7 +11,7 @@ import pika.exceptions
 import pytest
 
 from broker import provision, topology
-from tests.security.helpers import Federation, connect
+from tests.security.helpers import ProvisionedVhost, connect
 
 pytestmark = [pytest.mark.security, pytest.mark.broker]
 
@@ -25,15 +25,15 @@ def _props(user_id: str | None, kind: str = "update-chunk") -> pika.BasicPropert
 
 
 # Each attack: (who, action(channel, federation)). "site" = site A, "other" = site B's name.
-def _consume(queue: Callable[[Federation], str]) -> Callable:
+def _consume(queue: Callable[[ProvisionedVhost], str]) -> Callable:
     return lambda ch, f: ch.basic_consume(queue(f), lambda *a: None)
 
 
-def _get(queue: Callable[[Federation], str]) -> Callable:
+def _get(queue: Callable[[ProvisionedVhost], str]) -> Callable:
     return lambda ch, f: ch.basic_get(queue(f))
 
 
-def _publish(exchange: Callable[[Federation], str], key: Callable[[Federation], str], user: Callable[[Federation], str]) -> Callable:
+def _publish(exchange: Callable[[ProvisionedVhost], str], key: Callable[[ProvisionedVhost], str], user: Callable[[ProvisionedVhost], str]) -> Callable:
     return lambda ch, f: ch.basic_publish(exchange(f), key(f), b"forged", _props(user(f)), mandatory=False)
 
 
@@ -92,11 +92,11 @@ FORGED_USER_ID: list[tuple[str, str, Callable]] = [
 ]
 
 
-def _user(federation: Federation, who: str) -> str:
+def _user(federation: ProvisionedVhost, who: str) -> str:
     return federation.site_a if who == "site" else AGG
 
 
-def _expect_closed(open_channel, federation: Federation, who: str, action: Callable, code: int) -> None:  # noqa: ANN001
+def _expect_closed(open_channel, federation: ProvisionedVhost, who: str, action: Callable, code: int) -> None:  # noqa: ANN001
     ch = open_channel(_user(federation, who))
     with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
         action(ch, federation)
@@ -106,7 +106,7 @@ def _expect_closed(open_channel, federation: Federation, who: str, action: Calla
 
 
 @pytest.mark.parametrize(("who", "what", "action"), REFUSED, ids=[f"{w}: {d}" for w, d, _ in REFUSED])
-def test_access_refused(federation: Federation, open_channel, who: str, what: str, action: Callable) -> None:  # noqa: ANN001
+def test_access_refused(federation: ProvisionedVhost, open_channel, who: str, what: str, action: Callable) -> None:  # noqa: ANN001
     _expect_closed(open_channel, federation, who, action, ACCESS_REFUSED)
 
 
@@ -119,17 +119,17 @@ EXCHANGE_BINDS = [(dst, src) for dst in _EXCHANGE_NAMES for src in _EXCHANGE_NAM
 
 
 @pytest.mark.parametrize(("destination", "source"), EXCHANGE_BINDS, ids=[f"{d}<-{s}" for d, s in EXCHANGE_BINDS])
-def test_site_cannot_bind_exchanges(federation: Federation, open_channel, destination: str, source: str) -> None:  # noqa: ANN001
+def test_site_cannot_bind_exchanges(federation: ProvisionedVhost, open_channel, destination: str, source: str) -> None:  # noqa: ANN001
     action = lambda ch, f: ch.exchange_bind(destination=destination, source=source, routing_key="")  # noqa: E731
     _expect_closed(open_channel, federation, "site", action, ACCESS_REFUSED)
 
 
 @pytest.mark.parametrize(("who", "what", "action"), FORGED_USER_ID, ids=[f"{w}: {d}" for w, d, _ in FORGED_USER_ID])
-def test_forged_user_id_is_rejected(federation: Federation, open_channel, who: str, what: str, action: Callable) -> None:  # noqa: ANN001
+def test_forged_user_id_is_rejected(federation: ProvisionedVhost, open_channel, who: str, what: str, action: Callable) -> None:  # noqa: ANN001
     _expect_closed(open_channel, federation, who, action, PRECONDITION_FAILED)
 
 
-def test_site_passive_declares_see_the_topology(federation: Federation, open_channel) -> None:  # noqa: ANN001
+def test_site_passive_declares_see_the_topology(federation: ProvisionedVhost, open_channel) -> None:  # noqa: ANN001
     """Sites rely on the exchanges passively; a passive declare needs no permission."""
     ch = open_channel(federation.site_a)
     for ex in topology.EXCHANGES:
@@ -148,7 +148,7 @@ def _drain(conn: pika.BlockingConnection, ch, queue: str, n: int, timeout: float
     return got
 
 
-def test_site_and_aggregator_positive_path(federation: Federation) -> None:
+def test_site_and_aggregator_positive_path(federation: ProvisionedVhost) -> None:
     """The operations the real services perform all succeed with least privilege, end to end."""
     site_b = federation.site_b
     agg = connect(federation.aggregator_url)
@@ -214,7 +214,7 @@ def test_site_and_aggregator_positive_path(federation: Federation) -> None:
                 c.close()
 
 
-def test_permissions_on_the_broker_match_the_plan(federation: Federation, broker) -> None:  # noqa: ANN001
+def test_permissions_on_the_broker_match_the_plan(federation: ProvisionedVhost, broker) -> None:  # noqa: ANN001
     """What rabbitmqctl reports is exactly what provision computed (no wildcard crept in)."""
     out = broker.rabbitmqctl("list_permissions", "-p", federation.namespace.vhost, "--no-table-headers")
     actual = provision.parse_list_permissions(out)

@@ -116,7 +116,7 @@ def setup(tmp_path: Path, amqp_url: str):  # type: ignore[no-untyped-def]
     site = _Site(SiteAgent(settings, SiteRuntime.open(settings, load_data=False)))
     site.thread.start()
     try:
-        site.wait(lambda: site.agent._channel is not None, "the site agent to connect")
+        site.wait(site.agent.connected.is_set, "the site agent to connect")
         yield fed, engine, deltas, snaps, agg_key, site, amqp_url
     finally:
         site.agent.stop()
@@ -128,7 +128,12 @@ def test_site_refuses_bad_versions_and_audit_chains(setup, caplog) -> None:  # t
     fed, engine, deltas, snaps, agg_key, site, url = setup
     caplog.set_level(logging.ERROR, logger="site_agent.service")
     agent = site.agent
-    state = agent.rt.state
+
+    class _Held:  # what the site holds now, read through its state owner
+        version = property(lambda self: agent.rt.state.version)
+        global_sum = property(lambda self: agent.rt.owner.model_sum()[0])
+
+    state = _Held()
 
     def send(bodies: list[bytes]) -> None:
         publish(url, bodies, exchange=topology.GLOBAL_EXCHANGE, routing_key="")

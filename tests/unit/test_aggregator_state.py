@@ -9,7 +9,7 @@ import pytest
 from aggregator import checkpoint as cpmod
 from aggregator.engine import AggregatorEngine
 from aggregator.wal import WriteAheadLog, encode_record, read_records
-from integration.aggregator_helpers import LAYOUT_FP, PlainReplay, make_federation, random_delta
+from integration.aggregator_helpers import PlainReplay, make_federation, random_delta
 from shared.ckks import decrypt_block, load_context, serialize
 from shared.ckks_wire import MAGIC as CIPHERTEXT_MAGIC
 from shared.codec import decode_global_version

@@ -69,6 +69,7 @@ def test_site_refuses_to_train_when_most_of_the_manifest_is_unreadable(tmp_path)
     assert not (tmp_path / "s" / "privacy-ledger.json").exists()
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_check_data_command(tmp_path):
     kit = make_site_kit(tmp_path / "kit")
     cfg = tmp_path / "site.toml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aggregator.engine import AggregatorEngine
+from aggregator.engine import AggregatorEngine, Intent
 from integration.aggregator_helpers import LAYOUT_FP, make_federation, random_delta
 from shared.codec import decode
 from shared.schema import Rejection
@@ -32,7 +32,7 @@ def test_aggregator_names_fingerprints_and_tells_the_site(tmp_path):
     assert "resnet-layout-000000000" in decision.detail and LAYOUT_FP in decision.detail
     assert "layout_fingerprint setting" in decision.detail and "model_preset or init_seed" in decision.detail
     notices = [o for o in out if o.kind == "notice"]
-    assert len(notices) == 1 and notices[0].routing_key == "bravo"
+    assert len(notices) == 1 and notices[0].intent is Intent.TO_SITE and notices[0].site_id == "bravo"
     msg = decode(notices[0].body)
     assert isinstance(msg, Rejection) and msg.reason == "layout-fingerprint" and msg.update_id == "bravo:1"
     eng.close()

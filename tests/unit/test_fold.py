@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from aggregator.fold import (
-    block_shard, commit, commit_plain, fold_into, fold_plain, owned_blocks, reconstruct, staleness_weight,
-    value_scale, weight_units,
+    commit, commit_plain, fold_into, fold_plain, reconstruct, staleness_weight, value_scale, weight_units,
 )
+from shared.sharding import block_shard, owned_blocks
 from shared.ckks import decrypt_block, encrypt_block, init_keys, load_ciphertext, load_context, serialize
 
 

@@ -19,8 +19,6 @@ PRODUCT_PACKAGES = ("aggregator", "broker", "shared", "site_agent", "experiments
 ALLOWED_VARIABLES = {
     "FEDMQ_DATA_ROOT": "where the MedMNIST file lies (data location only)",
     "FEDMQ_AMQP_URL": "the demo's broker URL (same as the amqp_url setting)",
-    "FEDMQ_TEST_AMQP_URL": "the test harness's external broker (broker/harness.py)",
-    "FEDMQ_TEST_RABBITMQ_NODE": "the test harness's external node name (broker/harness.py)",
 }
 HOOK_WORDS = re.compile(r"crash|plaintext|record|hook|dump|kill", re.I)
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from shared.ckks import DEFAULT_PRESET
 from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
 from shared.errors import ConfigError
 from shared.settings import FedmqSettings, load_settings
@@ -30,7 +29,7 @@ def _toml(tmp_path: Path, text: str) -> Path:
 
 def test_defaults() -> None:
     s = load_settings(FedmqSettings)
-    assert s.ckks_preset == DEFAULT_PRESET and s.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+    assert s.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
     assert s.amqp_url.startswith("amqp://")
 
 

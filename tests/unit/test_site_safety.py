@@ -43,6 +43,7 @@ def _hold(state_dir: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_second_process_on_a_state_dir_is_refused_with_a_clear_message(kit, tmp_path):
     from aggregator.engine import AggregatorEngine
     from aggregator.settings import AggregatorSettings
@@ -78,7 +79,8 @@ def test_a_lost_ledger_is_refused_never_reset(kit, tmp_path):
     settings = kit.settings(state_dir=tmp_path / "s")
     rt = SiteRuntime.open(settings)
     assert rt.why_not_contribute() is None  # opens (creates) the ledger
-    rt.state.updates_sent = 2
+    with rt.owner.edit() as st:
+        st.updates_sent = 2
     rt.save_state()
     rt.dir_lock.release()
     ledger = settings.state_dir / LEDGER_FILE
@@ -116,9 +118,10 @@ def test_a_diverged_model_pauses_the_site_before_any_budget_is_spent(kit, tmp_pa
     eps0 = rt.epsilon_spent()
     # the server step scaled by the image count: x = x0 + 2000 * (a normal update)
     rng = np.random.default_rng(0)
-    rt.state.global_sum = rng.normal(0, 1.0, rt.model.x0.size)
-    rt.state.value_scale = 2000.0 * 0.01
-    rt.state.version = 1
+    with rt.owner.edit() as st:
+        st.global_sum = rng.normal(0, 1.0, rt.model.x0.size)
+        st.value_scale = 2000.0 * 0.01
+        st.version = 1
     diverged = rt.evaluate_current()
     assert diverged["loss"] > 10 * healthy["loss"]
     alert = rt.observe_version(diverged)
@@ -131,6 +134,7 @@ def test_a_diverged_model_pauses_the_site_before_any_budget_is_spent(kit, tmp_pa
     assert guard["alert"] == alert
 
 
+@pytest.mark.slow  # trains DP rounds
 def test_long_rounds_log_a_progress_line_every_n_steps(kit, tmp_path, caplog):
     settings = kit.settings(state_dir=tmp_path / "s", dp_enabled=False, batch_size=2, local_epochs=2,
                             progress_every_steps=5)
