@@ -143,7 +143,12 @@ def admin_permissions() -> Permissions:
 
 
 def generate_password(nbytes: int = 24) -> str:
-    return secrets.token_urlsafe(nbytes)
+    """URL-safe random password that never starts with '-': rabbitmqctl would read such a
+    password as an option (status 64), about one provisioning in 64."""
+    while True:
+        password = secrets.token_urlsafe(nbytes)
+        if not password.startswith("-"):
+            return password
 
 
 def load_or_create_password(password_dir: str | os.PathLike[str], user: str) -> str:

@@ -457,8 +457,8 @@ class EngineDriver:
         self.timings["fold_s"] += time.perf_counter() - t
         t = time.perf_counter()
         for msg in out:
-            if msg.kind == "dead-letter":
-                continue
+            if msg.kind not in ("delta", "snapshot"):
+                continue  # dead letters and notices to one site carry no model
             body = msg.body
             self.bytes_down += self.n_receivers * len(body)
             chunk = decode_global_version(body, max_bytes=len(body) + 1)
@@ -471,7 +471,7 @@ class EngineDriver:
 
     def vector(self) -> np.ndarray:
         """x_v as every site reconstructs it from the versions applied so far."""
-        if self.receiver.state.version == 0:
+        if self.receiver.owner.view().version == 0:
             return self.fm.x0.copy()
         return self.receiver.model_vector(self.fm.x0)[: self.fm.x0.size].astype(self.fm.x0.dtype)
 
