@@ -12,10 +12,7 @@ Ciphertexts only: the aggregator never holds a secret key, so none can be writte
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +20,7 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from shared.atomic import fsync_dir
+from shared.atomic import atomic_write_stream
 from shared.errors import ConfigError
 
 CHECKPOINT_SCHEMA_VERSION = 1
@@ -107,20 +104,7 @@ class Checkpoint:
 
 def save(state_dir: str | Path, cp: Checkpoint) -> Path:
     """Atomically (temp file, fsync, rename, fsync the directory), streamed."""
-    path = Path(state_dir) / CHECKPOINT_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            cp.write_to(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-    return path
+    return atomic_write_stream(Path(state_dir) / CHECKPOINT_FILE, cp.write_to)
 
 
 def load(state_dir: str | Path) -> Checkpoint | None:

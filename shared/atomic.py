@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_stream(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+    """``write(fh)`` into a temp file beside ``path``, then fsync, rename and fsync the directory.
+    Streamed: a large file (a ResNet-50-size checkpoint) is never built as one buffer first."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -30,6 +33,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             pass
         raise
     fsync_dir(target.parent)
+    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    atomic_write_stream(path, lambda fh: fh.write(data))
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
