@@ -107,7 +107,8 @@ def free_port(host: str = "127.0.0.1", *, below: int = 65535) -> int:
     raise LocalNodeError(f"could not find a free TCP port below {below} on {host}")
 
 
-def _port_open(host: str, port: int) -> bool:
+def port_open(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (half a second to answer)."""
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
@@ -182,7 +183,7 @@ class LocalRabbitNode:
         self.start_timeout = start_timeout
         self._extra_config = list(extra_config)
         self.node_name = node_name or f"fedmq-test-{secrets.token_hex(4)}@localhost"
-        if amqp_port is not None and _port_open(self.host, amqp_port):
+        if amqp_port is not None and port_open(self.host, amqp_port):
             raise LocalNodeError(f"port {amqp_port} on {self.host} is already in use (another broker?)")
         self.amqp_port = amqp_port if amqp_port is not None else free_port(self.host)
         self.dist_port = free_port(self.host, below=_MAX_DIST_PORT)
@@ -299,6 +300,11 @@ class LocalRabbitNode:
             return {}
         return {"user": self._run_as.pw_uid, "group": self._run_as.pw_gid, "extra_groups": []}
 
+    def accepting_connections(self) -> bool:
+        """Whether the node's AMQP listener accepts TCP connections now (the fault driver times
+        a broker restart from this moment)."""
+        return port_open(self.host, self.amqp_port)
+
     # ----------------------------------------------------------------------------- URLs
     @property
     def amqp_url(self) -> str:
@@ -347,7 +353,7 @@ class LocalRabbitNode:
 
     def _wait_ready(self, deadline: float) -> None:
         # Cheap polling of the listener first: rabbitmqctl costs a VM start per call.
-        while not _port_open(self.host, self.amqp_port):
+        while not port_open(self.host, self.amqp_port):
             self._check_alive()
             if time.monotonic() > deadline:
                 self._fail(f"AMQP port {self.amqp_port} did not open within {self.start_timeout:.0f}s")

@@ -92,6 +92,7 @@ class Link(Protocol):
     def check_declared(self, queues: Iterable[topology.QueueSpec]) -> None: ...
     def consume(self, queue: str, handler: Handler, prefetch: int) -> None: ...
     def publish(self, message: Message) -> None: ...
+    def get(self, queue: str) -> Delivery | None: ...
     def process(self, time_limit: float) -> None: ...
     def call_threadsafe(self, fn: Callable[[], None]) -> None: ...
     @property
@@ -150,6 +151,15 @@ def amqp_connect(url: str, *, name: str, heartbeat: int = 30, tls: object | None
         return AmqpLink.open(url, name=name, heartbeat=heartbeat, tls=tls)
 
     return open_link
+
+
+def connect_link(url: str, *, attempts: int = 10, name: str | None = None) -> AmqpLink:
+    """A link after at most ``attempts`` tries, for drivers that run once and have no reconnect
+    loop of their own (an administrator declaring topology, a benchmark publishing, the fault
+    driver draining a queue); services use :func:`run_reconnecting` instead."""
+    from broker.connection import connect
+
+    return AmqpLink(connect(url, attempts=attempts, name=name))
 
 
 class AmqpLink:
@@ -230,6 +240,15 @@ class AmqpLink:
         )
         self._guard(lambda: self._channel.basic_publish(message.exchange, message.routing_key, message.body, props,
                                                         mandatory=message.mandatory))
+
+    def get(self, queue: str) -> Delivery | None:
+        """One message taken from ``queue`` (acknowledged on receipt), or None when it is empty."""
+        method, props, body = self._guard(lambda: self._channel.basic_get(queue, auto_ack=True))
+        if method is None:
+            return None
+        return Delivery(body=body, user_id=props.user_id, redelivered=bool(method.redelivered),
+                        headers=dict(props.headers or {}),
+                        properties={k: getattr(props, k, None) for k in CARRIED_PROPERTIES}, _ack=lambda: None)
 
     def process(self, time_limit: float) -> None:
         self._guard(lambda: self._conn.process_data_events(time_limit=time_limit))
@@ -375,6 +394,19 @@ class StubLink:
                                 "timestamp": message.timestamp, **message.extra},
                     _ack=lambda tag=tag: self._ack(tag),
                 ))
+
+    def get(self, queue: str) -> Delivery | None:
+        self._check()
+        with self.broker.lock:
+            items = self.broker.queues[queue]
+            if not items:
+                return None
+            message, redelivered = items.popleft()
+        return Delivery(body=message.body, user_id=message.user_id, redelivered=redelivered,
+                        headers=dict(message.headers or {}),
+                        properties={"content_type": message.content_type, "type": message.kind,
+                                    "app_id": message.app_id, "timestamp": message.timestamp, **message.extra},
+                        _ack=lambda: None)
 
     def _ack(self, tag: int) -> None:
         self._check()

@@ -21,15 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pika
-import pika.exceptions
 import torch
 
 from broker import topology
-from broker.connection import connect
+from broker.connection import AuthRefusals, Backoff
+from broker.transport import Connect, Delivery, Message, amqp_connect, run_reconnecting
 from experiments.scoring import select_threshold
 from shared.ckks import LoadedContext
-from shared.codec import CONTENT_TYPE, decode_global_version, encode
+from shared.codec import decode_global_version, encode
 from shared.errors import WireError
 from shared.schema import SnapshotRequest
 from shared.signing import VerifyKey
@@ -80,6 +79,8 @@ class Evaluator:
     bytes_received: int = 0
     #: EMA coefficient of the key-holder's model average (None = off); see docs/reproduction.md
     ema_beta: float | None = DEFAULT_EMA_BETA
+    #: how it reaches the broker (None: ``amqp_connect(url)``; tests may pass a ``StubBroker``'s)
+    connect: Connect | None = None
 
     def __post_init__(self) -> None:
         self.state = SiteState(EVALUATOR_ID, self.ctx.fingerprint, self.model.layout.fingerprint)
@@ -91,6 +92,10 @@ class Evaluator:
         self.error: BaseException | None = None
         self._asked_for: int | None = None
         self._ema: np.ndarray | None = None
+        self._connect = self.connect or amqp_connect(self.url, name="fedmq-evaluator")
+        # the reconnect loop every service shares (broker/transport.py), with the services' backoff
+        self._backoff = Backoff(initial_s=0.5, max_s=5.0)
+        self._auth = AuthRefusals()
 
     def _score_vector(self, vec: np.ndarray) -> tuple[float, float, float, float]:
         """(val AUC, test AUC, test accuracy, threshold chosen on validation)."""
@@ -138,35 +143,33 @@ class Evaluator:
             return list(self.scores)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._consume()
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                logger.warning("evaluator lost the broker; reconnecting: %r", exc)
-                self._stop.wait(1.0)
-            except BaseException as exc:  # surfaced to the runner, which stops the run
-                self.error = exc
-                logger.exception("evaluator failed")
-                return
-
-    def _consume(self) -> None:
-        conn = connect(self.url, name="fedmq-evaluator")
+        """The one reconnect loop (``run_reconnecting``); anything but a lost broker ends the
+        evaluator and is surfaced to the runner through ``error`` (three 403s in a row too)."""
         try:
-            ch = conn.channel()
-            spec = topology.site_queue_spec(EVALUATOR_ID)
-            topology.check_declared(ch, (spec,))  # declared by the administrator; sites have no configure right
-            ch.basic_qos(prefetch_count=16)
+            run_reconnecting(self._session, stop=self._stop, backoff=self._backoff, auth=self._auth,
+                             what="evaluator")
+        except BaseException as exc:  # surfaced to the runner, which stops the run
+            self.error = exc
+            logger.exception("evaluator failed")
 
-            def on_message(channel, method, properties, body):  # noqa: ANN001
-                self.bytes_received += len(body)
+    def _session(self) -> None:
+        link = self._connect()
+        try:
+            spec = topology.site_queue_spec(EVALUATOR_ID)
+            link.check_declared((spec,))  # declared by the administrator; sites have no configure right
+            self._auth.ok()
+            self._backoff.connected()
+
+            def on_message(delivery: Delivery) -> None:
+                self.bytes_received += len(delivery.body)
                 try:
-                    chunk = decode_global_version(body)
+                    chunk = decode_global_version(delivery.body)
                     result = self.receiver.offer(chunk)
                 except WireError as exc:
                     logger.error("evaluator refused a message: %s", exc)
-                    channel.basic_ack(method.delivery_tag)
+                    delivery.ack()
                     return
-                channel.basic_ack(method.delivery_tag)
+                delivery.ack()
                 if result.outcome == "applied":
                     s = self.score(result.version, len(chunk.contributors),
                                    tuple((c.site_id, c.staleness) for c in chunk.contributors))
@@ -175,14 +178,11 @@ class Evaluator:
                 elif result.outcome == "gap" and self._asked_for != result.message_version:
                     self._asked_for = result.message_version
                     req = SnapshotRequest(site_id=EVALUATOR_ID, have_version=self.state.version, reason="gap")
-                    channel.basic_publish(
-                        topology.CONTROL_EXCHANGE, topology.SNAPSHOT_REQUEST_KEY, encode(req),
-                        pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2, type="snapshot-request"),
-                    )
+                    link.publish(Message(topology.CONTROL_EXCHANGE, topology.SNAPSHOT_REQUEST_KEY, encode(req),
+                                         kind="snapshot-request"))
 
-            ch.basic_consume(spec.name, on_message)
+            link.consume(spec.name, on_message, prefetch=16)
             while not self._stop.is_set():
-                conn.process_data_events(time_limit=0.5)
+                link.process(0.5)
         finally:
-            if conn.is_open:
-                conn.close()
+            link.close()

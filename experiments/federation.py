@@ -23,13 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import pika
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker import topology
 from broker.local_node import LocalRabbitNode
 from broker.definitions import definitions, write_definitions
 from broker.provision import AGGREGATOR_USER, plan
+from broker.transport import connect_link
 from shared.ckks import init_keys, load_context
 from shared.errors import FedmqError
 from shared.signing import generate_aggregator_key, generate_site_key, load_public_key, private_key_path
@@ -200,14 +200,12 @@ class Federation:
             admin_url = self.spec.amqp_url
             self.urls = {u: self.spec.amqp_url for u in passwords}
             self.check_user_id = False
-        conn = pika.BlockingConnection(pika.URLParameters(admin_url))
+        link = connect_link(admin_url, attempts=1, name="fedmq-federation-admin")
         try:
-            ch = conn.channel()
-            topology.declare(ch, topology.EXCHANGES, topology.aggregator_queue_specs())
-            for site in [*self.sites, EVALUATOR_ID]:
-                topology.declare(ch, (), (topology.site_queue_spec(site),))
+            link.declare(topology.EXCHANGES, (*topology.aggregator_queue_specs(),
+                                              *(topology.site_queue_spec(s) for s in [*self.sites, EVALUATOR_ID])))
         finally:
-            conn.close()
+            link.close()
 
     def _write_configs(self) -> None:
         s, t = self.spec, self.spec.training
@@ -249,11 +247,18 @@ class Federation:
             }
             (self.dir / "config" / f"{site}.toml").write_text(_toml(cfg))
 
+    def command(self, name: str, args: list[str], env: dict[str, str]) -> list[str]:
+        """The argv that starts process ``name`` running ``fedmq <args>``. A driver that needs
+        something else around the product (the fault driver's test launcher) overrides this;
+        ``env`` may be changed in place."""
+        return [sys.executable, "-m", "shared.cli", *args]
+
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.dir / "logs" / f"{name}.log", "ab")
         self._stack.callback(log.close)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        argv = self.command(name, args, env)
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     # -- run -------------------------------------------------------------------------------
     def start(self, sites: Sequence[str] | None = None) -> Evaluator:
@@ -320,7 +325,7 @@ class Federation:
                 break
         wall = time.monotonic() - started
         self.progress(f"stopping ({reason})")
-        self._terminate()
+        self.terminate()
         evaluator.stop()
         return self._collect(evaluator, wall, reached, reason)
 
@@ -339,7 +344,8 @@ class Federation:
         latest = evaluator.latest()
         return latest is None or time.monotonic() - evaluator.started - latest.wall_s > seconds
 
-    def _terminate(self) -> None:
+    def terminate(self) -> None:
+        """SIGTERM every process this federation started, SIGKILL after 60 s."""
         for name, proc in self.procs.items():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -399,7 +405,7 @@ class Federation:
                 "tables_markdown": tables(chain.records, markdown=True)}
 
     def close(self) -> None:
-        self._terminate()
+        self.terminate()
         self._stack.close()
 
     def __enter__(self) -> "Federation":

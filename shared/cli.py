@@ -22,7 +22,7 @@ GROUPS: tuple[tuple[str, str, str], ...] = (
     ("status", "aggregator.status_cli", "the federation at a glance"),
     ("demo", "experiments.demo_cli", "run the three-hospital demo federation"),
     ("experiment", "experiments.cli", "reproduce the reference study"),
-    ("faults", "experiments.faults_cli", "fault injection on a live federation and fuzzing (make faults)"),
+    ("faults", "experiments.faults.cli", "fault injection on a live federation and fuzzing (make faults)"),
 )
 
 

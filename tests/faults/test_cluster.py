@@ -16,7 +16,7 @@ import pytest
 from aggregator.consumer import AggregatorService
 from broker import topology
 from broker.connection import connect
-from experiments.faults import FuzzKit
+from experiments.faults.fuzz import FuzzKit
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,65 +16,46 @@ import numpy as np
 
 from aggregator.fold import reconstruct
 from aggregator.settings import AggregatorSettings
-from shared.ckks import DEFAULT_PRESET, LoadedContext, decrypt_block, get_preset, init_keys, load_context
-from shared.codec import decode_global_version, encode_update_chunk
+from experiments.testkit import LAYOUT_FP, UpdateKit
+from shared.ckks import DEFAULT_PRESET, LoadedContext, get_preset, init_keys, load_context
+from shared.codec import decode_global_version
 from shared.schema import GlobalVersionChunk
-from shared.signing import (
-    AGGREGATOR_KEY_NAME, generate_aggregator_key, generate_site_key, load_private_key, private_key_path,
-)
-from site_agent.update_builder import UpdateIdentity, build_update
+from shared.signing import generate_aggregator_key
 
-LAYOUT_FP = "layout-test-0000000000000001"
 SITES = ("alpha", "bravo", "charlie")
 SLOTS = get_preset(DEFAULT_PRESET).block_size
 
 
-@dataclass
-class FederationKit:
+class FederationKit(UpdateKit):
     """Keys and signed, encrypted updates of a small federation, without any process or broker
-    (not ``experiments.federation.Federation``, which runs one)."""
+    (not ``experiments.federation.Federation``, which runs one): the product's test kit
+    (``experiments.testkit``) with the aggregator tests' defaults."""
 
-    root: Path
-    sites: tuple[str, ...]
-    n_params: int
-    secret: LoadedContext
-    public_path: Path
-    keys_dir: Path
-    site_keys_dir: Path
-    signing: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, root: Path, sites: tuple[str, ...], n_params: int, secret: LoadedContext, public_path: Path,
+                 keys_dir: Path, site_keys_dir: Path) -> None:
+        super().__init__(root, secret, public_path, keys_dir, site_keys_dir)
+        self.sites = sites
+        self.n_params = n_params
 
     @property
     def total_blocks(self) -> int:
         return -(-self.n_params // SLOTS)
 
     def settings(self, state_dir: Path | str | None = None, **overrides: Any) -> AggregatorSettings:
-        base: dict[str, Any] = dict(
-            public_context=self.public_path, site_keys_dir=self.site_keys_dir,
-            signing_key=private_key_path(self.keys_dir, AGGREGATOR_KEY_NAME),
-            state_dir=Path(state_dir) if state_dir else self.root / "state", check_user_id=False,
-            log_json=False, buffer_size=3, incomplete_timeout_s=30.0, housekeeping_s=0.2,
-            snapshot_every=0, max_message_bytes=256 * 1024,
-        )
+        base: dict[str, Any] = dict(buffer_size=3, incomplete_timeout_s=30.0, housekeeping_s=0.2,
+                                    max_message_bytes=256 * 1024)
         base.update(overrides)
-        return AggregatorSettings(**base)
+        return super().settings(Path(state_dir) if state_dir else self.root / "state", **base)
 
-    def update(
+    def update(  # type: ignore[override]
         self, site: str, seq: int, base_version: int, delta: np.ndarray, *,
         sample_weight: float = 1.0, mode: str = "dense", fraction: float = 0.5,
         max_message_bytes: int = 256 * 1024, layout_fp: str = LAYOUT_FP, secret: LoadedContext | None = None,
     ) -> tuple[list[bytes], dict[int, np.ndarray]]:
         """Encoded chunks of one update + the plaintext blocks actually sent (index -> values)."""
-        built = build_update(
-            delta, None, UpdateIdentity(site, seq, base_version, sample_weight), secret or self.secret,
-            layout_fp, self.signing[site], mode=mode, fraction=fraction, max_message_bytes=max_message_bytes,
-        )
-        padded = np.zeros(self.total_blocks * SLOTS)
-        padded[: delta.size] = delta
-        sent = {i: padded[i * SLOTS : (i + 1) * SLOTS].copy() for i in built.sent_indices}
-        return [encode_update_chunk(c) for c in built.chunks], sent
-
-    def decrypt(self, blocks: dict[int, bytes]) -> dict[int, np.ndarray]:
-        return {i: decrypt_block(self.secret, b) for i, b in blocks.items()}
+        u = super().update(site, seq, delta, base_version=base_version, sample_weight=sample_weight, mode=mode,
+                           fraction=fraction, max_message_bytes=max_message_bytes, layout_fp=layout_fp, secret=secret)
+        return u.bodies, u.sent
 
     def model(self, blocks: dict[int, bytes], value_scale: float) -> np.ndarray:
         return reconstruct(np.zeros(self.n_params), self.decrypt(blocks), value_scale, SLOTS)
@@ -84,13 +64,11 @@ class FederationKit:
 def make_federation(root: Path, sites: tuple[str, ...] = SITES, n_params: int = 3 * SLOTS + 100) -> FederationKit:
     keys = init_keys(root / "keys")
     generate_aggregator_key(root / "keys")
-    site_keys = root / "site-keys"
-    signing = {}
-    for s in sites:
-        generate_site_key(site_keys, s)
-        signing[s] = load_private_key(private_key_path(site_keys, s))
     secret = load_context(keys.secret_context, require_secret=True)
-    return FederationKit(root, sites, n_params, secret, keys.public_context, root / "keys", site_keys, signing)
+    fed = FederationKit(root, sites, n_params, secret, keys.public_context, root / "keys", root / "site-keys")
+    for s in sites:
+        fed.site_key(s)
+    return fed
 
 
 def random_delta(rng: np.random.Generator, n: int, scale: float = 0.5) -> np.ndarray:

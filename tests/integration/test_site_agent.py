@@ -73,7 +73,7 @@ def test_three_sites_end_with_identical_global_model(tmp_path: Path, small_npz: 
         evaluator = fed.start()
         # K = 3 and 3 rounds each: exactly three versions, each folding one update per site.
         _wait(lambda: all(_state(fed, s).get("version") == 3 for s in fed.sites), 200, "version 3 everywhere", fed)
-        fed._terminate()
+        fed.terminate()
         versions = {s: _global_bytes(fed, s) for s in fed.sites}
         assert {v for v, _ in versions.values()} == {3}
         blobs = {b for _, b in versions.values()}

@@ -33,16 +33,17 @@ def _find_npz(root: str | None) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from experiments.faults import FaultPlan, run_all
+    from experiments.faults import report
+    from experiments.faults.plan import FaultPlan
+    from experiments.faults.run import run_all  # imports the fuzzers: a missing dev extra stops here, at once
 
     plan = FaultPlan(aggregator_kills=args.kills, broker_restarts=args.broker_restarts, connection_closes=args.connection_closes,
                      site_mid_publish_kills=args.site_kills, planned_rounds=args.rounds, seed=args.seed)
     summary = run_all(Path(args.out), _find_npz(args.data_root), runs=args.runs, plan=plan,
                       fuzz_examples=args.fuzz_examples, amqp_fuzz=args.amqp_fuzz,
                       progress=lambda m: print(m, flush=True))
-    for key in ("runs", "kills", "updates_confirmed", "updates_counted", "lost", "duplicates", "max_recovery_seconds",
-                "fuzz_cases", "wall_seconds"):
-        print(f"{key}: {summary[key]}")
+    for line in report.summary_lines(summary):
+        print(line)
     for p in summary["problems"]:
         print(f"PROBLEM: {p}", file=sys.stderr)
     return 0 if summary["ok"] else 1
