@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: every benchmark of ``benchmarks.suite`` (``make bench``)."""
+"""``python -m benchmarks``: run, judge and report every benchmark (``benchmarks.suite``) (``make bench``)."""
 
 from __future__ import annotations
 

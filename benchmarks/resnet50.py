@@ -12,7 +12,7 @@
 
     python -m benchmarks.resnet50 [--params N]     # prints JSON
 
-The keys it returns are merged into ``benchmarks/results/latest.json`` by ``benchmarks.suite``.
+The keys it returns are merged into ``benchmarks/results/latest.json`` by ``benchmarks.run``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ from typing import Any
 
 import numpy as np
 
-RESNET50_PARAMS = 23_500_000
+from site_agent.models import PRESETS
+
+#: the parameter count of the model preset (the one registry, ``site_agent.models.PRESETS``)
+RESNET50_PARAMS = PRESETS["resnet50"].n_params
 
 
 def _vm_hwm(pid: int) -> int | None:
@@ -54,18 +57,18 @@ def _status(state: Path) -> dict[str, Any]:
 
 def _aggregator_run(keys: Any, url: str, state: Path, bodies: list[bytes], K: int, done: Callable[[dict[str, Any]], bool],
                     timeout: float) -> tuple[float, int | None]:
-    from benchmarks.suite import _consumers, _spawn_shard, _wait, declare_all, publish
+    from benchmarks.harness import consumers, declare_all, publish, spawn_shard, wait_for
     from broker.topology import updates_queue
 
     declare_all(url, 1)
-    proc = _spawn_shard(keys, url, state, 0, 1, K)
+    proc = spawn_shard(keys, url, state, 0, 1, K)
     try:
-        _wait(lambda: _consumers(url, updates_queue(0)) >= 1, 120, "aggregator consuming")
+        wait_for(lambda: consumers(url, updates_queue(0)) >= 1, 120, "aggregator consuming")
         os.kill(proc.pid, signal.SIGSTOP)
         publish(url, bodies)
         t0 = time.perf_counter()
         os.kill(proc.pid, signal.SIGCONT)
-        _wait(lambda: done(_status(state)), timeout, "aggregator folding")
+        wait_for(lambda: done(_status(state)), timeout, "aggregator folding")
         seconds = time.perf_counter() - t0
         return seconds, _vm_hwm(proc.pid)
     finally:
@@ -81,7 +84,7 @@ def _aggregator_run(keys: Any, url: str, state: Path, bodies: list[bytes], K: in
 def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int = RESNET50_PARAMS,
                    encrypt_workers: int | None = None) -> dict[str, Any]:
     from aggregator import fold as foldmod
-    from benchmarks.suite import MAX_MESSAGE_BYTES, build, make_keys
+    from benchmarks.harness import MAX_MESSAGE_BYTES, build, make_keys
     from shared.ckks import load_ciphertext
     from shared.ckks_pool import MIN_PARALLEL_BLOCKS, default_workers, workers_cpu_seconds
     from shared.codec import decode_update_chunk
@@ -143,7 +146,7 @@ def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int = RESNET50
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.suite import fresh_url, private_broker
+    from benchmarks.harness import fresh_url, private_broker
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.resnet50", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=int, default=RESNET50_PARAMS)

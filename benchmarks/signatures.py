@@ -1,4 +1,4 @@
-"""Signature and audit-chain costs (a ``make bench`` section, ``benchmarks.suite``).
+"""Signature and audit-chain costs (a ``make bench`` section, ``benchmarks.run``).
 
 Measures, in one run:
 - sizes: each half of the hybrid signature, the encoded hybrid, public and private key files;
@@ -31,7 +31,7 @@ def _rate(fn: Callable[[], Any], min_s: float = 0.3, min_n: int = 20) -> float:
 
 
 def signature_costs(sz: Any, tmp: Path, overhead: dict[str, Any] | None = None) -> dict[str, Any]:
-    from benchmarks.suite import _engine_version_seconds, build, make_keys, median
+    from benchmarks.harness import build, engine_version_seconds, make_keys, median
     from shared.audit import load_chain
     from shared.codec import decode_update_chunk
     from shared.signing import (
@@ -85,7 +85,7 @@ def signature_costs(sz: Any, tmp: Path, overhead: dict[str, Any] | None = None) 
     hash_s = median([_timed(lambda: [payload_digest(signing_payload(c)) for c in chunks]) for _ in range(reps)])
     ed_only_s = median([_timed(lambda: [pinned["hospital-1"].ed25519.verify(s, b"fedmq/update-chunk/v1\x00" + d)
                                         for s, d in zip(ed_sigs, digests)]) for _ in range(reps)])
-    engine_s = median([_engine_version_seconds(keys, tmp / f"sig-engine-state-{i}", bodies, 1) for i in range(reps)])
+    engine_s = median([engine_version_seconds(keys, tmp / f"sig-engine-state-{i}", bodies, 1) for i in range(reps)])
     sign_update_s = median([_timed(lambda: [sign(keys.signing["hospital-1"], "update-chunk", p) for p in payloads])
                             for _ in range(reps)])
 
