@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: run, judge and report every benchmark (``benchmarks.suite``) (``make bench``)."""
+"""``python -m benchmarks`` (``make bench``): run, judge and report every benchmark (``benchmarks.suite``)."""
 
 from __future__ import annotations
 
