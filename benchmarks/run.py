@@ -313,7 +313,7 @@ def site_overhead(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, An
         delta = fm.layout.flatten(res.state_dict) - base
         t = time.perf_counter()
         built = build_update(delta, residual, UpdateIdentity("hospital-1", r + 1, 0, float(n)), keys.secret,
-                             fm.layout.fingerprint, keys.site("hospital-1"), mode=settings.sparsity_mode,
+                             fm.layout.fingerprint, keys.site_key("hospital-1"), mode=settings.sparsity_mode,
                              fraction=settings.topk_fraction, max_message_bytes=settings.max_message_bytes)
         bodies = [encode_update_chunk(c) for c in built.chunks]
         build_s = time.perf_counter() - t
