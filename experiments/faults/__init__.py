@@ -2,6 +2,8 @@
 run``, ``make faults``), in one module per job:
 
 - :mod:`~experiments.faults.plan`: what to do (``FaultPlan``) and what was seen (``LiveResult``);
+- :mod:`~experiments.faults.federation`: the federation with the test launcher's hooks, and the
+  administrator's queues (observer, dead letters);
 - :mod:`~experiments.faults.live`: the live run (private broker, aggregator and DP sites as
   processes; SIGKILLs, a broker restart, closed connections, a site killed mid-publish);
 - :mod:`~experiments.faults.fuzz`: the fuzzers (Hypothesis, a development dependency);

@@ -26,7 +26,7 @@ import numpy as np
 
 from broker import topology
 from broker.transport import Message
-from experiments.faults.live import admin_link
+from experiments.faults.federation import admin_link
 from experiments.faults.plan import FaultCheckFailed
 from experiments.testkit import UpdateKit
 from shared.errors import ConfigError

@@ -44,8 +44,11 @@ def test_faults_run_stops_before_the_live_run_without_hypothesis(monkeypatch: py
 
     monkeypatch.setattr(live, "run_live", no_live_run)
     monkeypatch.setitem(sys.modules, "hypothesis", None)  # as if the dev extra were not installed
-    for name in ("experiments.faults.fuzz", "experiments.faults.run"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    import experiments.faults as package
+
+    for name in ("fuzz", "run"):  # as in a fresh process: neither imported yet
+        monkeypatch.delitem(sys.modules, f"experiments.faults.{name}", raising=False)
+        monkeypatch.delattr(package, name, raising=False)
     rc = cli.main(["faults", "run", "--out", str(tmp_path / "out"), "--data-root", str(tmp_path)])
     assert rc == 2
     err = capsys.readouterr().err
