@@ -19,7 +19,7 @@ is in docs/reproduction.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 #: R: updates each site contributes (the DP budget covers exactly these); see :func:`planned_rounds`
 ROUNDS = 20
@@ -132,3 +132,14 @@ def federation_learning_rate(noise_multipliers: Mapping[str, float], *, batch_si
         raise ValueError("no sites")
     lr = dp_learning_rate(max(noise_multipliers.values()), batch_size=batch_size, max_grad_norm=max_grad_norm)
     return {site: lr for site in noise_multipliers}
+
+
+def dp_federation_lr_for_sizes(n_train: Sequence[int], *, batch_size: int, rounds: int, epsilon: float,
+                               local_epochs: int = 1, max_grad_norm: float = CLIP_NORM) -> float:
+    """The one DP learning rate of a federation whose sites hold ``n_train`` training images:
+    :func:`federation_learning_rate` of the noise multipliers the sites will compute
+    (:func:`dp_noise_multiplier`). For the reproduction, whose simulated sites share one
+    ``LocalSettings``: ``[len(s.X_train) for s in data.sites]`` of each seed's partition."""
+    sigmas = {str(i): dp_noise_multiplier(n, batch_size=batch_size, rounds=rounds, epsilon=epsilon,
+                                          local_epochs=local_epochs) for i, n in enumerate(n_train)}
+    return next(iter(federation_learning_rate(sigmas, batch_size=batch_size, max_grad_norm=max_grad_norm).values()))

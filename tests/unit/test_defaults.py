@@ -109,3 +109,11 @@ def test_the_federation_applies_the_lr_rule_to_its_sites(tmp_path: Path) -> None
     no_dp.summary = fed.summary
     with pytest.raises(ValueError):
         no_dp.site_learning_rates()
+
+
+def test_the_federation_lr_from_site_sizes_is_the_noisiest_sites() -> None:
+    from experiments.defaults import dp_federation_lr_for_sizes
+
+    lr = dp_federation_lr_for_sizes([237, 1958], batch_size=128, rounds=20, epsilon=1.2)
+    assert lr == pytest.approx(dp_learning_rate(dp_noise_multiplier(237, batch_size=128, rounds=20, epsilon=1.2),
+                                                batch_size=128))
