@@ -10,16 +10,22 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.defaults import async_buffer_size
+from experiments.defaults import async_buffer_size, clip_norm, planned_rounds
 from experiments.federation import FederationResult, FederationSpec, SiteTraining, run_federation
 
 logger = logging.getLogger(__name__)
 
-#: Demo settings: the FL + DP site settings chosen on validation in docs/reproduction.md
-#: (SGD with momentum 0.9, lr 0.02, Poisson-sampled batches of 128, one local epoch, 20 rounds).
-DEMO_TRAINING = SiteTraining(optimizer="sgd", lr=0.02, momentum=0.9, batch_size=128, local_epochs=1, max_grad_norm=1.0)
-DEMO_ROUNDS = 20
+#: Demo settings, every number from a rule in experiments/defaults.py: SGD with momentum 0.9
+#: on Poisson-sampled batches of 128, one local epoch per round, clip norm C = clip_norm(), the
+#: learning rate from the noise multipliers the sites' accountants compute (lr None), R =
+#: planned_rounds() updates per site, K = async_buffer_size, the EMA beta from the versions.
+DEMO_TRAINING = SiteTraining(optimizer="sgd", lr=None, momentum=0.9, batch_size=128, local_epochs=1,
+                             max_grad_norm=clip_norm())
+DEMO_ROUNDS = planned_rounds()
 DEMO_SITES = 3
+#: ``--no-dp`` only (the demo's bar is the DP run): SGD with momentum at the lr the DP rule gives
+#: the demo's hospitals at seed 0; without noise the step is limited by the loss surface instead
+NO_DP_LR = 0.02
 
 
 def demo_spec(args: argparse.Namespace, npz: Path) -> FederationSpec:
@@ -34,7 +40,9 @@ def demo_spec(args: argparse.Namespace, npz: Path) -> FederationSpec:
         dp_enabled=not args.no_dp,
         target_epsilon=args.epsilon,
         planned_rounds=args.rounds or DEMO_ROUNDS,
-        training=DEMO_TRAINING,
+        # without DP there is no noise for the lr rule: the SGD rate the rule gives at the demo's
+        # usual noise (docs/reproduction.md, "Defaults as rules")
+        training=DEMO_TRAINING if not args.no_dp else DEMO_TRAINING.model_copy(update={"lr": NO_DP_LR}),
         target_auc=args.target_auc,
         time_limit_s=args.time_limit,
         amqp_url=args.amqp_url or os.environ.get("FEDMQ_AMQP_URL") or None,
@@ -89,6 +97,20 @@ def results_json(result: FederationResult, spec: FederationSpec) -> dict:
         "history": [s.__dict__ for s in result.scores],
         "membership": membership_timeline(result.scores, list(result.data_summary.get("sites", {}))),
         "audit": {k: v for k, v in result.audit.items() if k != "tables_markdown"},
+        "rules": rules_applied(result, spec),
+    }
+
+
+def rules_applied(result: FederationResult, spec: FederationSpec) -> dict:
+    """What each rule of experiments/defaults.py gave this run (the report's "Settings" table)."""
+    return {
+        "planned_rounds": spec.planned_rounds,
+        "clip_norm": spec.training.max_grad_norm,
+        "buffer_size": spec.buffer_size,
+        "noise_multipliers": {k: round(v, 4) for k, v in result.noise_multipliers.items()},
+        "learning_rates": {k: round(v, 5) for k, v in result.learning_rates.items()},
+        "ema_beta": None if result.ema_beta is None else round(result.ema_beta, 4),
+        "threshold": "highest balanced accuracy on validation (experiments.scoring.select_threshold)",
     }
 
 
@@ -125,6 +147,21 @@ def write_report(result: FederationResult, spec: FederationSpec, out: Path) -> N
         + ", ".join(f"{k}: {v:.3f}" for k, v in result.epsilon_by_site.items()) + " |",
         f"| updates per site | {', '.join(f'{k}: {v}' for k, v in result.updates_by_site.items())} |",
         f"| stopped because | {result.stop_reason} |",
+        "",
+        "## Settings (the rules of experiments/defaults.py, docs/reproduction.md)",
+        "",
+        "| setting | value | rule |",
+        "|---|---|---|",
+        f"| rounds per site R | {spec.planned_rounds} | `planned_rounds` |",
+        f"| clip norm C | {spec.training.max_grad_norm} | `clip_norm` |",
+        f"| K (updates per version) | {spec.buffer_size} | `async_buffer_size` |",
+        "| noise multiplier per site | "
+        + (", ".join(f"{k}: {v:.2f}" for k, v in result.noise_multipliers.items()) or "n/a")
+        + " | computed by each site's accountant from epsilon, delta, q and R |",
+        "| learning rate per site | " + ", ".join(f"{k}: {v:.4f}" for k, v in result.learning_rates.items())
+        + " | `federation_learning_rate` (lr x sigma x C / B held at the rule's level) |",
+        f"| EMA beta | {_f(result.ema_beta)} | `ema_beta` of the versions |",
+        "| decision threshold | per version | highest balanced accuracy on validation |",
         "",
         "Reference study (3 hospitals, lung imaging, 100 rounds): AUC centralized 0.923, FL 0.891, FL + DP (epsilon 1.2) 0.874.",
         "MedMNIST v2 ResNet-18 (28) on PneumoniaMNIST: AUC 0.944. `fedmq experiment reproduce` runs the controlled comparison.",

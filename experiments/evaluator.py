@@ -26,6 +26,7 @@ import torch
 from broker import topology
 from broker.connection import AuthRefusals, Backoff
 from broker.transport import Connect, Delivery, Message, amqp_connect, run_reconnecting
+from experiments.defaults import ema_beta, planned_rounds
 from experiments.scoring import select_threshold
 from shared.ckks import LoadedContext
 from shared.codec import decode_global_version, encode
@@ -41,8 +42,9 @@ from site_agent.version_guard import VersionGuard
 logger = logging.getLogger(__name__)
 
 EVALUATOR_ID = "evaluator"
-#: chosen on the simulation's validation AUC (docs/reproduction.md, "EMA of global versions")
-DEFAULT_EMA_BETA: float | None = 0.7
+#: the EMA rule (experiments.defaults.ema_beta) for a run of the default number of rounds, one
+#: version per round; a federation sets its own from the versions it will publish
+DEFAULT_EMA_BETA: float | None = ema_beta(planned_rounds())
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,13 @@ VHOST = "fedmq"
 
 
 class SiteTraining(BaseModel):
-    """Local-training settings every site uses (chosen on validation, see docs/reproduction.md)."""
+    """Local-training settings every site uses (the rules in experiments/defaults.py)."""
 
     model_config = ConfigDict(extra="forbid")
     model_preset: Preset = "small_cnn"  # the one registry: site_agent/models.py
-    lr: float = 0.05
+    #: None under DP: the learning-rate rule (experiments.defaults.dp_learning_rate) applied to
+    #: the noise multipliers the sites' accountants will compute for their data
+    lr: float | None = Field(0.05, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.9
     batch_size: int = 64
@@ -82,6 +84,17 @@ class FederationSpec(BaseModel):
     retrain_after_s: float = 60.0
     max_versions: int | None = None
     amqp_url: str | None = None  # None: start a private broker node
+    #: the evaluator's EMA of versions; None: the rule (experiments.defaults.ema_beta) for the
+    #: number of versions the run will publish
+    ema_beta: float | None = Field(None, gt=0, lt=1)
+
+    def resolved_ema_beta(self) -> float:
+        from experiments.defaults import ema_beta, expected_versions
+
+        if self.ema_beta is not None:
+            return self.ema_beta
+        k = self.buffer_size if self.mode == "async" else self.n_sites
+        return ema_beta(expected_versions(self.planned_rounds, self.n_sites, k))
 
 
 @dataclass
@@ -98,6 +111,11 @@ class FederationResult:
     aggregator_status: dict = field(default_factory=dict)
     #: the audit chain as one hospital holds it, verified offline (``audit_summary``)
     audit: dict = field(default_factory=dict)
+    #: what the rules of experiments/defaults.py gave this run: each site's lr and noise
+    #: multiplier (as its accountant computes it), and the evaluator's EMA coefficient
+    learning_rates: dict[str, float] = field(default_factory=dict)
+    noise_multipliers: dict[str, float] = field(default_factory=dict)
+    ema_beta: float | None = None
 
     @property
     def best(self) -> VersionScore | None:
@@ -207,10 +225,27 @@ class Federation:
         finally:
             link.close()
 
+    def site_learning_rates(self) -> dict[str, float]:
+        """Each site's lr: the configured one, or under DP (lr None) the rule of
+        experiments/defaults.py applied to the noise multipliers the sites will compute."""
+        from experiments.defaults import dp_noise_multiplier, federation_learning_rate
+
+        s, t = self.spec, self.spec.training
+        if t.lr is not None:
+            return {site: t.lr for site in self.sites}
+        if not s.dp_enabled:
+            raise ValueError("lr None means the DP learning-rate rule; set lr when DP is off")
+        train_counts = {site: sum(v["train"].values()) for site, v in self.summary["sites"].items()}
+        sigmas = {site: dp_noise_multiplier(n, batch_size=t.batch_size, rounds=s.planned_rounds, epsilon=s.target_epsilon,
+                                            local_epochs=t.local_epochs) for site, n in train_counts.items()}
+        self.noise_multipliers = sigmas
+        return federation_learning_rate(sigmas, batch_size=t.batch_size, max_grad_norm=t.max_grad_norm)
+
     def _write_configs(self) -> None:
         s, t = self.spec, self.spec.training
         train_counts = [sum(v["train"].values()) for v in self.summary["sites"].values()]
         reference = sum(train_counts) / len(train_counts)
+        self.learning_rates = self.site_learning_rates()
         agg = {
             "amqp_url": self.urls[AGGREGATOR_USER],
             "public_context": self.keys.public_context,
@@ -244,6 +279,7 @@ class Federation:
                 "progress_bars": False,
                 "log_json": True,
                 **t.model_dump(),
+                "lr": self.learning_rates[site],
             }
             (self.dir / "config" / f"{site}.toml").write_text(_toml(cfg))
 
@@ -270,7 +306,8 @@ class Federation:
         val = load_official_split(s.data_npz, "val")
         test = load_official_split(s.data_npz, "test")
         self.evaluator = Evaluator(self.urls[EVALUATOR_ID], ctx, model, _tensors(val), _tensors(test),
-                                   load_public_key(self.aggregator_pub), self.dir / "state" / EVALUATOR_ID)
+                                   load_public_key(self.aggregator_pub), self.dir / "state" / EVALUATOR_ID,
+                                   ema_beta=s.resolved_ema_beta())
         self.evaluator.start()
         self._stack.callback(self.evaluator.stop)
         joining = list(self.sites if sites is None else sites)
@@ -384,6 +421,9 @@ class Federation:
             data_summary=self.summary,
             aggregator_status=status,
             audit=self.audit_summary(self.sites[0]),
+            learning_rates=dict(getattr(self, "learning_rates", {})),
+            noise_multipliers=dict(getattr(self, "noise_multipliers", {})),
+            ema_beta=evaluator.ema_beta,
         )
 
     def audit_summary(self, site: str) -> dict:

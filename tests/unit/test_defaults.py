@@ -1,0 +1,119 @@
+"""The default rules (experiments/defaults.py) and that the demo reads them rather than numbers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from experiments import defaults
+from experiments.defaults import (
+    async_buffer_size,
+    clip_norm,
+    dp_learning_rate,
+    dp_noise_multiplier,
+    ema_beta,
+    expected_versions,
+    federation_learning_rate,
+    planned_rounds,
+)
+
+
+def test_the_lr_rule_holds_the_per_step_noise_fixed() -> None:
+    for sigma, batch, c in ((9.3, 128, 1.0), (3.8, 128, 1.0), (5.0, 64, 2.0)):
+        lr = dp_learning_rate(sigma, batch_size=batch, max_grad_norm=c)
+        assert lr * sigma * c / batch == pytest.approx(defaults.DP_STEP_NOISE)
+    # the anchor the rule was taken from: lr 0.02 at sigma 9.3, B = 128 (docs/reproduction.md, c1)
+    assert dp_learning_rate(9.3, batch_size=128) == pytest.approx(0.0206, abs=1e-4)
+    # more noise, smaller steps; a larger batch divides the noise, larger steps
+    assert dp_learning_rate(8.0, batch_size=128) < dp_learning_rate(4.0, batch_size=128)
+    assert dp_learning_rate(4.0, batch_size=256) > dp_learning_rate(4.0, batch_size=128)
+    with pytest.raises(ValueError):
+        dp_learning_rate(0.0, batch_size=128)
+
+
+def test_one_federation_lr_set_by_the_noisiest_site() -> None:
+    lrs = federation_learning_rate({"a": 3.8, "b": 9.3, "c": 4.0}, batch_size=128)
+    assert set(lrs) == {"a", "b", "c"} and len(set(lrs.values())) == 1
+    assert lrs["a"] == pytest.approx(dp_learning_rate(9.3, batch_size=128))
+    with pytest.raises(ValueError):
+        federation_learning_rate({}, batch_size=128)
+
+
+def test_the_noise_multiplier_is_the_sites_own() -> None:
+    """The rule sees the sigma the site's ledger binds itself to, computed by the site's code."""
+    from site_agent.training.config import DPConfig, TrainingConfig
+    from site_agent.training.trainer import LocalTrainer
+
+    n = 1958
+    cfg = TrainingConfig(batch_size=128, local_epochs=1, dp=DPConfig(target_epsilon=1.2, planned_rounds=20))
+    site = LocalTrainer(cfg, None).open_ledger(n).params.noise_multiplier
+    assert dp_noise_multiplier(n, batch_size=128, rounds=20, epsilon=1.2) == pytest.approx(site)
+    # the budget is spread over more rounds: more noise per round; a smaller site: more noise
+    assert dp_noise_multiplier(n, batch_size=128, rounds=40, epsilon=1.2) > site
+    assert dp_noise_multiplier(300, batch_size=128, rounds=20, epsilon=1.2) > site
+
+
+def test_ema_beta_from_the_number_of_versions() -> None:
+    assert ema_beta(20) == pytest.approx(1 - 2 / 6)  # a 5-version window: 0.667
+    assert ema_beta(40) == pytest.approx(1 - 2 / 11)
+    assert ema_beta(1) == ema_beta(4) == 0.0  # a window of one version: the version itself
+    betas = [ema_beta(v) for v in range(1, 200)]
+    assert all(0.0 <= b < 1.0 for b in betas) and betas == sorted(betas)
+    with pytest.raises(ValueError):
+        ema_beta(0)
+
+
+def test_expected_versions_and_the_other_rules() -> None:
+    assert expected_versions(20, 3, 3) == 20  # async under DP (K = n) and sync: one per round
+    assert expected_versions(20, 3, 2) == 30
+    assert planned_rounds() == defaults.ROUNDS and clip_norm() == defaults.CLIP_NORM
+    assert async_buffer_size(3, dp=True) == 3 and async_buffer_size(3, dp=False) == 2
+
+
+def _demo_args(**kw) -> argparse.Namespace:
+    base = dict(workdir="w", seed=0, buffer_size=None, no_dp=False, epsilon=1.2, rounds=None, target_auc=None,
+                time_limit=600.0, amqp_url=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_the_demo_reads_the_rules(tmp_path: Path) -> None:
+    from experiments.demo import demo_spec
+
+    spec = demo_spec(_demo_args(), tmp_path / "x.npz")
+    assert spec.training.lr is None  # the lr rule, per run, from the sites' noise multipliers
+    assert spec.training.max_grad_norm == clip_norm()
+    assert spec.planned_rounds == planned_rounds()
+    assert spec.buffer_size == async_buffer_size(3, dp=True)
+    assert spec.resolved_ema_beta() == pytest.approx(ema_beta(planned_rounds()))
+    assert demo_spec(_demo_args(no_dp=True), tmp_path / "x.npz").training.lr is not None
+
+
+def test_the_federation_applies_the_lr_rule_to_its_sites(tmp_path: Path) -> None:
+    from experiments.federation import Federation, FederationSpec, SiteTraining
+
+    spec = FederationSpec(workdir=tmp_path, data_npz=tmp_path / "x.npz", n_sites=2, planned_rounds=20,
+                          training=SiteTraining(lr=None, batch_size=128))
+    fed = Federation(spec)
+    fed.summary = {"sites": {"hospital_1": {"train": {"0": 100, "1": 137}}, "hospital_2": {"train": {"0": 900, "1": 1058}}}}
+    lrs = fed.site_learning_rates()
+    sigma_small = dp_noise_multiplier(237, batch_size=128, rounds=20, epsilon=1.2)
+    assert fed.noise_multipliers["hospital_1"] == pytest.approx(sigma_small)
+    assert lrs == {s: pytest.approx(dp_learning_rate(sigma_small, batch_size=128)) for s in ("hospital_1", "hospital_2")}
+    fixed = Federation(spec.model_copy(update={"training": SiteTraining(lr=0.03)}))
+    fixed.summary = fed.summary
+    assert fixed.site_learning_rates() == {"hospital_1": 0.03, "hospital_2": 0.03}
+    no_dp = Federation(spec.model_copy(update={"dp_enabled": False}))
+    no_dp.summary = fed.summary
+    with pytest.raises(ValueError):
+        no_dp.site_learning_rates()
+
+
+def test_the_federation_lr_from_site_sizes_is_the_noisiest_sites() -> None:
+    from experiments.defaults import dp_federation_lr_for_sizes
+
+    lr = dp_federation_lr_for_sizes([237, 1958], batch_size=128, rounds=20, epsilon=1.2)
+    assert lr == pytest.approx(dp_learning_rate(dp_noise_multiplier(237, batch_size=128, rounds=20, epsilon=1.2),
+                                                batch_size=128))
