@@ -308,14 +308,17 @@ class AggregatorEngine:
         ``pre``: ``precheck`` of these very bytes and user id, done ahead (used unless the
         layout it checked against has been fixed since)."""
         self.metrics.bytes_in.inc(len(body))
-        if pre is not None and pre.layout != (self.layout_fp, self.total_blocks):
-            pre = None  # the first update fixed the layout meanwhile: check again, as in order
-        if pre is None:
-            pre = self.precheck(body, user_id=user_id)
+        stale = pre is not None and pre.layout != (self.layout_fp, self.total_blocks)
+        if pre is None or (stale and pre.refusal is not None):
+            # the first update fixed the layout meanwhile: check again, so that the reason is
+            # the one an in-order check gives (the layout's, when both are wrong)
+            pre, stale = self.precheck(body, user_id=user_id), False
         chunk = pre.chunk
         try:
             if pre.refusal is not None:
                 raise pre.refusal
+            if stale and chunk is not None:  # passed every check, the layout's against None
+                checks.check_layout(chunk, self.rules, layout_fp=self.layout_fp, total_blocks=self.total_blocks)
             checked = pre.checked
             if chunk is None or checked is None:
                 raise RuntimeError("precheck gave neither a checked chunk nor a refusal")
