@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator import checkpoint as cpmod
-from aggregator.wal import WriteAheadLog, read_records, write_segment
+from aggregator.wal import FramedBody, WriteAheadLog, read_records, write_segment
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,12 @@ class Durability:
 
     # ------------------------------------------------------------------ the log
 
-    def log(self, record: dict[str, Any]) -> None:
-        """Append one record, durable (fsync) when this returns."""
-        assert self._wal is not None, "open_log() first"
-        self._wal.append(record)
+    def log(self, record: dict[str, Any], framed: FramedBody | None = None) -> None:
+        """Append one record, durable (fsync) when this returns (``framed``: its body's framing,
+        computed ahead; ``aggregator.wal.frame_body``)."""
+        if self._wal is None:
+            raise RuntimeError("the WAL is not open yet (open_log)")
+        self._wal.append(record, framed)
 
     # ------------------------------------------------------------------ commits
 

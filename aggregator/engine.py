@@ -40,6 +40,7 @@ from aggregator.policy import Admission, Policy, answer_snapshot_request
 from aggregator.settings import AggregatorSettings
 from aggregator.site_status import SiteStatus
 from aggregator.validator import NOTIFY_SITE, BadCiphertext, BlockSizeMismatch, WrongShard
+from aggregator.wal import FramedBody, frame_body
 from broker.topology import DETAIL_HEADER, REASON_HEADER
 from shared.atomic import atomic_write_json
 from shared.chunking import ChunkAssembler, chunk_blocks, header_of
@@ -54,6 +55,8 @@ from shared.statelock import lock_state_dir
 logger = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+#: fields of a chunk's WAL record (``accept``), its body first (``aggregator.wal.frame_body``)
+_CHUNK_RECORD_FIELDS = 10
 CRASH_POINTS = ("after-wal", "before-ack", "after-fold", "after-checkpoint")
 
 #: a test seam: called with one of CRASH_POINTS as execution passes it (never during WAL
@@ -89,6 +92,7 @@ class Prechecked:
     chunk: UpdateChunk | None  # None: not decodable
     checked: checks.CheckedChunk | None
     refusal: WireError | None = None
+    framed: FramedBody | None = None  # the WAL framing of the body (CRC included), when it passed
 
 
 @dataclass
@@ -297,8 +301,9 @@ class AggregatorEngine:
         chunk: UpdateChunk | None = None
         try:
             chunk = checks.decode_chunk(body, self.rules)
-            return Prechecked(layout, chunk, checks.check_chunk(chunk, len(body), user_id, self.rules,
-                                                                layout_fp=layout[0], total_blocks=layout[1]))
+            checked = checks.check_chunk(chunk, len(body), user_id, self.rules,
+                                         layout_fp=layout[0], total_blocks=layout[1])
+            return Prechecked(layout, chunk, checked, framed=frame_body(bytes(body), _CHUNK_RECORD_FIELDS))
         except WireError as exc:
             return Prechecked(layout, chunk, None, exc)
 
@@ -334,12 +339,13 @@ class AggregatorEngine:
             self.metrics.duplicates_dropped.inc()
             logger.debug("dropping redelivered chunk %s/%d: %s", chunk.update_id, chunk.chunk_index, verdict.why)
             return Decision("drop", "duplicate", verdict.why, chunk.site_id, chunk.update_id, chunk)
+        framed = pre.framed or frame_body(bytes(body), _CHUNK_RECORD_FIELDS)
         record = {
-            "t": "chunk", "body": bytes(body), "uid": chunk.update_id, "ci": chunk.chunk_index,
+            "body": framed.body, "t": "chunk", "uid": chunk.update_id, "ci": chunk.chunk_index,
             "st": verdict.staleness, "u": verdict.weight_units, "user": user_id,
             "redelivered": bool(redelivered), "at": time.time(), "dg": checked.digest,
         }
-        self.durable.log(record)
+        self.durable.log(record, framed)
         self.crash("after-wal")
         self._register(chunk, verdict, record)
         return Decision("accept", "", "", chunk.site_id, chunk.update_id, chunk, record)
