@@ -10,15 +10,21 @@ Threading: two threads, so that checking a chunk never waits for a fold and the 
   on each update chunk (``engine.precheck``: decode, hybrid signature over a SHA-512 of up to
   4 MB, every ciphertext's checksum; hashing releases the GIL), and runs what the engine thread
   asks of the link (dead-letter copies, acks, publishes) in the order asked.
-- The **engine thread** owns the engine: every message, in delivery order, goes through
-  ``accept`` (the rest of the checks, WAL fsync) -> a dead-letter copy if refused -> ack ->
-  ``apply`` (deserialize, fold, commit); snapshot requests, site metrics and housekeeping run
-  there too, so the engine's state has a single writer.
+- The **engine thread** owns the engine: every update chunk, in delivery order, goes through
+  ``accept`` (the rest of the checks; the WAL record written, not yet fsynced) and ``apply``
+  (deserialize, fold, commit), so each chunk's checks see every earlier chunk's fold, as
+  before. **Group commit**: while further chunks wait (at most ``GROUP_COMMIT_MAX``), their
+  acks wait too; then one fsync makes the batch durable, and only then are its dead-letter
+  copies, acks and outputs (versions, notices) asked of the link. Snapshot requests, site
+  metrics and housekeeping run there too (after the batch), so the engine's state has a
+  single writer.
 
-Exactly-once is unchanged: a chunk is acked only after its WAL record is durable, and a
-redelivery of a logged chunk is dropped by the engine. The ack now reaches the broker after
-the engine thread asked for it, possibly after the fold: a crash in between leaves the message
-unacked, and after the restart the WAL replay folds it and its redelivery is dropped.
+Exactly-once is unchanged: a message is acked only after its WAL record is durable, and a
+redelivery of a logged chunk is dropped by the engine (its ack, too, waits for the fsync). A
+chunk may be folded before its record is fsynced: a crash then loses the fold with the record,
+and the unacked message comes again; a commit in between writes the checkpoint and the next
+segment (fsynced) before any version goes out, so a folded chunk's effect is never published
+ahead of its durability. A failed group fsync stops the service (``WalSyncFailed``).
 
 SIGTERM/SIGINT (main thread only) set a flag: the message in hand is finished and acked,
 the rest of the prefetch is left unacked (the broker redelivers it), and ``run`` returns 0.
@@ -53,11 +59,18 @@ Job = Callable[[], None]
 LOOKAHEAD = 2
 
 
+#: group commit: at most this many update chunks share one WAL fsync (the batch ends sooner
+#: when no further job is waiting); their acks wait for it, their bodies are held until then
+GROUP_COMMIT_MAX = 4
+
+
 class _EngineThread:
     """Runs jobs one at a time, in order, on one thread. A job that raises stops the jobs of its
-    session (``generation``); the error is handed to that session's connection thread."""
+    session (``generation``); the error is handed to that session's connection thread.
+    ``on_idle`` runs whenever no job is waiting (the service commits its batch there)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_idle: Job) -> None:
+        self._on_idle = on_idle
         self._jobs: queue.Queue[tuple[int, Job, bool] | None] = queue.Queue(maxsize=LOOKAHEAD)
         self._errors: dict[int, BaseException] = {}
         self._thread = threading.Thread(target=self._loop, name="fedmq-aggregator-engine", daemon=True)
@@ -67,9 +80,17 @@ class _EngineThread:
         self._jobs.put((generation, job, False))
 
     def barrier(self, generation: int) -> threading.Event:
-        """An event set once every job submitted before it has run (or was skipped)."""
+        """An event set once every job submitted before it has run (or was skipped) and what
+        they asked of the link is queued (the batch committed)."""
         done = threading.Event()
-        self._jobs.put((generation, done.set, True))
+
+        def job() -> None:
+            try:
+                self._on_idle()
+            finally:
+                done.set()
+
+        self._jobs.put((generation, job, True))
         return done
 
     def _loop(self) -> None:
@@ -82,6 +103,8 @@ class _EngineThread:
                 continue  # its session failed: the broker redelivers what it was about
             try:
                 job()
+                if self._jobs.empty():
+                    self._on_idle()
             except BaseException as exc:  # handed to the connection thread, which ends the session
                 self._errors[generation] = exc
 
@@ -113,6 +136,8 @@ class AggregatorService:
         self._backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s)
         self._generation = 0
         self._worker: _EngineThread | None = None
+        #: group commit (engine thread): chunks logged without fsync, waiting for one
+        self._batch: list[tuple[int, Link, Delivery, Decision, list[Outgoing]]] = []
 
     def stop(self, *_: Any) -> None:
         self._stop.set()
@@ -126,7 +151,7 @@ class AggregatorService:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
         self.engine.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
-        self._worker = _EngineThread()
+        self._worker = _EngineThread(on_idle=self._commit_batch)
         try:
             run_reconnecting(self._session, stop=self._stop, backoff=self._backoff, auth=self._auth,
                              what="aggregator", on_lost=self.ready.clear)
@@ -191,9 +216,18 @@ class AggregatorService:
 
         self._submit(generation, job)
 
-    def _submit(self, generation: int, job: Job) -> None:
+    def _submit(self, generation: int, job: Job, *, after_batch: bool = True) -> None:
+        """Queue ``job`` for the engine thread (skipped if its session ended first); unless
+        it is an update chunk, the pending batch is committed before it."""
         assert self._worker is not None
-        self._worker.submit(generation, lambda: job() if generation == self._generation else None)
+
+        def run() -> None:
+            if after_batch:
+                self._commit_batch()
+            if generation == self._generation:
+                job()
+
+        self._worker.submit(generation, run)
 
     # -------------------------------------------------------------- run on the connection thread
 
@@ -215,6 +249,27 @@ class AggregatorService:
             self._unpublished.extend(outs)
             link.call_threadsafe(self._flush_unpublished)
 
+    def _commit_batch(self) -> None:
+        """Group commit: one WAL fsync for the batch's chunks, then their dead-letter copies,
+        acks and outputs, in order. A dead link of an ended session is no error here: those
+        messages are redelivered, and dropped as logged (after a later fsync)."""
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        self.engine.sync_log()
+        failure: BrokerConnectionError | None = None
+        for generation, link, d, decision, outs in batch:
+            self._unpublished.extend(outs)
+            try:
+                self._answer(link, d, decision, before_ack=lambda: self.engine.crash("before-ack"))
+                if outs:
+                    link.call_threadsafe(self._flush_unpublished)
+            except BrokerConnectionError as exc:
+                if generation == self._generation and failure is None:
+                    failure = exc
+        if failure is not None:
+            raise failure
+
     def _answer(self, link: Link, d: Delivery, decision: Decision, *, before_ack: Callable[[], None] | None = None) -> None:
         """Dead-letter a refused message, then ack it (both on the connection thread, in order)."""
         if decision.action == "reject":
@@ -234,18 +289,14 @@ class AggregatorService:
         def job() -> None:
             if self._stop.is_set():
                 return
-            decision = self.engine.accept(d.body, user_id=d.user_id, redelivered=d.redelivered, pre=pre)
-            try:
-                self._answer(link, d, decision, before_ack=lambda: self.engine.crash("before-ack"))
-            finally:
-                # a logged chunk joins its update even when the link died before its ack: its
-                # redelivery is dropped as already logged, so this is the chunk's only way in
-                outs = self.engine.apply(decision)
-                self._unpublished.extend(outs)
-            if outs:
-                link.call_threadsafe(self._flush_unpublished)
+            # logged without its own fsync; applied at once (the next chunk's checks see its
+            # fold, as in order); acked only after the batch's fsync (_commit_batch)
+            decision = self.engine.accept(d.body, user_id=d.user_id, redelivered=d.redelivered, pre=pre, sync=False)
+            self._batch.append((generation, link, d, decision, self.engine.apply(decision)))
+            if len(self._batch) >= GROUP_COMMIT_MAX:
+                self._commit_batch()
 
-        self._submit(generation, job)
+        self._submit(generation, job, after_batch=False)
 
     def _on_snapshot_request(self, link: Link, generation: int, d: Delivery) -> None:
         if self._stop.is_set():

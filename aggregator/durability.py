@@ -5,7 +5,8 @@ Files in ``state_dir``: ``checkpoint.msgpack`` (D_v and bookkeeping at the last 
 accepted chunk since that commit (``aggregator.wal``). The rules that make a crash at any point
 fold each acknowledged chunk exactly once:
 
-- a chunk is in the WAL (fsynced) before its message is acked (``log``);
+- a chunk is in the WAL (fsynced) before its message is acked (``log``; with group commit,
+  ``log(sync=False)`` for each chunk of a batch and one ``sync`` before any of their acks);
 - a commit writes the next segment (the records of still-incomplete updates) atomically first,
   then the checkpoint that names it (``begin_segment``, ``save_checkpoint``); the old segment
   is removed only after that (``end_segment``);
@@ -67,12 +68,20 @@ class Durability:
 
     # ------------------------------------------------------------------ the log
 
-    def log(self, record: dict[str, Any], framed: FramedBody | None = None) -> None:
+    def log(self, record: dict[str, Any], framed: FramedBody | None = None, *, sync: bool = True) -> None:
         """Append one record, durable (fsync) when this returns (``framed``: its body's framing,
-        computed ahead; ``aggregator.wal.frame_body``)."""
+        computed ahead; ``aggregator.wal.frame_body``). ``sync=False`` (group commit): durable
+        after the next ``sync()``; nothing of it may be acked before."""
         if self._wal is None:
             raise RuntimeError("the WAL is not open yet (open_log)")
-        self._wal.append(record, framed)
+        self._wal.append(record, framed, sync=sync)
+
+    def sync(self) -> None:
+        """One fsync for every record logged with ``sync=False`` since the last one. (Records
+        logged before a commit are durable already: the commit carried them into the segment
+        it wrote, or folded them into the checkpoint.)"""
+        if self._wal is not None:
+            self._wal.sync()
 
     # ------------------------------------------------------------------ commits
 

@@ -187,6 +187,7 @@ class AggregatorEngine:
         self.updates_folded_total = 0
         self.startup_outgoing: list[Outgoing] = []
         self._replaying = False
+        self._unsynced = 0  # chunks logged since the last group fsync (accept(sync=False))
 
         self._recover()
 
@@ -308,10 +309,11 @@ class AggregatorEngine:
             return Prechecked(layout, chunk, None, exc)
 
     def accept(self, body: bytes, *, user_id: str | None = None, redelivered: bool = False,
-               pre: Prechecked | None = None) -> Decision:
+               pre: Prechecked | None = None, sync: bool = True) -> Decision:
         """Validate one update chunk; WAL it (fsync) when good. Ack after this returns.
         ``pre``: ``precheck`` of these very bytes and user id, done ahead (used unless the
-        layout it checked against has been fixed since)."""
+        layout it checked against has been fixed since). ``sync=False`` (group commit): the
+        record is durable only after ``sync_log()``, and the message must not be acked before."""
         self.metrics.bytes_in.inc(len(body))
         stale = pre is not None and pre.layout != (self.layout_fp, self.total_blocks)
         if pre is None or (stale and pre.refusal is not None):
@@ -345,10 +347,23 @@ class AggregatorEngine:
             "st": verdict.staleness, "u": verdict.weight_units, "user": user_id,
             "redelivered": bool(redelivered), "at": time.time(), "dg": checked.digest,
         }
-        self.durable.log(record, framed)
-        self.crash("after-wal")
+        self.durable.log(record, framed, sync=sync)
+        if sync:
+            self.crash("after-wal")
+        else:
+            self._unsynced += 1
         self._register(chunk, verdict, record)
         return Decision("accept", "", "", chunk.site_id, chunk.update_id, chunk, record)
+
+    def sync_log(self) -> None:
+        """Group commit: one fsync makes every chunk accepted with ``sync=False`` durable; their
+        messages may be acked once this returns."""
+        if not self._unsynced:
+            return
+        self.durable.sync()
+        synced, self._unsynced = self._unsynced, 0
+        for _ in range(synced):
+            self.crash("after-wal")
 
     def _register(self, chunk: UpdateChunk, admission: Admission, record: dict[str, Any]) -> None:
         """A logged chunk (accepted now, or replayed from the WAL) joins its update."""

@@ -96,6 +96,10 @@ def read_records(path: str | Path) -> tuple[list[dict[str, Any]], int, bool]:
     return records, pos, False
 
 
+class WalSyncFailed(RuntimeError):
+    """A group fsync failed: the aggregator must stop rather than ack (``WriteAheadLog.sync``)."""
+
+
 def _reopen_truncated(fh: Any, path: Path, size: int) -> Any:
     try:
         fh.close()
@@ -130,14 +134,16 @@ class WriteAheadLog:
         if self.fsync:
             os.fsync(self._fh.fileno())
 
-    def append(self, record: dict[str, Any], framed: FramedBody | None = None) -> None:
-        """``framed``: the record's body framed ahead (``frame_body``)."""
+    def append(self, record: dict[str, Any], framed: FramedBody | None = None, *, sync: bool = True) -> None:
+        """``framed``: the record's body framed ahead (``frame_body``). ``sync=False``: written
+        to the OS but durable only after the next ``sync()`` (group commit)."""
         frames = frame_parts(record, framed) if framed is not None else [encode_record(record)]
-        self.append_encoded(frames)
+        self.append_encoded(frames, sync=sync)
         self.bytes_written += sum(len(f) for f in frames)
 
-    def append_encoded(self, frames: list[bytes]) -> None:
-        """All frames durable, or none: a failed write (disk full) is cut off again.
+    def append_encoded(self, frames: list[bytes], *, sync: bool = True) -> None:
+        """All frames written (durable, with ``sync``), or none: a failed write (disk full) is
+        cut off again.
 
         Without the rewind a half-written frame would sit in front of records written after
         the disk recovers, and replay stops at the first bad frame: those later records, acked
@@ -148,10 +154,25 @@ class WriteAheadLog:
         try:
             for f in frames:
                 self._fh.write(f)
-            self._sync()
+            if sync:
+                self._sync()
+            else:
+                self._fh.flush()
         except OSError:
             self._fh = _reopen_truncated(self._fh, self.path, start)
             raise
+
+    def sync(self) -> None:
+        """Make every record appended so far durable (one fsync for a group of them).
+
+        A failure here cannot be cut off like a failed write: the records since the last sync
+        may or may not be on disk, and the caller may already hold their effects in memory. It
+        raises ``WalSyncFailed``, which the aggregator service does not survive: a restart
+        rebuilds its state from what is durable, and none of those records was acked."""
+        try:
+            self._sync()
+        except OSError as exc:
+            raise WalSyncFailed(f"fsync of {self.path} failed: {exc}") from exc
 
     def close(self) -> None:
         if not self._fh.closed:
