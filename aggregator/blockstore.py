@@ -20,7 +20,8 @@ class CiphertextStore(MutableMapping[int, HeVector]):
         self.data = data
 
     def __getitem__(self, index: int) -> HeVector:
-        return load_ciphertext(self.ctx, self.data[index])
+        # bytes this store serialized itself, or checked when the checkpoint was loaded
+        return load_ciphertext(self.ctx, self.data[index], checked=True)
 
     def __setitem__(self, index: int, vec: HeVector) -> None:
         self.data[index] = serialize(vec)

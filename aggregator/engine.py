@@ -1,25 +1,28 @@
 """The aggregator's state machine: validate, log, fold, commit. No broker I/O.
 
+A short coordinator over parts with one job each:
+
+- ``aggregator.validator``: every refusal, with its reason (pure checks);
+- ``aggregator.durability``: the WAL, checkpoints and recovery;
+- ``aggregator.policy``: admission, weights, when to commit, sync rounds, membership;
+- ``aggregator.site_status``: what is known about each site (``SiteStatus``);
+- ``aggregator.fold``: the ciphertext maths; ``aggregator.audit_log``: the signed audit chain;
+- ``aggregator.outgoing``: what goes out, as intents.
+
 ``accept(body, user_id=, redelivered=)`` validates one update chunk and, when it is good,
 appends it to the write-ahead log (fsync) and returns a ``Decision``; the caller acks the
 message (or dead-letters a refused one) and then calls ``apply(decision)``, which assembles
-chunks and folds complete updates, committing a version every K folds. What must go out on
-the broker comes back as ``Outgoing`` values naming an ``Intent`` (never an exchange); the
-service maps intents onto topology names and publishes them.
-
-Durable state (``state_dir``): ``checkpoint.msgpack`` (D_v and bookkeeping at the last
-commit), ``wal-<version>.log`` (every accepted chunk since), ``status.json``. On start the
+chunks and folds complete updates, committing a version every K folds. On start the
 checkpoint is loaded and the WAL replayed with the weights recorded on arrival, so a crash
 at any point folds each acknowledged update exactly once.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,96 +30,44 @@ from typing import Any, Literal
 from aggregator import checkpoint as cpmod
 from aggregator import fold as foldmod
 from aggregator import seqguard
+from aggregator import validator as checks
 from aggregator.audit_log import AggregatorAudit
+from aggregator.blockstore import CiphertextStore
+from aggregator.durability import Durability
 from aggregator.metrics import AggregatorMetrics
-from aggregator.policy import Admission, Policy
+from aggregator.outgoing import Intent, Outgoing, VersionMessage, dead_letter_notice, site_notice
+from aggregator.policy import Admission, Policy, answer_snapshot_request
 from aggregator.settings import AggregatorSettings
-from aggregator.update_guard import check_pending_room, check_update_id
-from aggregator.wal import WriteAheadLog, read_records, write_segment
+from aggregator.site_status import SiteStatus
+from aggregator.validator import NOTIFY_SITE, BadCiphertext, BlockSizeMismatch, WrongShard
+from aggregator.wal import FramedBody, frame_body
 from broker.topology import DETAIL_HEADER, REASON_HEADER
 from shared.atomic import atomic_write_json
 from shared.chunking import ChunkAssembler, chunk_blocks, header_of
-from aggregator.blockstore import CiphertextStore
-from aggregator.he_guard import check_chunk_ciphertexts, check_headroom
 from shared.ckks import HeVector, LoadedContext, check_ciphertext, load_ciphertext, load_context
 from shared.ckks_wire import CiphertextError
-from shared.codec import decode_site_metrics, decode_snapshot_request, decode_update_chunk, encode, encode_rejection
-from shared.errors import (
-    ConfigError,
-    CryptoError,
-    DuplicateUpdate,
-    IdentityMismatch,
-    InconsistentChunk,
-    KeyMismatch,
-    LayoutMismatch,
-    MissingChunk,
-    ReplayedUpdate,
-    UnknownSite,
-    WireError,
-)
-from shared.schema import Contributor, EncryptedBlock, GlobalVersionChunk, Rejection, UpdateChunk
-from shared.sharding import block_shard
-from shared.signing import SigningKey, load_pinned_keys, load_private_key, sign_version, verify_chunk
+from shared.codec import decode_site_metrics, decode_snapshot_request, decode_update_chunk
+from shared.errors import CryptoError, WireError
+from shared.schema import Contributor, EncryptedBlock, GlobalVersionChunk, UpdateChunk
+from shared.signing import SigningKey, load_pinned_keys, load_private_key, sign_version
 from shared.statelock import lock_state_dir
 
 logger = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
-#: refusals the site itself is told about on its own queue (after its signature was verified):
-#: each means every further round it trains is wasted, or its state was lost
-NOTIFY_SITE = frozenset({seqguard.REASON, "layout-fingerprint", "key-fingerprint"})
+#: fields of a chunk's WAL record (``accept``), its body first (``aggregator.wal.frame_body``)
+_CHUNK_RECORD_FIELDS = 10
 CRASH_POINTS = ("after-wal", "before-ack", "after-fold", "after-checkpoint")
-
-
-class BlockSizeMismatch(WireError):
-    reason = "block-size"
-
-
-class WrongShard(WireError):
-    reason = "wrong-shard"
-
-
-class BadCiphertext(WireError):
-    reason = "ciphertext"
-
 
 #: a test seam: called with one of CRASH_POINTS as execution passes it (never during WAL
 #: replay). Nothing in fedmq sets one; tests inject a hook that kills the process there
 #: (tests/launcher.py) to prove that every acknowledged update is folded exactly once.
 CrashHook = Callable[[str], None]
 
-
-class Intent(enum.Enum):
-    """Where an outgoing message should go, without naming broker objects: the service maps
-    each intent onto topology names (``AggregatorService`` via ``aggregator.consumer.route``)."""
-
-    VERSION_TO_ALL = "version-to-all"  # a global version for every site (the fanout)
-    TO_SITE = "to-site"  # a snapshot or notice for one site's own queue (``site_id``)
-    DEAD_LETTER = "dead-letter"  # a refusal record for the operators' dead-letter queue
-
-
-@dataclass
-class Outgoing:
-    intent: Intent
-    site_id: str | None
-    body: bytes
-    kind: Literal["delta", "snapshot", "dead-letter", "notice"]
-    headers: dict[str, Any] | None = None
-
-
-class _VersionMessage(Outgoing):
-    """A version chunk encoded when it is published, not when it is committed: a ResNet-50-size
-    version is ~290 MB of messages, which would otherwise sit in memory beside D until sent. The
-    chunk holds the block bytes of its own commit, so a later commit cannot change it."""
-
-    def __init__(self, intent: Intent, site_id: str | None, chunk: GlobalVersionChunk,
-                 kind: Literal["delta", "snapshot"]) -> None:
-        self.intent, self.site_id, self.kind, self.headers = intent, site_id, kind, None
-        self.chunk = chunk
-
-    @property  # type: ignore[override]
-    def body(self) -> bytes:
-        return encode(self.chunk)
+__all__ = [
+    "AggregatorEngine", "BadCiphertext", "BlockSizeMismatch", "CRASH_POINTS", "CrashHook", "Decision", "Intent",
+    "NOTIFY_SITE", "Outgoing", "Prechecked", "STATUS_FILE", "WrongShard",
+]
 
 
 @dataclass
@@ -133,8 +84,21 @@ class Decision:
         return {REASON_HEADER: self.reason, DETAIL_HEADER: self.detail[:2000]}
 
 
+@dataclass(frozen=True)
+class Prechecked:
+    """The validator's first stage on one chunk (``AggregatorEngine.precheck``)."""
+
+    layout: tuple[str | None, int | None]  # the (layout fingerprint, total blocks) it checked against
+    chunk: UpdateChunk | None  # None: not decodable
+    checked: checks.CheckedChunk | None
+    refusal: WireError | None = None
+    framed: FramedBody | None = None  # the WAL framing of the body (CRC included), when it passed
+
+
 @dataclass
 class _Pending:
+    """An update whose chunks are logged but not all here yet."""
+
     site_id: str
     seq: int
     base_version: int
@@ -151,10 +115,6 @@ def _drain(items: list[Any]) -> Any:
     items.reverse()
     while items:
         yield items.pop()
-
-
-def _segment_name(version: int) -> str:
-    return f"wal-{version:06d}.log"
 
 
 class AggregatorEngine:
@@ -193,11 +153,18 @@ class AggregatorEngine:
             max_staleness=s.max_staleness, weight_quantum=s.weight_quantum,
             reference_sample_weight=s.reference_sample_weight, sites=frozenset(self.pinned),
         )
-        if s.mode == "sync" and not self.pinned:
-            raise ConfigError("sync mode needs pinned site keys (K = number of sites)")
+        self.policy.check_members()
         self.K = self.policy.commit_after
         self.value_scale = foldmod.value_scale(s.server_lr, s.weight_quantum, self.K)
         self.block_size = self.ctx.block_size
+        self.rules = checks.ChunkRules(
+            ctx=self.ctx, pinned=self.pinned, block_size=self.block_size, shard_index=s.shard_index,
+            shard_count=s.shard_count, max_message_bytes=s.max_message_bytes, check_user_id=s.check_user_id,
+            public_context=str(s.public_context), layout_from_settings=bool(s.layout_fingerprint),
+        )
+        self.limits = checks.Limits(s.max_pending_updates, s.max_pending_updates_per_site,
+                                    s.max_pending_bytes_per_site, s.max_pending_bytes)
+        self.durable = Durability(self.state_dir)
 
         self.version = 0
         self._D_bytes: dict[int, bytes] = {}
@@ -205,7 +172,6 @@ class AggregatorEngine:
         self.buffer: dict[int, HeVector] = {}
         self.contributors: list[Contributor] = []
         self.buffer_ids: list[str] = []
-        self.round_sites: set[str] = set()
         self.pending: dict[str, _Pending] = {}
         self.assembler: ChunkAssembler[UpdateChunk] = ChunkAssembler(
             lambda c: c.update_id, max_pending=s.max_pending_updates, max_pending_bytes=s.max_pending_bytes
@@ -214,16 +180,44 @@ class AggregatorEngine:
         self.recent: deque[tuple[int, list[str]]] = deque(maxlen=s.remember_versions)
         self._known: set[str] = set()
         self.expired: deque[str] = deque(maxlen=4096)
-        self.sites: dict[str, dict[str, Any]] = {}
+        self.sites: dict[str, SiteStatus] = {}
         self.layout_fp = s.layout_fingerprint
         self.total_blocks: int | None = None
         self.duplicates_dropped = 0
         self.updates_folded_total = 0
         self.startup_outgoing: list[Outgoing] = []
         self._replaying = False
-        self._log_once: set[str] = set()
+        self._unsynced = 0  # chunks logged since the last group fsync (accept(sync=False))
 
         self._recover()
+
+    # ------------------------------------------------------------------ the ledger stage 2 reads
+
+    def is_folded(self, update_id: str) -> bool:
+        return update_id in self._known or update_id in self.buffer_ids
+
+    def last_header(self, site_id: str) -> str | None:
+        st = self.sites.get(site_id)
+        return st.last_header if st is not None else None
+
+    def buffered_units(self) -> Iterable[int]:
+        """Weight units in the buffer and in incomplete updates (the headroom check's sum)."""
+        return [c.weight_units for c in self.contributors] + [p.admission.weight_units for p in self.pending.values()]
+
+    def site(self, site_id: str) -> SiteStatus:
+        st = self.sites.get(site_id)
+        if st is None:
+            st = self.sites[site_id] = SiteStatus()
+        return st
+
+    @property
+    def round_sites(self) -> set[str]:
+        return self.policy.round_sites
+
+    @property
+    def segment(self) -> str:
+        """The WAL segment the last checkpoint names."""
+        return self.durable.segment
 
     # ------------------------------------------------------------------ config / recovery
 
@@ -239,12 +233,8 @@ class AggregatorEngine:
         }
 
     def _recover(self) -> None:
-        cp = cpmod.load(self.state_dir)
-        if cp is None:
-            self.segment = _segment_name(0)
-            write_segment(self.state_dir / self.segment, [])
-            self._write_checkpoint()
-        else:
+        cp = self.durable.load_checkpoint()
+        if cp is not None:
             cpmod.check_config(cp.config, self._config())
             self.version = cp.version
             self.layout_fp = cp.config.get("layout_fingerprint") or self.layout_fp
@@ -256,26 +246,21 @@ class AggregatorEngine:
             for v, ids in cp.recent:
                 self.recent.append((v, list(ids)))
                 self._known.update(ids)
-            self.sites = {k: dict(v) for k, v in cp.sites.items()}
-            for site, info in self.sites.items():
-                if info.get("sample_weight") is not None:
-                    self.policy.note_reported(site, float(info["sample_weight"]))
-            self.segment = cp.wal_segment
+            self.sites = {k: SiteStatus.from_dict(v) for k, v in cp.sites.items()}
+            for site, st in self.sites.items():
+                if st.sample_weight is not None:
+                    self.policy.note_reported(site, st.sample_weight)
+        records = self.durable.start(cp)
+        if cp is None:
+            self.durable.save_checkpoint(self._checkpoint())
         self.audit.recover(self.version)  # the chain, cut back to the checkpoint (audit_log.py)
-        records, _, torn = read_records(self.state_dir / self.segment)
-        if torn:
-            logger.warning("WAL %s ends in a torn record (crash during a write); ignoring it", self.segment)
         self._replaying = True
         try:
             for i, rec in enumerate(records):
                 self._replay_record(rec, records[i + 1 :])
         finally:
             self._replaying = False
-        # drop segments the checkpoint does not reference (left by a crash mid-commit)
-        for p in self.state_dir.glob("wal-*.log*"):
-            if p.name != self.segment:
-                p.unlink(missing_ok=True)
-        self.wal = WriteAheadLog(self.state_dir / self.segment)
+        self.durable.open_log()
         self._update_gauges()
         if records:
             logger.info("replayed %d WAL records; version %d, buffer %d/%d, %d incomplete",
@@ -285,7 +270,7 @@ class AggregatorEngine:
 
     def _replay_record(self, rec: dict[str, Any], later: list[dict[str, Any]]) -> None:
         if rec.get("t") == "expire":
-            self._expire_update(rec["uid"], log=False)
+            self._forget_pending(rec["uid"], expired=True)
             return
         if rec.get("t") != "chunk":
             return
@@ -300,115 +285,88 @@ class AggregatorEngine:
 
     # ------------------------------------------------------------------ accept
 
-    def _refuse(self, exc: WireError, chunk: UpdateChunk | None = None) -> Decision:
-        site = chunk.site_id if chunk else None
-        first = self.metrics.reject(exc.reason)
+    def _refuse(self, exc: WireError, chunk: UpdateChunk | None = None, site: str | None = None) -> Decision:
+        site = chunk.site_id if chunk else site
+        first = self.metrics.reject(exc.reason)  # the metric label is the dead-letter reason
         if site in self.sites or (site and site in self.pinned):
-            info = self.sites.setdefault(site, {})
-            rej = info.setdefault("rejected", {})
-            rej[exc.reason] = rej.get(exc.reason, 0) + 1
+            self.site(site).note_refused(exc.reason)
         log = logger.warning if first else logger.debug
         log("refused chunk: %s: %s", exc.reason, exc.detail, extra={"reason": exc.reason, "site": site})
         return Decision("reject", exc.reason, exc.detail, site, chunk.update_id if chunk else None, chunk)
 
-    def _drop(self, chunk: UpdateChunk, why: str) -> Decision:
-        self.duplicates_dropped += 1
-        self.metrics.duplicates_dropped.inc()
-        logger.debug("dropping redelivered chunk %s/%d: %s", chunk.update_id, chunk.chunk_index, why)
-        return Decision("drop", "duplicate", why, chunk.site_id, chunk.update_id, chunk)
-
-    def accept(self, body: bytes, *, user_id: str | None = None, redelivered: bool = False) -> Decision:
-        """Validate one update chunk; WAL it (fsync) when good. Ack after this returns."""
-        self.metrics.bytes_in.inc(len(body))
+    def precheck(self, body: bytes, *, user_id: str | None = None) -> Prechecked:
+        """The validator's first stage (decode, signature, ciphertext bytes: the costly hashing)
+        for ``accept(pre=)``. Reads no state but the layout, which it records, so it may run on
+        another thread than the engine's while the engine folds (``aggregator.consumer``)."""
+        layout = (self.layout_fp, self.total_blocks)
         chunk: UpdateChunk | None = None
         try:
-            chunk = decode_update_chunk(body, max_bytes=self.settings.max_message_bytes)
-            if self.settings.check_user_id and user_id != chunk.site_id:
-                raise IdentityMismatch(f"AMQP user_id {user_id!r} is not the chunk's site {chunk.site_id!r}")
-            check_update_id(chunk)  # the id names its site: duplicate sets below are per (site, id)
-            if chunk.site_id not in self.pinned:
-                raise UnknownSite(f"no pinned public key for site {chunk.site_id!r}")
-            digest = verify_chunk(chunk, self.pinned)  # SHA-512 of the signed payload, reused by the audit log
-            if chunk.key_fingerprint != self.ctx.fingerprint:
-                raise KeyMismatch(f"CKKS key {chunk.key_fingerprint!r} of the update is not the federation's "
-                                  f"{self.ctx.fingerprint!r} (public_context {self.settings.public_context}): site "
-                                  f"{chunk.site_id}'s secret_context comes from another `fedmq keys init`")
-            if self.layout_fp is not None and chunk.layout_fingerprint != self.layout_fp:
-                raise LayoutMismatch(
-                    f"model layout {chunk.layout_fingerprint!r} of the update is not the federation's {self.layout_fp!r} "
-                    f"(fixed by {'the layout_fingerprint setting' if self.settings.layout_fingerprint else 'the first accepted update'}): "
-                    f"site {chunk.site_id} runs another model_preset or init_seed"
-                )
-            if self.total_blocks is not None and chunk.total_blocks != self.total_blocks:
-                raise LayoutMismatch(f"total_blocks {chunk.total_blocks} is not {self.total_blocks}")
-            if chunk.block_size != self.block_size:
-                raise BlockSizeMismatch(f"block_size {chunk.block_size} is not the preset's {self.block_size} slots")
-            if chunk.shard_count != self.settings.shard_count or chunk.shard_index != self.settings.shard_index:
-                raise WrongShard(
-                    f"chunk for shard {chunk.shard_index} of {chunk.shard_count}; this is shard "
-                    f"{self.settings.shard_index} of {self.settings.shard_count}"
-                )
-            if self.settings.shard_count > 1:
-                for b in chunk.block_indices:
-                    if block_shard(b, chunk.total_blocks, self.settings.shard_count) != self.settings.shard_index:
-                        raise WrongShard(f"block {b} belongs to another shard")
-            check_chunk_ciphertexts(self.ctx, chunk)  # each block's bytes; a reason per kind of damage
-            uid = chunk.update_id
-            pend = self.pending.get(uid)
-            if pend is None and not redelivered and chunk.site_id in self.site_seq:
-                seqguard.check_sequence(
-                    chunk.site_id, chunk.seq, self.site_seq[chunk.site_id], seqguard.header_digest(header_of(chunk)),
-                    self.sites.get(chunk.site_id, {}).get("last_header"),
-                )
-            if uid in self._known or uid in self.buffer_ids:
-                if redelivered:
-                    return self._drop(chunk, "update already folded")
-                raise DuplicateUpdate(f"update {uid} was already folded")
-            if pend is not None:
-                if chunk.chunk_index in pend.chunk_indices:
-                    if redelivered:
-                        return self._drop(chunk, "chunk already in the WAL")
-                    raise DuplicateUpdate(f"chunk {chunk.chunk_index} of {uid} already received")
-                if header_of(chunk) != pend.header:
-                    raise InconsistentChunk(f"{uid}: chunk {chunk.chunk_index} header differs from earlier chunks")
-                admission = pend.admission
-            else:
-                # an update that expired incomplete folded nothing: the site may send it again in full
-                if uid not in self.expired and chunk.seq <= self.site_seq.get(chunk.site_id, 0):
-                    if redelivered:
-                        return self._drop(chunk, "sequence number already consumed")
-                    raise ReplayedUpdate(
-                        f"{chunk.site_id} seq {chunk.seq} <= last accepted {self.site_seq.get(chunk.site_id, 0)}"
-                    )
-                if len(self.pending) >= self.settings.max_pending_updates:
-                    raise MissingChunk(f"too many incomplete updates pending; refusing {uid}")
-                admission = self.policy.admit(
-                    site_id=chunk.site_id, base_version=chunk.base_version, current_version=self.version,
-                    sample_weight=chunk.sample_weight, round_sites=self.round_sites,
-                )
-                check_headroom(self.ctx, [c.weight_units for c in self.contributors]
-                               + [p.admission.weight_units for p in self.pending.values()], admission.weight_units)
-            if chunk.chunk_count > 1 and not (pend is not None and len(pend.chunk_indices) + 1 == chunk.chunk_count):
-                check_pending_room(  # not for the chunk that completes an update: that frees memory
-                    self.pending, chunk, len(body), max_updates_per_site=self.settings.max_pending_updates_per_site,
-                    max_bytes_per_site=self.settings.max_pending_bytes_per_site, max_bytes=self.settings.max_pending_bytes,
-                )
+            chunk = checks.decode_chunk(body, self.rules)
+            checked = checks.check_chunk(chunk, len(body), user_id, self.rules,
+                                         layout_fp=layout[0], total_blocks=layout[1])
+            return Prechecked(layout, chunk, checked, framed=frame_body(bytes(body), _CHUNK_RECORD_FIELDS))
+        except WireError as exc:
+            return Prechecked(layout, chunk, None, exc)
+
+    def accept(self, body: bytes, *, user_id: str | None = None, redelivered: bool = False,
+               pre: Prechecked | None = None, sync: bool = True) -> Decision:
+        """Validate one update chunk; WAL it (fsync) when good. Ack after this returns.
+        ``pre``: ``precheck`` of these very bytes and user id, done ahead (used unless the
+        layout it checked against has been fixed since). ``sync=False`` (group commit): the
+        record is durable only after ``sync_log()``, and the message must not be acked before."""
+        self.metrics.bytes_in.inc(len(body))
+        stale = pre is not None and pre.layout != (self.layout_fp, self.total_blocks)
+        if pre is None or (stale and pre.refusal is not None):
+            # the first update fixed the layout meanwhile: check again, so that the reason is
+            # the one an in-order check gives (the layout's, when both are wrong)
+            pre, stale = self.precheck(body, user_id=user_id), False
+        chunk = pre.chunk
+        try:
+            if pre.refusal is not None:
+                raise pre.refusal
+            if stale and chunk is not None:  # passed every check, the layout's against None
+                checks.check_layout(chunk, self.rules, layout_fp=self.layout_fp, total_blocks=self.total_blocks)
+            checked = pre.checked
+            if chunk is None or checked is None:
+                raise RuntimeError("precheck gave neither a checked chunk nor a refusal")
+            verdict = checks.check_admission(chunk, len(body), redelivered=redelivered, ledger=self,
+                                             policy=self.policy, ctx=self.ctx, limits=self.limits)
         except WireError as exc:
             if isinstance(exc, seqguard.SequenceBackwards) and chunk is not None:
-                seqguard.record(self.sites, chunk.site_id, chunk.seq, self.site_seq.get(chunk.site_id, 0))
+                self.site(chunk.site_id).note_sequence_backwards(chunk.seq, self.site_seq.get(chunk.site_id, 0))
                 logger.error("sequence went backwards: %s", exc.detail, extra={"site": chunk.site_id})
             return self._refuse(exc, chunk)
+        if isinstance(verdict, checks.Drop):
+            self.duplicates_dropped += 1
+            self.metrics.duplicates_dropped.inc()
+            logger.debug("dropping redelivered chunk %s/%d: %s", chunk.update_id, chunk.chunk_index, verdict.why)
+            return Decision("drop", "duplicate", verdict.why, chunk.site_id, chunk.update_id, chunk)
+        framed = pre.framed or frame_body(bytes(body), _CHUNK_RECORD_FIELDS)
         record = {
-            "t": "chunk", "body": bytes(body), "uid": chunk.update_id, "ci": chunk.chunk_index,
-            "st": admission.staleness, "u": admission.weight_units, "user": user_id,
-            "redelivered": bool(redelivered), "at": time.time(), "dg": digest,
+            "body": framed.body, "t": "chunk", "uid": chunk.update_id, "ci": chunk.chunk_index,
+            "st": verdict.staleness, "u": verdict.weight_units, "user": user_id,
+            "redelivered": bool(redelivered), "at": time.time(), "dg": checked.digest,
         }
-        self.wal.append(record)
-        self.crash("after-wal")
-        self._register(chunk, admission, record)
+        self.durable.log(record, framed, sync=sync)
+        if sync:
+            self.crash("after-wal")
+        else:
+            self._unsynced += 1
+        self._register(chunk, verdict, record)
         return Decision("accept", "", "", chunk.site_id, chunk.update_id, chunk, record)
 
+    def sync_log(self) -> None:
+        """Group commit: one fsync makes every chunk accepted with ``sync=False`` durable; their
+        messages may be acked once this returns."""
+        if not self._unsynced:
+            return
+        self.durable.sync()
+        synced, self._unsynced = self._unsynced, 0
+        for _ in range(synced):
+            self.crash("after-wal")
+
     def _register(self, chunk: UpdateChunk, admission: Admission, record: dict[str, Any]) -> None:
+        """A logged chunk (accepted now, or replayed from the WAL) joins its update."""
         uid = chunk.update_id
         pend = self.pending.get(uid)
         if pend is None:
@@ -417,13 +375,10 @@ class AggregatorEngine:
             )
             self.site_seq[chunk.site_id] = max(chunk.seq, self.site_seq.get(chunk.site_id, 0))
             self.policy.note_reported(chunk.site_id, chunk.sample_weight)
-            info = self.sites.setdefault(chunk.site_id, {})
-            info["sample_weight"] = float(chunk.sample_weight)
-            if chunk.seq >= self.site_seq.get(chunk.site_id, 0):
-                info["last_header"] = seqguard.header_digest(header_of(chunk))
-                seqguard.clear_if_resumed(info, chunk.seq)
-            if self.settings.mode == "sync":
-                self.round_sites.add(chunk.site_id)
+            newest = chunk.seq >= self.site_seq[chunk.site_id]
+            self.site(chunk.site_id).note_first_chunk(
+                chunk.sample_weight, seqguard.header_digest(header_of(chunk)) if newest else None, chunk.seq)
+            self.policy.note_admitted(chunk.site_id)
             if self.layout_fp is None:
                 self.layout_fp = chunk.layout_fingerprint
             if self.total_blocks is None:
@@ -436,7 +391,8 @@ class AggregatorEngine:
     def apply(self, decision: Decision) -> list[Outgoing]:
         """Assemble and fold after the ack; returns what to publish (versions, notices)."""
         if decision.action == "reject" and decision.reason in NOTIFY_SITE and decision.site_id in self.pinned:
-            return [self._site_notice(decision.reason, decision.detail, decision.site_id, decision.update_id)]
+            return [site_notice(decision.reason, decision.detail, decision.site_id, decision.update_id,
+                                self.site_seq.get(decision.site_id, 0))]
         if decision.action != "accept" or decision.chunk is None or decision.record is None:
             return []
         return self._apply_chunk(decision.chunk, len(decision.record["body"]), carry=[])
@@ -469,51 +425,45 @@ class AggregatorEngine:
         self.updates_folded_total += 1
         del self.pending[uid]
         self.buffer_ids.append(uid)
+        adm = pend.admission
         self.contributors.append(Contributor(
-            site_id=pend.site_id, update_id=uid, base_version=pend.base_version,
-            staleness=pend.admission.staleness, weight_units=pend.admission.weight_units,
-            sample_weight=float(pend.sample_weight),
+            site_id=pend.site_id, update_id=uid, base_version=pend.base_version, staleness=adm.staleness,
+            weight_units=adm.weight_units, sample_weight=float(pend.sample_weight),
         ))
-        info = self.sites.setdefault(pend.site_id, {})
-        info.update(last_update_id=uid, last_update_at=time.time(), last_staleness=pend.admission.staleness,
-                    last_weight_units=pend.admission.weight_units, last_base_version=pend.base_version,
-                    updates_folded=int(info.get("updates_folded", 0)) + 1)
+        self.site(pend.site_id).note_folded(uid, adm.staleness, adm.weight_units, pend.base_version)
         self._update_gauges()
         self.crash("after-fold")
-        if self.policy.commit_due(len(self.buffer_ids), self.round_sites):
+        if self.policy.commit_due(len(self.buffer_ids)):
             return self._commit(carry)
         return []
 
     def _load(self, block: EncryptedBlock) -> HeVector:
         try:
-            return load_ciphertext(self.ctx, block.ciphertext)
+            return load_ciphertext(self.ctx, block.ciphertext, checked=True)  # checked before the WAL
         except CiphertextError as exc:  # keeps its own reason (ciphertext-corrupt, -key, ...)
             exc.detail = f"block {block.index}: {exc.detail}"
             raise
         except CryptoError as exc:
             raise BadCiphertext(f"block {block.index}: {exc}") from None
 
-    def _drop_pending(self, uid: str, exc: WireError) -> list[Outgoing]:
-        """An update that cannot be folded after its chunks were acked: forget it, dead-letter a notice."""
+    def _forget_pending(self, uid: str, *, expired: bool) -> _Pending | None:
+        """An incomplete update leaves without being folded (nothing of it was)."""
         pend = self.pending.pop(uid, None)
         self.assembler.discard(uid)
-        if pend is not None and self.settings.mode == "sync":
-            self.round_sites.discard(pend.site_id)
+        if expired:
+            self.expired.append(uid)
+        if pend is not None:
+            self.policy.note_abandoned(pend.site_id)
+        return pend
+
+    def _drop_pending(self, uid: str, exc: WireError) -> list[Outgoing]:
+        """An update that cannot be folded after its chunks were acked: forget it, dead-letter a notice."""
+        pend = self._forget_pending(uid, expired=False)
         if self._replaying:
             return []
         self.metrics.reject(exc.reason)
         logger.warning("update %s dropped: %s: %s", uid, exc.reason, exc.detail)
-        return [self._notice(exc.reason, exc.detail, pend.site_id if pend else None, uid)]
-
-    def _notice(self, reason: str, detail: str, site: str | None, uid: str | None) -> Outgoing:
-        body = encode_rejection(Rejection(reason=reason, detail=detail[:2000], site_id=site, update_id=uid))
-        return Outgoing(Intent.DEAD_LETTER, None, body, "dead-letter", {REASON_HEADER: reason, DETAIL_HEADER: detail[:2000]})
-
-    def _site_notice(self, reason: str, detail: str, site: str, uid: str | None) -> Outgoing:
-        """A notice on the site's own queue (site-direct exchange), so the site itself learns of it."""
-        body = encode_rejection(Rejection(reason=reason, detail=detail[:2000], site_id=site, update_id=uid,
-                                          last_seq=self.site_seq.get(site, 0)))
-        return Outgoing(Intent.TO_SITE, site, body, "notice", {REASON_HEADER: reason})
+        return [dead_letter_notice(exc.reason, exc.detail, pend.site_id if pend else None, uid)]
 
     def _commit(self, carry: list[dict[str, Any]]) -> list[Outgoing]:
         changed = foldmod.commit(self.D, self.buffer)  # the store serializes each changed block
@@ -525,19 +475,13 @@ class AggregatorEngine:
         self.recent.append((self.version, ids))
         self._known.update(ids)
         self.contributors, self.buffer_ids = [], []
-        self.round_sites = {p.site_id for p in self.pending.values()} if self.settings.mode == "sync" else set()
-        # new segment = the records of still-incomplete updates + (during replay) the records after this one
-        old_segment, self.segment = self.segment, _segment_name(self.version)
-        carried = [r for p in self.pending.values() for r in p.records] + list(carry)
-        write_segment(self.state_dir / self.segment, carried)
-        self.audit.commit(self.version, contributors, self.sites)  # before the checkpoint (audit_log.py)
-        self._write_checkpoint()
+        self.policy.start_round({p.site_id for p in self.pending.values()})
+        # the new segment: the records of still-incomplete updates + (during replay) those after this one
+        self.durable.begin_segment(self.version, [r for p in self.pending.values() for r in p.records] + list(carry))
+        self.audit.commit(self.version, contributors, self._sites_plain())  # before the checkpoint (audit_log.py)
+        self.durable.save_checkpoint(self._checkpoint())
         self.crash("after-checkpoint")
-        if not self._replaying:
-            self.wal.close()
-            self.wal = WriteAheadLog(self.state_dir / self.segment)
-        if old_segment != self.segment:
-            (self.state_dir / old_segment).unlink(missing_ok=True)
+        self.durable.end_segment(reopen=not self._replaying)
         self._update_gauges()
         logger.info("version %d committed: %d updates, %d blocks changed", self.version, len(ids), len(changed),
                     extra={"version": self.version})
@@ -549,13 +493,15 @@ class AggregatorEngine:
             self.write_status()
         return out
 
-    def _write_checkpoint(self) -> None:
-        cp = cpmod.Checkpoint(
+    def _sites_plain(self) -> dict[str, dict[str, Any]]:
+        return {site: st.to_dict() for site, st in self.sites.items()}
+
+    def _checkpoint(self) -> cpmod.Checkpoint:
+        return cpmod.Checkpoint(
             version=self.version, value_scale=self.value_scale, config=self._config(),
             blocks=dict(self._D_bytes), site_seq=dict(self.site_seq),
-            recent=[(v, list(ids)) for v, ids in self.recent], sites=self.sites, wal_segment=self.segment,
+            recent=[(v, list(ids)) for v, ids in self.recent], sites=self._sites_plain(),
         )
-        cpmod.save(self.state_dir, cp)
 
     # ------------------------------------------------------------------ outgoing versions
 
@@ -576,8 +522,8 @@ class AggregatorEngine:
         )
         chunks = [sign_version(c, self.signing_key) for c in chunk_blocks(template, blocks, self.settings.max_message_bytes)]
         if target_site is None:
-            return [_VersionMessage(Intent.VERSION_TO_ALL, None, c, mode) for c in chunks]
-        return [_VersionMessage(Intent.TO_SITE, target_site, c, mode) for c in chunks]
+            return [VersionMessage(Intent.VERSION_TO_ALL, None, c, mode) for c in chunks]
+        return [VersionMessage(Intent.TO_SITE, target_site, c, mode) for c in chunks]
 
     def snapshot(self, target_site: str | None = None, since: int | None = None) -> list[Outgoing]:
         """Every block of the current version, with the audit records a site needs to reach it
@@ -595,42 +541,35 @@ class AggregatorEngine:
     def handle_snapshot_request(self, body: bytes, *, user_id: str | None = None) -> tuple[Decision, list[Outgoing]]:
         try:
             req = decode_snapshot_request(body)
-            if self.settings.check_user_id and user_id != req.site_id:
-                raise IdentityMismatch(f"AMQP user_id {user_id!r} is not {req.site_id!r}")
-            if req.site_id not in self.pinned:
-                raise UnknownSite(f"unknown site {req.site_id!r}")
+            checks.check_sender(req.site_id, user_id, self.rules)
         except WireError as exc:
             return self._refuse(exc), []
         known = self.site_seq.get(req.site_id, 0)
-        if req.have_version == -1 and known > 0:
-            # a site starting with no state, under an id that already contributed: its ledger is gone
+        answer = answer_snapshot_request(have_version=req.have_version, accepted_seq=known,
+                                         shard_index=req.shard_index, own_shard=self.settings.shard_index)
+        ok = Decision("accept", site_id=req.site_id)
+        if answer == "known-identity":
             detail = seqguard.known_identity_detail(req.site_id, known)
-            seqguard.record(self.sites, req.site_id, 0, known)
+            self.site(req.site_id).note_sequence_backwards(0, known)
             logger.error("site restarted without its state: %s", detail, extra={"site": req.site_id})
             self.write_status()
-            return Decision("accept", site_id=req.site_id), [self._site_notice(seqguard.REASON, detail, req.site_id, None)]
-        if req.shard_index != self.settings.shard_index:
-            # Only shard 0 consumes the (single) snapshot-request queue; another shard's blocks
-            # reach a site through that shard's start-up and periodic snapshots (docs/sharding.md).
+            return ok, [site_notice(seqguard.REASON, detail, req.site_id, None, known)]
+        if answer == "other-shard":
             logger.info("snapshot of shard %d requested by %s: not ours (shard %d); it follows with that "
                         "shard's next periodic snapshot", req.shard_index, req.site_id, self.settings.shard_index)
-            return Decision("accept", site_id=req.site_id), []
+            return ok, []
         logger.info("snapshot requested by %s (has %d, reason %s)", req.site_id, req.have_version, req.reason)
-        return Decision("accept", site_id=req.site_id), self.snapshot(target_site=req.site_id, since=req.have_version)
+        return ok, self.snapshot(target_site=req.site_id, since=req.have_version)
 
     def handle_site_metrics(self, body: bytes, *, user_id: str | None = None) -> Decision:
         try:
             m = decode_site_metrics(body)
-            if self.settings.check_user_id and user_id != m.site_id:
-                raise IdentityMismatch(f"AMQP user_id {user_id!r} is not {m.site_id!r}")
-            if m.site_id not in self.pinned:
-                raise UnknownSite(f"unknown site {m.site_id!r}")
+            checks.check_sender(m.site_id, user_id, self.rules)
         except WireError as exc:
             return self._refuse(exc)
-        info = self.sites.setdefault(m.site_id, {})
-        info.update(epsilon_spent=m.epsilon_spent, epsilon_target=m.epsilon_target, auc=m.auc,
-                    metrics_version=m.version, n_val=m.n_val, updates_sent=m.updates_sent, metrics_at=m.timestamp,
-                    alert=m.alert)
+        self.site(m.site_id).note_metrics(
+            epsilon_spent=m.epsilon_spent, epsilon_target=m.epsilon_target, auc=m.auc, version=m.version,
+            n_val=m.n_val, updates_sent=m.updates_sent, at=m.timestamp, alert=m.alert)
         self.metrics.site_alert(m.site_id, m.alert)
         if m.alert:
             logger.error("site %s alerts: %s", m.site_id, m.alert, extra={"site": m.site_id})
@@ -642,30 +581,22 @@ class AggregatorEngine:
         """Dead-letter updates whose chunks stopped coming; nothing of them is folded."""
         out = []
         for uid, exc in self.assembler.expire(self.settings.incomplete_timeout_s, now=now):
-            self.wal.append({"t": "expire", "uid": uid, "at": time.time()})
-            pend = self._expire_update(uid)
+            self.durable.log({"t": "expire", "uid": uid, "at": time.time()})
+            pend = self._forget_pending(uid, expired=True)
             self.metrics.reject(exc.reason)
             logger.warning("update %s expired incomplete: %s", uid, exc.detail)
-            out.append(self._notice(exc.reason, exc.detail, pend.site_id if pend else None, uid))
+            out.append(dead_letter_notice(exc.reason, exc.detail, pend.site_id if pend else None, uid))
         return out
-
-    def _expire_update(self, uid: str, log: bool = True) -> _Pending | None:
-        pend = self.pending.pop(uid, None)
-        self.assembler.discard(uid)
-        self.expired.append(uid)
-        if pend is not None and self.settings.mode == "sync":
-            self.round_sites.discard(pend.site_id)
-        return pend
 
     def _update_gauges(self) -> None:
         self.metrics.current_version.set(self.version)
         self.metrics.buffer_fill.set(len(self.buffer_ids))
 
     def status(self) -> dict[str, Any]:
-        now = time.time()
         sites = {}
         for site in sorted(set(self.pinned) | set(self.sites)):
-            info = dict(self.sites.get(site, {}))
+            st = self.sites.get(site)
+            info = st.to_dict() if st is not None else {}
             base = info.get("last_base_version")
             info["versions_behind"] = self.version - base if base is not None else None
             sites[site] = info
@@ -674,7 +605,7 @@ class AggregatorEngine:
             "buffer_size": self.K, "pending_updates": len(self.pending), "value_scale": self.value_scale,
             "key_fingerprint": self.ctx.fingerprint, "layout_fingerprint": self.layout_fp,
             "updates_folded_total": self.updates_folded_total, "duplicates_dropped": self.duplicates_dropped,
-            "rejected": dict(self.metrics.reason_counts), "sites": sites, "updated_at": now,
+            "rejected": dict(self.metrics.reason_counts), "sites": sites, "updated_at": time.time(),
             "shard_index": self.settings.shard_index, "shard_count": self.settings.shard_count,
         }
 
@@ -682,5 +613,5 @@ class AggregatorEngine:
         atomic_write_json(self.state_dir / STATUS_FILE, self.status())
 
     def close(self) -> None:
-        self.wal.close()
+        self.durable.close()
         self._dir_lock.release()

@@ -12,13 +12,13 @@ Kept apart from the engine's de-duplication (which is per update id) so both rul
 - a fresh site (snapshot request with ``have_version == -1``) whose id already has accepted
   updates has a known identity without its ledger.
 The aggregator answers each on the site's own queue (a ``Rejection`` with ``last_seq``) and
-lists it in ``status.json`` so ``fedmq status`` shows it.
+notes it in the site's ``SiteStatus.sequence_backwards`` (``status.json``), so ``fedmq status``
+shows it; the alarm clears when the site continues past the last accepted seq.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any
 
 import msgpack
@@ -26,7 +26,6 @@ import msgpack
 from shared.errors import ReplayedUpdate
 
 REASON = "sequence-backwards"
-STATUS_KEY = "sequence_backwards"
 
 
 class SequenceBackwards(ReplayedUpdate):
@@ -53,18 +52,3 @@ def check_sequence(site_id: str, seq: int, last_seq: int, digest: str, last_dige
 def known_identity_detail(site_id: str, last_seq: int) -> str:
     return (f"{site_id} starts with no state, but the aggregator already accepted {last_seq} update(s) from it: "
             f"restore the site's state directory (its privacy ledger) instead of starting afresh")
-
-
-def record(sites: dict[str, dict[str, Any]], site_id: str, seq: int, last_seq: int) -> None:
-    """Note the event in the site's status entry (persisted with the checkpoint's ``sites``)."""
-    info = sites.setdefault(site_id, {})
-    prev = info.get(STATUS_KEY) or {}
-    info[STATUS_KEY] = {"seq": int(seq), "last_seq": int(last_seq), "at": time.time(),
-                        "count": int(prev.get("count", 0)) + 1}
-
-
-def clear_if_resumed(info: dict[str, Any], seq: int) -> None:
-    """A site restored from backup continues past the last accepted seq: the alert is over."""
-    back = info.get(STATUS_KEY)
-    if back and seq > int(back.get("last_seq", 0)):
-        info.pop(STATUS_KEY, None)

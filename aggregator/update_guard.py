@@ -21,6 +21,7 @@ Two rules the engine applies to every chunk before it touches its duplicate book
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from shared.errors import ChunkError, IdentityMismatch
@@ -56,7 +57,7 @@ def _held_bytes(update: PendingUpdate) -> int:
 
 
 def check_pending_room(
-    pending: dict[str, PendingUpdate],
+    pending: Mapping[str, PendingUpdate],
     chunk: UpdateChunk,
     nbytes: int,
     *,

@@ -140,7 +140,7 @@ def fold_end_to_end(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, 
                   600, "fold end to end")
             e2e.append(time.perf_counter() - t0)
             units = agg.service.engine.sites and max(
-                int(i.get("last_weight_units", 1)) for i in agg.service.engine.sites.values())
+                int(i.last_weight_units or 1) for i in agg.service.engine.sites.values())
     # floor: deserialize + homomorphic add of the same ciphertexts, alone (m = 1) and with the
     # weight units the aggregator used (double-and-add)
     cts = [[b.ciphertext for c in (decode_update_chunk(x, max_bytes=MAX_MESSAGE_BYTES) for x in u) for b in c.blocks]

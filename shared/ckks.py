@@ -486,9 +486,12 @@ def check_ciphertext(ctx: LoadedContext, data: bytes) -> None:
     wire.check_wire(data, ctx._wire)
 
 
-def load_ciphertext(ctx: LoadedContext, data: bytes) -> HeVector:
-    """Wire bytes -> a ciphertext to fold or decrypt; each fault raises its own ``WireError``."""
-    stream = wire.wire_to_seal(bytes(data), ctx._wire)
+def load_ciphertext(ctx: LoadedContext, data: bytes, *, checked: bool = False) -> HeVector:
+    """Wire bytes -> a ciphertext to fold or decrypt; each fault raises its own ``WireError``.
+
+    ``checked``: ``check_ciphertext`` already passed on these very bytes (kept in memory or a
+    CRC-framed log since), so their checksum is not hashed again; every other check still runs."""
+    stream = wire.wire_to_seal(bytes(data), ctx._wire, checksum=not checked)
     ct = seal.Ciphertext()
     try:
         _load_into(ct, ctx._sctx, stream, "ct")

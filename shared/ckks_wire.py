@@ -264,14 +264,16 @@ def seeded_streams_to_wire(streams: Sequence[bytes], params: WireParams) -> np.n
     return rows
 
 
-def check_wire(data: bytes, params: WireParams) -> int:
+def check_wire(data: bytes, params: WireParams, *, checksum: bool = True) -> int:
     """Validate everything that can be checked without SEAL; returns the kind.
 
     Cheap (a hash of the bytes), so the aggregator runs it on every block before the chunk
-    enters its WAL, and each kind of damage gets its own dead-letter reason."""
+    enters its WAL, and each kind of damage gets its own dead-letter reason. ``checksum=False``
+    skips only the hash, for bytes whose hash was already checked and that stayed in the
+    checker's own memory or CRC-framed log since (the aggregator's fold of logged chunks)."""
     if len(data) < _HEAD.size:
         raise CiphertextTruncated(f"ciphertext of {len(data)} bytes is shorter than its {_HEAD.size}-byte header")
-    magic, version, preset_id, kind, key_id, checksum = _HEAD.unpack_from(data)
+    magic, version, preset_id, kind, key_id, stored = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise CiphertextMalformed("not a fedmq ciphertext (bad magic)")
     if version != FORMAT_VERSION or preset_id != params.preset_id:
@@ -289,16 +291,17 @@ def check_wire(data: bytes, params: WireParams) -> int:
     if len(data) > expected:
         raise CiphertextMalformed(f"ciphertext of {len(data)} bytes; this preset's are {expected}")
     mv = memoryview(data)
-    if _checksum(mv[:13], mv[_HEAD.size :]) != checksum:
+    if checksum and _checksum(mv[:13], mv[_HEAD.size :]) != stored:
         raise CiphertextCorrupt("ciphertext checksum mismatch (corrupted or bit-flipped)")
     if key_id != params.key_id:
         raise CiphertextWrongKey(f"ciphertext made with key id {key_id.hex()}, not this federation's {params.key_id.hex()}")
     return kind
 
 
-def wire_to_seal(data: bytes, params: WireParams) -> bytes:
-    """fedmq's packed bytes -> an uncompressed SEAL stream that ``Ciphertext.load`` reads."""
-    kind = check_wire(data, params)
+def wire_to_seal(data: bytes, params: WireParams, *, checksum: bool = True) -> bytes:
+    """fedmq's packed bytes -> an uncompressed SEAL stream that ``Ciphertext.load`` reads
+    (``checksum``: see ``check_wire``)."""
+    kind = check_wire(data, params, checksum=checksum)
     mv = memoryview(data)[_HEAD.size :]
     n, bits = params.n, params.bits
     if kind == KIND_SEEDED:

@@ -75,7 +75,7 @@ def test_sequence_backwards_is_answered_on_the_site_queue_and_shown_in_status(tm
             assert notices and notices[0].reason == "sequence-backwards", msgs
             assert notices[0].last_seq == 3 and notices[0].update_id == "alpha:1"
             assert "state directory" in notices[0].detail
-            assert agg.engine.sites["alpha"]["sequence_backwards"]["count"] == 1  # the re-send raised none
+            assert agg.engine.sites["alpha"].sequence_backwards.count == 1  # the re-send raised none
             assert agg.engine.version == 3, "nothing of the backwards update is folded"
             # a fresh start (snapshot request with have_version -1) under the known id is answered too
             conn = connect(amqp_url)
