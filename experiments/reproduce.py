@@ -32,6 +32,7 @@ from experiments.simulation import (
 from experiments.datasets import md5_of
 from experiments.defaults import async_buffer_size
 from shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
+from site_agent.settings import DEFAULT_TOPK_FRACTION
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class ReproduceConfig(BaseModel):
     buffer_size: int = 2
     server_lr: float = 1.0
     weight_quantum: int = 64
-    topk_fraction: float = 0.5
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
     ckks_preset: str = DEFAULT_CKKS_PRESET
     #: key-holder EMA of the global versions (post-processing, no privacy cost), all arms;
     #: selection on validation picks between x_v and ema_v. None = off.
