@@ -52,3 +52,12 @@ def test_pick_reads_validation_never_test():
     ]
     assert pick_default(levels) == 1.0
     assert pick_default(levels, key="test_auc_mean") == 0.1
+
+
+def test_seed_interval_is_a_t_interval_around_the_mean():
+    from experiments.reproduce import seed_t_interval
+
+    lo, hi = seed_t_interval([0.90, 0.91, 0.92, 0.93, 0.94])
+    assert (lo + hi) / 2 == pytest.approx(0.92)
+    assert hi - lo == pytest.approx(2 * 2.7764 * 0.0158114 / 5 ** 0.5, rel=1e-3)  # t(0.975, 4) x sd / sqrt(5)
+    assert seed_t_interval([0.9]) is None
