@@ -17,7 +17,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         "and writes results.json, report.md and plots.",
     )
     p.add_argument("--quick", action="store_true", help="one seed, few rounds (about 4 minutes on 2 cores)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; 1 with --quick)")
     p.add_argument("--dataset", default="pneumoniamnist",
                    help="a MedMNIST 2D binary task (experiments/datasets.py: pneumoniamnist, breastmnist); "
                    "<data root>/<name>.npz, checked against its published MD5")
