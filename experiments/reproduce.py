@@ -260,16 +260,20 @@ def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
     runs: dict[str, list[RunResult]] = {a: [] for a in ARMS}
     if cfg.jobs > 1 and cfg.seeds > 1:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(cfg.jobs, cfg.seeds), mp_context=ctx) as pool:
-            futures = [pool.submit(_run_seed, cfg, npz, seed, None) for seed in range(cfg.seeds)]
-            per_seed = [f.result() for f in futures]
-        for seed, res in enumerate(per_seed):
-            for arm, r in res.items():
+            futures = {pool.submit(_run_seed, cfg, npz, seed, None): seed for seed in range(cfg.seeds)}
+            per_seed: dict[int, dict[str, RunResult]] = {}
+            for f in as_completed(futures):  # log each seed as it lands: a long run shows progress
+                seed = futures[f]
+                per_seed[seed] = f.result()
+                for arm, r in per_seed[seed].items():
+                    log(_line(seed, arm, r))
+        for seed in sorted(per_seed):
+            for arm, r in per_seed[seed].items():
                 runs[arm].append(r)
-                log(_line(seed, arm, r))
     else:
         for seed in range(cfg.seeds):
             for arm, r in _run_seed(cfg, npz, seed, log).items():
