@@ -163,6 +163,17 @@ def seed_t_interval(values: list[float], level: float = 0.95) -> list[float] | N
     return [m - h, m + h]
 
 
+def _load_split_y_test(npz: Path) -> np.ndarray:
+    from experiments.simulation import _load_split_cached
+
+    return _load_split_cached(str(npz), "test")[1].numpy()
+
+
+def _ratios(arms: dict) -> dict[str, float]:
+    c = arms["centralized"]["auc_mean"]
+    return {"fl_ratio": arms["fl"]["auc_mean"] / c, "fl_dp_ratio": arms["fl_dp"]["auc_mean"] / c}
+
+
 def _arm_summary(runs: list[RunResult], y_test: np.ndarray, cfg: ReproduceConfig) -> dict:
     aucs = [r.test_auc for r in runs]
     lo, hi = bootstrap_auc_ci(y_test, [r.test_probs for r in runs], n_boot=cfg.n_boot)
@@ -258,6 +269,16 @@ def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
     npz = npz_path(cfg)
     t_all = time.perf_counter()
     runs: dict[str, list[RunResult]] = {a: [] for a in ARMS}
+    y_test = _load_split_y_test(npz)
+    landed: dict[int, dict[str, RunResult]] = {}
+
+    def seed_landed(seed: int, res: dict[str, RunResult]) -> None:
+        """Keep what a long run has measured: results.partial.json after every seed."""
+        landed[seed] = res
+        arms_p = {a: _arm_summary([landed[s][a] for s in sorted(landed)], y_test, cfg) for a in ARMS}
+        partial = {"partial": True, "seeds": sorted(landed), "arms": arms_p, "ratios": _ratios(arms_p)}
+        (out / "results.partial.json").write_text(json.dumps(partial, indent=2, default=_json_default))
+
     if cfg.jobs > 1 and cfg.seeds > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -271,13 +292,16 @@ def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
                 per_seed[seed] = f.result()
                 for arm, r in per_seed[seed].items():
                     log(_line(seed, arm, r))
+                seed_landed(seed, per_seed[seed])
         for seed in sorted(per_seed):
             for arm, r in per_seed[seed].items():
                 runs[arm].append(r)
     else:
         for seed in range(cfg.seeds):
-            for arm, r in _run_seed(cfg, npz, seed, log).items():
+            res = _run_seed(cfg, npz, seed, log)
+            for arm, r in res.items():
                 runs[arm].append(r)
+            seed_landed(seed, res)
     data = load_federation_data(npz, n_sites=cfg.n_sites, alpha=cfg.alpha, val_fraction=cfg.val_fraction, seed=0)
     y_test = data.y_test.numpy()
     log(f"{cfg.dataset}: sites (train/val, positives) "
@@ -291,7 +315,7 @@ def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
     avs = _async_vs_sync_sim(data, cfg, _measure_seconds_per_step(data, cfg), log)
 
     c = arms["centralized"]["auc_mean"]
-    ratios = {"fl_ratio": arms["fl"]["auc_mean"] / c, "fl_dp_ratio": arms["fl_dp"]["auc_mean"] / c}
+    ratios = _ratios(arms)
     targets = {
         "centralized_auc": {"value": c, "target": TARGETS["centralized_auc"], "met": c >= TARGETS["centralized_auc"]},
         "fl_ratio": {"value": ratios["fl_ratio"], "target": TARGETS["fl_ratio"], "met": ratios["fl_ratio"] >= TARGETS["fl_ratio"]},
