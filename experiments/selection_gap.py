@@ -70,6 +70,7 @@ def write_plot(results: dict, out: Path) -> Path:
     fig, axes = plt.subplots(1, len(arms), figsize=(4 * len(arms), 3.6), sharey=True)
     for ax, arm in zip(np.atleast_1d(axes), arms):
         for i, run in enumerate(results["arms"][arm]["runs"]):
+            i = run.get("seed", i)  # results.json lists runs in seed order; arm-level files carry the seed
             h = [p for p in run["history"] if p["version"] > 0]
             color = f"C{i}"
             ax.plot([p["version"] for p in h], [p["test_auc"] for p in h], color=color, lw=1, label=f"seed {i} test")
