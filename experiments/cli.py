@@ -17,7 +17,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         "and writes results.json, report.md and plots.",
     )
     p.add_argument("--quick", action="store_true", help="one seed, few rounds (about 4 minutes on 2 cores)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; 1 with --quick)")
     p.add_argument("--dataset", default="pneumoniamnist",
                    help="a MedMNIST 2D binary task (experiments/datasets.py: pneumoniamnist, breastmnist); "
                    "<data root>/<name>.npz, checked against its published MD5")
@@ -30,6 +30,22 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=None, help="override rounds per site (non-DP arms)")
     p.add_argument("--rounds-dp", type=int, default=None, help="override rounds per site (DP arms)")
     p.set_defaults(handler=_reproduce)
+
+    s = sub.add_parser(
+        "sparsity",
+        help="test AUC against versions for top-k 1.0 / 0.5 / 0.25 / 0.1 at the reproduction's FL + DP settings",
+        description="Runs the reproduction's FL + DP arm (experiments/reproduce.py settings) once per top-k level "
+        "and seed (experiments/sparsity.py) and writes <out>/sparsity.json and sparsity.png, with the level "
+        "picked by the validation rule (fewest wire bytes within 1 AUC point of dense).",
+    )
+    s.add_argument("--seeds", type=int, default=2)
+    s.add_argument("--levels", type=float, nargs="+", default=None, help="top-k fractions (default 1.0 0.5 0.25 0.1)")
+    s.add_argument("--dataset", default="pneumoniamnist", help="a registered MedMNIST 2D binary task")
+    s.add_argument("--data-root", type=Path, default=None, help="folder holding the dataset (default $FEDMQ_DATA_ROOT)")
+    s.add_argument("--npz", type=Path, default=None, help="an unregistered npz in the official format, run as given")
+    s.add_argument("--rounds-dp", type=int, default=None, help="override rounds per site (default: the reproduction's)")
+    s.add_argument("--out", type=Path, default=Path("reports/reproduce"))
+    s.set_defaults(handler=_sparsity)
 
     q = sub.add_parser(
         "async-vs-sync",
@@ -73,6 +89,28 @@ def _reproduce(args: argparse.Namespace) -> int:
     cfg = ReproduceConfig.quick_config(**overrides) if args.quick else ReproduceConfig(**overrides)
     try:
         run_reproduce(cfg, args.out, log=lambda m: print(m, flush=True))
+    except (DatasetError, UnsupportedDataset) as exc:
+        raise ConfigError(str(exc)) from exc
+    return 0
+
+
+def _sparsity(args: argparse.Namespace) -> int:
+    from shared.errors import ConfigError
+
+    from experiments.datasets import DatasetError
+    from experiments.reproduce import ReproduceConfig
+    from experiments.simulation import UnsupportedDataset
+    from experiments.sparsity import LEVELS, run_sparsity
+
+    logging.basicConfig(level=logging.WARNING)
+    over: dict = {"dataset": args.dataset, "data_root": args.data_root, "npz": args.npz, "seeds": args.seeds}
+    if args.rounds_dp is not None:
+        over["rounds_dp"] = args.rounds_dp
+    levels = tuple(args.levels) if args.levels else LEVELS
+    if not any(lv >= 1.0 for lv in levels):
+        raise ConfigError("--levels must include 1.0 (dense): the pick is measured against it")
+    try:
+        run_sparsity(ReproduceConfig(**over), args.out, levels=levels, log=lambda m: print(m, flush=True))
     except (DatasetError, UnsupportedDataset) as exc:
         raise ConfigError(str(exc)) from exc
     return 0

@@ -36,6 +36,7 @@ from shared.signing import generate_aggregator_key, generate_site_key, load_publ
 from site_agent.data import load_official_split, prepare_demo_data
 from site_agent.model_state import FederatedModel
 from site_agent.models import Preset
+from site_agent.settings import DEFAULT_TOPK_FRACTION
 
 from experiments.evaluator import EVALUATOR_ID, Evaluator, VersionScore
 
@@ -58,7 +59,7 @@ class SiteTraining(BaseModel):
     local_epochs: int = 1
     max_grad_norm: float = 1.0
     sparsity_mode: Literal["dense", "topk"] = "topk"
-    topk_fraction: float = 0.5
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
 
 
 class FederationSpec(BaseModel):

@@ -44,6 +44,7 @@ from experiments.scoring import accuracy_at, auc_of, select_threshold
 from site_agent.data.demo_data import dirichlet_partition, load_npz_split, load_official_split
 from site_agent.model_state import FederatedModel
 from site_agent.runtime import training_seed
+from site_agent.settings import DEFAULT_TOPK_FRACTION
 from site_agent.training import DPConfig, LocalTrainer, TrainingConfig, predict_proba
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class FederationSettings(BaseModel):
     #: updates each site contributes (= DP planned_rounds)
     rounds: int = Field(10, ge=1)
     sparsity_mode: Literal["dense", "topk"] = "topk"
-    topk_fraction: float = Field(0.5, gt=0, le=1)
+    topk_fraction: float = Field(DEFAULT_TOPK_FRACTION, gt=0, le=1)
     ckks_preset: str = DEFAULT_CKKS_PRESET
     #: per-site slowdown factors (missing entries = 1.0)
     slowdowns: tuple[float, ...] = ()

@@ -13,6 +13,12 @@ from site_agent.models import Preset, check_image_size
 from site_agent.training.device import DEVICE_PATTERN
 from site_agent.training.engines import Engine
 
+#: the default top-k fraction, the one place it is set (the site, the reproduction, the demo and
+#: the bench's wire figure read it): picked by ``fedmq experiment sparsity`` (experiments/sparsity.py)
+#: as the fewest wire bytes per update within 1 validation-AUC point of dense at the
+#: reproduction's FL + DP settings (docs/results.md, "Sparsity").
+DEFAULT_TOPK_FRACTION = 0.5
+
 
 class SiteSettings(FedmqSettings):
     #: this hospital's id: also its broker user name and its signing key's name
@@ -78,7 +84,7 @@ class SiteSettings(FedmqSettings):
     #: dense: send every block; topk: the topk_fraction of blocks with the largest norm (error feedback keeps the rest)
     sparsity_mode: Literal["dense", "topk"] = "topk"
     #: fraction of blocks sent with topk
-    topk_fraction: float = Field(0.5, gt=0, le=1)
+    topk_fraction: float = Field(DEFAULT_TOPK_FRACTION, gt=0, le=1)
     #: aggregator shards (docs/sharding.md): the update is split by block range, one signed
     #: sub-update per shard, and one global version is tracked per shard. Federation-wide.
     shard_count: int = Field(1, ge=1, le=1024)

@@ -73,6 +73,12 @@ def test_reproduce_quick_writes_sane_results(tmp_path: Path, capsys: pytest.Capt
     assert [v["version"] for v in run["versions"]] == [1, 2]
     assert all(len(v["contributors"]) == 3 for v in run["versions"])
 
+    # a long run keeps what it measured: the arms of every landed seed, before the end
+    partial = json.loads((out / "results.partial.json").read_text())
+    assert partial["partial"] is True and partial["seeds"] == [0]
+    assert partial["arms"]["fl_dp"]["auc_per_seed"] == results["arms"]["fl_dp"]["auc_per_seed"]
+    assert set(partial["ratios"]) == {"fl_ratio", "fl_dp_ratio"}
+
     avs = results["async_vs_sync"]
     for key in ("async_seconds_to_target", "sync_seconds_to_target", "target_auc"):
         assert key in avs
