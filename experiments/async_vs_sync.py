@@ -33,8 +33,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aggregator.settings import AggregatorSettings
 from experiments.defaults import async_buffer_size
+from experiments.evaluator import VersionScore
 from experiments.federation import FederationResult, FederationSpec, SiteTraining, run_federation, site_ids
+from experiments.round_anatomy import anatomy
+
+#: a in s(tau) = (1 + tau)^-a: the aggregator's own default, which the runs use
+STALENESS_EXPONENT: float = AggregatorSettings.model_fields["staleness_exponent"].default
 
 MODES = ("async", "sync")
 
@@ -56,6 +62,9 @@ class AsyncVsSyncConfig(BaseModel):
     #: async K; None = the rule in experiments/defaults.py (n_sites under DP, half without)
     buffer_size: int | None = Field(None, ge=1)
     server_lr: float = Field(1.0, gt=0)
+    #: refuse updates older than this many versions: the aggregator's shipped bound (a version
+    #: then still takes the straggler's updates, at weight (1 + tau)^-a; refusals are reported)
+    max_staleness: int = Field(AggregatorSettings.model_fields["max_staleness"].default, ge=0)
     dp_enabled: bool = True
     target_epsilon: float = Field(1.2, gt=0)
     planned_rounds: int = Field(30, ge=1)
@@ -81,25 +90,50 @@ class AsyncVsSyncConfig(BaseModel):
             target_epsilon=self.target_epsilon, planned_rounds=self.planned_rounds, training=self.training,
             slowdown={ids[self.slow_site]: self.slow_factor}, target_auc=self.target_auc, target_on="test",
             time_limit_s=self.time_limit_s, retrain_after_s=self.retrain_after_s, amqp_url=self.amqp_url,
+            max_staleness=self.max_staleness,
+            # FedBuff's clients train continuously; in sync a second update per round is refused
+            train_continuously=(mode == "async"),
         )
 
 
-def summarize(mode: str, seed: int, result: FederationResult, target: float | None) -> dict[str, Any]:
-    """One run's figures: the time and versions to target, and what the versions folded."""
+def _released(s: VersionScore) -> float:
+    """A version's time: when the aggregator released it (the evaluator's scoring may lag)."""
+    return s.released_s if s.released_s == s.released_s else s.wall_s
+
+
+def summarize(mode: str, seed: int, result: FederationResult, target: float | None,
+              spec: FederationSpec | None = None, staleness_exponent: float = STALENESS_EXPONENT) -> dict[str, Any]:
+    """One run's figures: the time and versions to target, what the versions folded (staleness
+    and its weight s(tau) = (1 + tau)^-a), which updates the aggregator refused and why, and
+    where each site's time went (experiments/round_anatomy.py)."""
     scores = [s for s in result.scores if s.members]  # versions (snapshots list no contributors)
     reached = next((s for s in scores if target is not None and s.test_auc >= target), None)
     stale = [tau for s in scores for _, tau in s.members]
+    weights = [(1.0 + tau) ** -staleness_exponent for tau in stale]
+    by_site: dict[str, list[int]] = {}
+    for s in scores:
+        for site, tau in s.members:
+            by_site.setdefault(site, []).append(tau)
+    status_sites = (result.aggregator_status or {}).get("sites", {})
+    data = (result.data_summary or {}).get("sites", {})
+    first = min((s.released_s for s in scores if s.released_s == s.released_s), default=None)
     return {
         "mode": mode, "seed": seed,
-        "seconds_to_target": reached.wall_s if reached else None,
+        "seconds_to_target": _released(reached) if reached else None,
         "versions_to_target": reached.version if reached else None,
         "versions": len(scores), "wall_seconds": result.wall_seconds, "stop_reason": result.stop_reason,
+        "first_version_s": first,
         "updates_per_version": (sum(len(s.members) for s in scores) / len(scores)) if scores else None,
         "mean_staleness": (sum(stale) / len(stale)) if stale else None,
         "max_staleness": max(stale) if stale else None,
+        "mean_staleness_weight": (sum(weights) / len(weights)) if weights else None,
+        "folded_by_site": {site: {"updates": len(t), "mean_staleness": sum(t) / len(t)} for site, t in sorted(by_site.items())},
+        "refused_by_site": {site: info.get("rejected", {}) for site, info in status_sites.items() if info.get("rejected")},
+        "train_images_by_site": {site: sum(v.get("train", {}).values()) for site, v in data.items()},
         "updates_by_site": result.updates_by_site, "epsilon_by_site": result.epsilon_by_site,
-        "curve": [{"version": s.version, "wall_s": s.wall_s, "test_auc": s.test_auc, "val_auc": s.val_auc,
-                   "members": [list(m) for m in s.members]} for s in scores],
+        "anatomy": anatomy(spec.workdir, sorted(result.updates_by_site)) if spec is not None else None,
+        "curve": [{"version": s.version, "wall_s": _released(s), "scored_s": s.wall_s, "test_auc": s.test_auc,
+                   "val_auc": s.val_auc, "members": [list(m) for m in s.members]} for s in scores],
     }
 
 
@@ -182,7 +216,7 @@ def run(cfg: AsyncVsSyncConfig, progress: Callable[[str], None] = print,
             t = time.monotonic()
             progress(f"seed {seed} {mode}: starting")
             result = (run_one or (lambda sp: run_federation(sp, progress)))(spec)
-            summary = summarize(mode, seed, result, cfg.target_auc)
+            summary = summarize(mode, seed, result, cfg.target_auc, spec)
             progress(f"seed {seed} {mode}: {summary['versions']} versions, target "
                      + (f"at {summary['seconds_to_target']:.0f} s (version {summary['versions_to_target']})"
                         if summary["seconds_to_target"] is not None else "not reached")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import pika
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from broker import topology
 from broker.local_node import LocalRabbitNode
@@ -80,8 +80,18 @@ class FederationSpec(BaseModel):
     target_on: Literal["val", "test"] = "val"
     time_limit_s: float = 780.0
     retrain_after_s: float = 60.0
+    #: sites start their next round as soon as an update is published (site setting
+    #: ``train_continuously``: FedBuff's clients; async mode only)
+    train_continuously: bool = False
     max_versions: int | None = None
     amqp_url: str | None = None  # None: start a private broker node
+
+    @model_validator(mode="after")
+    def _continuous_only_async(self) -> "FederationSpec":
+        if self.train_continuously and self.mode == "sync":
+            raise ValueError("train_continuously is for async mode: sync refuses a second update per round "
+                             "(each would spend privacy budget for nothing)")
+        return self
 
 
 @dataclass
@@ -243,6 +253,7 @@ class Federation:
                 "seed": s.seed,
                 "slowdown_factor": float(s.slowdown.get(site, 1.0)),
                 "retrain_after_s": s.retrain_after_s,
+                "train_continuously": s.train_continuously,
                 "progress_bars": False,
                 "log_json": True,
                 **t.model_dump(),

@@ -308,7 +308,8 @@ class SiteAgent:
     def _on_update_ready(self) -> None:
         self._publish_pending()
         self._last_progress = time.monotonic()
-        self._maybe_train()
+        # async: the next round starts now, from the newest version held (FedBuff's clients)
+        self._maybe_train(same_version_ok=self.settings.train_continuously)
 
     def _publish_pending(self) -> None:
         state = self.rt.state

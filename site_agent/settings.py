@@ -88,6 +88,13 @@ class SiteSettings(FedmqSettings):
     #: asynchronous mode a version may wait for other sites' updates that never come (they are
     #: done or down), and a site that only waited would stall the federation.
     retrain_after_s: float = Field(60.0, gt=0)
+    #: asynchronous (FedBuff) federations: start the next round as soon as the last update is
+    #: published, from the newest version held, as FedBuff's clients do. Otherwise a fast site
+    #: idles until a version commits, and a version of K updates then waits for the slowest
+    #: site whenever the fast ones are fewer than K: async runs at the straggler's pace, like
+    #: sync. Each round still spends budget from the ledger (planned_rounds bounds them). Leave
+    #: it off in sync mode: the aggregator refuses a second update on the same round.
+    train_continuously: bool = False
     #: tqdm progress bars on a terminal (services: off; see progress_every_steps)
     progress_bars: bool = True
     #: prometheus port for the site's refusal counters (fedmq_site_versions_refused_total); 0 = off
