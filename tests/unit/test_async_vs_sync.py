@@ -36,10 +36,13 @@ def test_outputs_and_the_results_json_entry(tmp_path: Path) -> None:
         return _result(spec)
 
     entry = run(cfg, progress=lambda m: None, run_one=fake)
-    # both arms share data, model, DP and budget; only the mode (and so K) differs
+    # both arms share data, model, DP and budget; only the mode (and so K, and whether a site
+    # starts its next round before a new version: FedBuff's clients do, sync refuses it) differs
     for a, s in zip(specs[1::2], specs[::2], strict=True):
         assert (a.mode, s.mode) == ("async", "sync") and a.seed == s.seed
-        assert a.model_dump(exclude={"mode", "workdir"}) == s.model_dump(exclude={"mode", "workdir"})
+        assert (a.train_continuously, s.train_continuously) == (True, False)
+        mode_only = {"mode", "workdir", "train_continuously"}
+        assert a.model_dump(exclude=mode_only) == s.model_dump(exclude=mode_only)
         assert a.slowdown == {"hospital_3": 4.0} and a.target_on == "test"
     assert entry["source"] == "processes" and entry["seeds"] == [0, 1]
     assert entry["sync_seconds_to_target"] == 100.0 and abs(entry["async_seconds_to_target"] - 40.0) < 1e-9
