@@ -91,6 +91,8 @@ class AsyncVsSyncConfig(BaseModel):
             slowdown={ids[self.slow_site]: self.slow_factor}, target_auc=self.target_auc, target_on="test",
             time_limit_s=self.time_limit_s, retrain_after_s=self.retrain_after_s, amqp_url=self.amqp_url,
             max_staleness=self.max_staleness,
+            # the comparison reads raw versions only: no second (EMA) scoring competing for the CPU
+            score_ema=False,
             # FedBuff's clients train continuously; in sync a second update per round is refused
             train_continuously=(mode == "async"),
         )
@@ -117,9 +119,15 @@ def summarize(mode: str, seed: int, result: FederationResult, target: float | No
     status_sites = (result.aggregator_status or {}).get("sites", {})
     data = (result.data_summary or {}).get("sites", {})
     first = min((s.released_s for s in scores if s.released_s == s.released_s), default=None)
+    anat = anatomy(spec.workdir, sorted(result.updates_by_site)) if spec is not None else None
+    # start-up (broker, processes, loading each site's images, the join wait) is the same work in
+    # both modes and not what asynchrony acts on: the second clock starts at the first round
+    startup = (anat["first_round_at"] - result.started_at) if anat and anat.get("first_round_at") and result.started_at else None
     return {
         "mode": mode, "seed": seed,
         "seconds_to_target": _released(reached) if reached else None,
+        "startup_seconds": startup,
+        "seconds_to_target_from_first_round": (_released(reached) - startup) if reached and startup is not None else None,
         "versions_to_target": reached.version if reached else None,
         "versions": len(scores), "wall_seconds": result.wall_seconds, "stop_reason": result.stop_reason,
         "first_version_s": first,
@@ -131,7 +139,7 @@ def summarize(mode: str, seed: int, result: FederationResult, target: float | No
         "refused_by_site": {site: info.get("rejected", {}) for site, info in status_sites.items() if info.get("rejected")},
         "train_images_by_site": {site: sum(v.get("train", {}).values()) for site, v in data.items()},
         "updates_by_site": result.updates_by_site, "epsilon_by_site": result.epsilon_by_site,
-        "anatomy": anatomy(spec.workdir, sorted(result.updates_by_site)) if spec is not None else None,
+        "anatomy": anat,
         "curve": [{"version": s.version, "wall_s": _released(s), "scored_s": s.wall_s, "test_auc": s.test_auc,
                    "val_auc": s.val_auc, "members": [list(m) for m in s.members]} for s in scores],
     }
@@ -147,6 +155,8 @@ def aggregate(cfg: AsyncVsSyncConfig, runs: list[dict[str, Any]]) -> dict[str, A
     per = {m: [r for r in runs if r["mode"] == m] for m in MODES}
     secs = {m: [r["seconds_to_target"] for r in per[m]] for m in MODES}
     a, s = _mean(secs["async"]), _mean(secs["sync"])
+    from_first = {m: [r.get("seconds_to_target_from_first_round") for r in per[m]] for m in MODES}
+    a1, s1 = _mean(from_first["async"]), _mean(from_first["sync"])
     versions = [r["versions_to_target"] for r in per["sync"]] + [r["versions_to_target"] for r in per["async"]]
     reached = [v for v in versions if v is not None]
     return {
@@ -156,13 +166,25 @@ def aggregate(cfg: AsyncVsSyncConfig, runs: list[dict[str, Any]]) -> dict[str, A
         "async_seconds_to_target": a, "sync_seconds_to_target": s,
         "async_seconds_to_target_per_seed": secs["async"], "sync_seconds_to_target_per_seed": secs["sync"],
         "speedup_sync_over_async": (s / a) if a and s else None,
+        # the same, on a clock that starts at the first local round (start-up excluded, same in both)
+        "async_seconds_to_target_from_first_round": a1, "sync_seconds_to_target_from_first_round": s1,
+        "async_seconds_to_target_from_first_round_per_seed": from_first["async"],
+        "sync_seconds_to_target_from_first_round_per_seed": from_first["sync"],
+        "speedup_from_first_round": (s1 / a1) if a1 and s1 else None,
+        "speedup_per_seed": [(y / x) if x and y else None for x, y in zip(secs["async"], secs["sync"])],
         "min_versions_to_target": min(reached) if reached else None,
         "target_needs_10_versions": bool(reached) and min(reached) >= 10,
         "n_sites": cfg.n_sites, "slow_site": site_ids(cfg.n_sites)[cfg.slow_site], "slow_factor": cfg.slow_factor,
         "async_buffer_size": cfg.async_k, "server_lr": cfg.server_lr, "dp_enabled": cfg.dp_enabled,
         "target_epsilon": cfg.target_epsilon if cfg.dp_enabled else None, "planned_rounds": cfg.planned_rounds,
+        "staleness_exponent": STALENESS_EXPONENT, "max_staleness": cfg.max_staleness,
         "diagnostics": {m: {"mean_staleness": _mean([r["mean_staleness"] for r in per[m]]),
+                            "mean_staleness_weight": _mean([r.get("mean_staleness_weight") for r in per[m]]),
                             "updates_per_version": _mean([r["updates_per_version"] for r in per[m]]),
+                            "seconds_between_versions": _mean([(r.get("anatomy") or {}).get("seconds_between_versions")
+                                                               for r in per[m]]),
+                            "startup_seconds": _mean([r.get("startup_seconds") for r in per[m]]),
+                            "refused": [r.get("refused_by_site", {}) for r in per[m]],
                             "versions_to_target": [r["versions_to_target"] for r in per[m]]} for m in MODES},
         "runs": runs,
     }

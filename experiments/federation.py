@@ -37,7 +37,7 @@ from site_agent.data import load_official_split, prepare_demo_data
 from site_agent.model_state import FederatedModel
 from site_agent.models import Preset
 
-from experiments.evaluator import EVALUATOR_ID, Evaluator, VersionScore
+from experiments.evaluator import DEFAULT_EMA_BETA, EVALUATOR_ID, Evaluator, VersionScore
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ class FederationSpec(BaseModel):
     #: sites start their next round as soon as an update is published (site setting
     #: ``train_continuously``: FedBuff's clients; async mode only)
     train_continuously: bool = False
+    #: the evaluator also scores the EMA of versions (the demo selects on it); off, each version
+    #: is scored once, which leaves more of a small machine to the federation itself
+    score_ema: bool = True
     max_versions: int | None = None
     amqp_url: str | None = None  # None: start a private broker node
 
@@ -108,6 +111,8 @@ class FederationResult:
     aggregator_status: dict = field(default_factory=dict)
     #: the audit chain as one hospital holds it, verified offline (``audit_summary``)
     audit: dict = field(default_factory=dict)
+    #: wall-clock (epoch) time of the moment the processes started: the zero of every ``wall_s``
+    started_at: float | None = None
 
     @property
     def best(self) -> VersionScore | None:
@@ -276,7 +281,8 @@ class Federation:
         val = load_official_split(s.data_npz, "val")
         test = load_official_split(s.data_npz, "test")
         self.evaluator = Evaluator(self.urls[EVALUATOR_ID], ctx, model, _tensors(val), _tensors(test),
-                                   load_public_key(self.aggregator_pub), self.dir / "state" / EVALUATOR_ID)
+                                   load_public_key(self.aggregator_pub), self.dir / "state" / EVALUATOR_ID,
+                                   ema_beta=DEFAULT_EMA_BETA if s.score_ema else None)
         self.evaluator.start()
         self._stack.callback(self.evaluator.stop)
         joining = list(self.sites if sites is None else sites)
@@ -285,6 +291,7 @@ class Federation:
         for site in joining:
             self.spawn_site(site)
         self.started = time.monotonic()
+        self.started_at = time.time()
         self.evaluator.started = self.started
         return self.evaluator
 
@@ -389,6 +396,7 @@ class Federation:
             data_summary=self.summary,
             aggregator_status=status,
             audit=self.audit_summary(self.sites[0]),
+            started_at=getattr(self, "started_at", None),
         )
 
     def audit_summary(self, site: str) -> dict:

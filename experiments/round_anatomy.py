@@ -72,7 +72,9 @@ def anatomy(workdir: Path, sites: list[str]) -> dict[str, Any]:
     for a in per_site.values():  # absolute times are of no use in a report: relative to the first round
         a["first_round_start_s"] = round(a["first_round_start_s"] - t0, 2) if a["first_round_start_s"] and t0 else None
     return {"sites": per_site, "seconds_between_versions": _mean(gaps),
-            "first_version_after_first_round_s": round(commits[0] - t0, 2) if commits and t0 else None}
+            "first_version_after_first_round_s": round(commits[0] - t0, 2) if commits and t0 else None,
+            #: epoch seconds at which the first round of any site started
+            "first_round_at": t0}
 
 
 __all__ = ["anatomy", "site_anatomy"]
