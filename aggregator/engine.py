@@ -54,7 +54,7 @@ from shared.errors import (
     UnknownSite,
     WireError,
 )
-from shared.schema import Contributor, EncryptedBlock, GlobalVersionChunk, Rejection, UpdateChunk
+from shared.schema import NO_VERSION_YET, Contributor, EncryptedBlock, GlobalVersionChunk, Rejection, UpdateChunk
 from shared.sharding import block_shard
 from shared.signing import SigningKey, load_pinned_keys, load_private_key, sign_version, verify_chunk
 from shared.statelock import lock_state_dir
@@ -616,7 +616,11 @@ class AggregatorEngine:
                         "shard's next periodic snapshot", req.shard_index, req.site_id, self.settings.shard_index)
             return Decision("accept", site_id=req.site_id), []
         logger.info("snapshot requested by %s (has %d, reason %s)", req.site_id, req.have_version, req.reason)
-        return Decision("accept", site_id=req.site_id), self.snapshot(target_site=req.site_id, since=req.have_version)
+        out = self.snapshot(target_site=req.site_id, since=req.have_version)
+        if not out:  # nothing folded yet: say so, so the site need not guess from a time-out
+            out = [self._site_notice(NO_VERSION_YET, f"version {self.version}: nothing folded yet, train from x_0",
+                                     req.site_id, None)]
+        return Decision("accept", site_id=req.site_id), out
 
     def handle_site_metrics(self, body: bytes, *, user_id: str | None = None) -> Decision:
         try:

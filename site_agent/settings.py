@@ -100,8 +100,10 @@ class SiteSettings(FedmqSettings):
     #: prometheus port for the site's refusal counters (fedmq_site_versions_refused_total); 0 = off
     metrics_port: int = Field(0, ge=0, le=65535)
     # --- first day safety (docs/preparing-data.md, docs/deployment.md) -------------------
-    #: a site with no state asks the aggregator whether its id already contributed, and waits
-    #: this long for the answer before training (an id known without its ledger is refused)
+    #: a site with no state asks the aggregator whether its id already contributed and which
+    #: version to start from, and trains only after the answer (a snapshot, or "no version yet"
+    #: at version 0); it asks again every join_wait_s. An id known without its ledger is
+    #: refused. 0 = do not ask (the site starts from x_0 at once).
     join_wait_s: float = Field(5.0, ge=0)
     #: start although the aggregator knows this site id and the state directory is empty: only
     #: for joining a *new* federation (new aggregator state). Never to "reset" a lost ledger.
