@@ -18,8 +18,25 @@ seconds, both modes on one figure), and the ``async_vs_sync`` entry of
 ``reports/reproduce/results.json`` (created or updated; other keys kept) with
 ``"source": "processes"``.
 
-Diagnostics for when async is not >= 2x sooner: per mode the versions to target, updates
-folded per version, the mean staleness of folded updates, K and the server learning rate.
+The rules both arms follow (none is a number chosen on a run):
+
+- **K** (async): ``experiments.defaults.async_buffer_size`` (n sites under DP). Sync: n sites.
+- **Staleness weight** s(tau) = (1 + tau)^-0.5 (FedBuff's; the aggregator's default exponent),
+  **server learning rate** 1 (a version's step is the weighted mean of its updates, as sync's),
+  **max_staleness** the aggregator's shipped bound (16).
+- **When a site trains**: in async each site starts its next round as soon as its update is
+  published (``train_continuously``: FedBuff's clients). Without it, a fast site idled until a
+  version committed, and with K = n sites every version waited for the straggler: async ran at
+  sync's pace (measured: the same 3 sites, staleness 0, in every version).
+- **Clocks**: from the moment the processes start (the issue's), and from the first local round
+  (start-up is the same work in both modes: broker, processes, loading images, the join).
+  A version's time is its release by the aggregator (its signed ``created_at``), not when the
+  evaluator got round to scoring it.
+
+Diagnostics for when async is not >= 2x sooner (``runs[*]``): versions to target, updates per
+version, staleness and its weight, updates folded and refused per site, training images per
+site, and where each site's time went (``anatomy``: compute and wall seconds per round, idle
+seconds between rounds, busy fraction; experiments/round_anatomy.py).
 """
 
 from __future__ import annotations
