@@ -207,6 +207,44 @@ def aggregate(cfg: AsyncVsSyncConfig, runs: list[dict[str, Any]]) -> dict[str, A
     }
 
 
+def straggler_dominance(run: dict[str, Any], slow_site: str) -> float | None:
+    """The straggler's wall seconds per round over the slowest other site's: above 1 it is the
+    one a sync round waits for (what async can save); near or below 1 another site (the one
+    with the most images) paces sync too, and async has little to gain."""
+    sites = ((run.get("anatomy") or {}).get("sites") or {})
+    slow = (sites.get(slow_site) or {}).get("wall_s_per_round")
+    others = [a.get("wall_s_per_round") for s, a in sites.items() if s != slow_site and a.get("wall_s_per_round")]
+    return (slow / max(others)) if slow and others else None
+
+
+def markdown_table(entry: dict[str, Any]) -> str:
+    """Per seed: seconds (and versions) to target per mode on both clocks, the ratio, and why."""
+    def f(x: float | None, fmt: str = "{:.0f}") -> str:
+        return "-" if x is None else fmt.format(x)
+
+    slow = entry["slow_site"]
+    rows = ["| seed | sync: s to target (versions) | async: s to target (versions) | sync / async | "
+            "same, from the first round | straggler's images | straggler round / slowest other (sync) |",
+            "|---|---|---|---|---|---|---|"]
+    for seed in entry["seeds"]:
+        runs = {r["mode"]: r for r in entry["runs"] if r["seed"] == seed}
+        sy, asy = runs.get("sync", {}), runs.get("async", {})
+        s, a = sy.get("seconds_to_target"), asy.get("seconds_to_target")
+        s1, a1 = sy.get("seconds_to_target_from_first_round"), asy.get("seconds_to_target_from_first_round")
+        imgs = sy.get("train_images_by_site") or {}
+        share = f"{imgs.get(slow, 0)} of {sum(imgs.values())}" if imgs else "-"
+        rows.append(f"| {seed} | {f(s)} ({f(sy.get('versions_to_target'), '{}')}) | {f(a)} ({f(asy.get('versions_to_target'), '{}')}) | "
+                    f"{f(s / a if s and a else None, '{:.2f}x')} | "
+                    f"{f(s1)} vs {f(a1)}: {f(s1 / a1 if s1 and a1 else None, '{:.2f}x')} | {share} | "
+                    f"{f(straggler_dominance(sy, slow), '{:.2f}')} |")
+    a, s = entry["async_seconds_to_target"], entry["sync_seconds_to_target"]
+    rows.append(f"| mean | {f(s)} | {f(a)} | {f(entry['speedup_sync_over_async'], '{:.2f}x')} | "
+                f"{f(entry.get('sync_seconds_to_target_from_first_round'))} vs "
+                f"{f(entry.get('async_seconds_to_target_from_first_round'))}: "
+                f"{f(entry.get('speedup_from_first_round'), '{:.2f}x')} | | |")
+    return "\n".join(rows) + "\n"
+
+
 def plot(entry: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
@@ -265,6 +303,7 @@ def run(cfg: AsyncVsSyncConfig, progress: Callable[[str], None] = print,
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "async_vs_sync.json").write_text(json.dumps(entry, indent=2, default=_json_default) + "\n")
     plot(entry, cfg.out / "async_vs_sync.png")
+    (cfg.out / "async_vs_sync.md").write_text(markdown_table(entry))
     if cfg.reproduce_results is not None:
         merge_into_results(cfg.reproduce_results, entry)
     a, s = entry["async_seconds_to_target"], entry["sync_seconds_to_target"]

@@ -54,6 +54,9 @@ def test_outputs_and_the_results_json_entry(tmp_path: Path) -> None:
         assert key in saved["async_vs_sync"]
     assert (tmp_path / "out" / "async_vs_sync.png").stat().st_size > 1000
     assert json.loads((tmp_path / "out" / "async_vs_sync.json").read_text())["runs"][0]["curve"]
+    table = (tmp_path / "out" / "async_vs_sync.md").read_text().splitlines()
+    assert [r.split("|")[1].strip() for r in table[2:]] == ["0", "1", "mean"]
+    assert "| 100 | 40 | 2.50x |" in table[-1]
 
 
 def test_a_target_not_reached_is_none_not_a_number(tmp_path: Path) -> None:
