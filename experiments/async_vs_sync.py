@@ -87,11 +87,27 @@ class AsyncVsSyncConfig(BaseModel):
     planned_rounds: int = Field(30, ge=1)
     training: SiteTraining = SiteTraining(optimizer="sgd", lr=0.02, momentum=0.9, batch_size=128, local_epochs=1,
                                           max_grad_norm=1.0)
+    #: "equal": every site runs local_steps = ceil(train images / n_sites / batch) per round (one
+    #: epoch of an equal share; FedBuff's fixed local steps), so a round costs every site the same
+    #: compute and the straggler is slow_factor x slower than each other site, as the issue
+    #: defines it. "epochs": one local epoch per round; under Dirichlet(0.5) the sites' image
+    #: counts differ up to 6x, so the largest site, not the straggler, may pace a sync round.
+    steps_rule: Literal["equal", "epochs"] = "equal"
     #: test AUC a released version must reach (None: run until the budget or time limit ends)
     target_auc: float | None = Field(0.85, gt=0, lt=1)
     time_limit_s: float = Field(900.0, gt=0)
     retrain_after_s: float = Field(60.0, gt=0)
     amqp_url: str | None = None
+
+    def local_steps(self) -> int | None:
+        """Steps per round under the "equal" rule (None: the sites' local epochs)."""
+        if self.steps_rule == "epochs":
+            return None
+        import numpy as np
+
+        with np.load(self.data_npz) as data:
+            n_train = int(data["train_labels"].shape[0])
+        return max(1, math.ceil(n_train / self.n_sites / self.training.batch_size))
 
     @property
     def async_k(self) -> int:
@@ -104,7 +120,8 @@ class AsyncVsSyncConfig(BaseModel):
         return FederationSpec(
             workdir=self.workdir / f"{mode}-seed{seed}", data_npz=self.data_npz, n_sites=self.n_sites, seed=seed,
             mode=mode, buffer_size=self.async_k, server_lr=self.server_lr, dp_enabled=self.dp_enabled,
-            target_epsilon=self.target_epsilon, planned_rounds=self.planned_rounds, training=self.training,
+            target_epsilon=self.target_epsilon, planned_rounds=self.planned_rounds,
+            training=self.training.model_copy(update={"local_steps": self.local_steps()}),
             slowdown={ids[self.slow_site]: self.slow_factor}, target_auc=self.target_auc, target_on="test",
             time_limit_s=self.time_limit_s, retrain_after_s=self.retrain_after_s, amqp_url=self.amqp_url,
             max_staleness=self.max_staleness,
@@ -192,6 +209,7 @@ def aggregate(cfg: AsyncVsSyncConfig, runs: list[dict[str, Any]]) -> dict[str, A
         "min_versions_to_target": min(reached) if reached else None,
         "target_needs_10_versions": bool(reached) and min(reached) >= 10,
         "n_sites": cfg.n_sites, "slow_site": site_ids(cfg.n_sites)[cfg.slow_site], "slow_factor": cfg.slow_factor,
+        "steps_rule": cfg.steps_rule, "local_steps": cfg.local_steps(),
         "async_buffer_size": cfg.async_k, "server_lr": cfg.server_lr, "dp_enabled": cfg.dp_enabled,
         "target_epsilon": cfg.target_epsilon if cfg.dp_enabled else None, "planned_rounds": cfg.planned_rounds,
         "staleness_exponent": STALENESS_EXPONENT, "max_staleness": cfg.max_staleness,

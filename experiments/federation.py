@@ -54,6 +54,8 @@ class SiteTraining(BaseModel):
     momentum: float = 0.9
     batch_size: int = 64
     local_epochs: int = 1
+    #: steps per round instead of epochs (the site setting ``local_steps``)
+    local_steps: int | None = None
     max_grad_norm: float = 1.0
     sparsity_mode: Literal["dense", "topk"] = "topk"
     topk_fraction: float = 0.5
@@ -148,6 +150,8 @@ def site_ids(n: int) -> list[str]:
 def _toml(values: dict) -> str:
     lines = []
     for k, v in values.items():
+        if v is None:  # TOML has no null: an unset setting keeps its default
+            continue
         if isinstance(v, bool):
             lines.append(f"{k} = {'true' if v else 'false'}")
         elif isinstance(v, (int, float)):

@@ -56,6 +56,9 @@ class SiteSettings(FedmqSettings):
     batch_size: int = Field(64, ge=1)
     #: local epochs per round
     local_epochs: int = Field(1, ge=1)
+    #: DP-SGD steps per round instead of local_epochs: every site then does the same compute per
+    #: round whatever its image count (FedBuff's fixed local steps); unset = local_epochs
+    local_steps: int | None = Field(None, ge=1)
     #: DP-SGD with Opacus and a privacy ledger; off only for non-private baselines
     dp_enabled: bool = True
     #: total privacy budget over planned_rounds

@@ -58,3 +58,13 @@ def test_continuous_rounds_are_refused_for_sync_federations(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="train_continuously is for async mode"):
         FederationSpec(workdir=tmp_path, data_npz=tmp_path / "x.npz", mode="sync", train_continuously=True)
     assert FederationSpec(workdir=tmp_path, data_npz=tmp_path / "x.npz", mode="async", train_continuously=True)
+
+
+def test_local_steps_fix_the_compute_of_a_round_whatever_the_image_count(tmp_path: Path) -> None:
+    from site_agent.runtime import training_config
+
+    kit = make_site_kit(tmp_path / "kit")
+    by_steps = training_config(kit.settings(local_steps=5, batch_size=8))
+    by_epochs = training_config(kit.settings(batch_size=8))
+    assert [by_steps.steps_per_round(n) for n in (24, 1000)] == [5, 5]
+    assert [by_epochs.steps_per_round(n) for n in (24, 1000)] == [3, 125]
