@@ -271,19 +271,20 @@ def plot(entry: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = {"async": "tab:blue", "sync": "tab:orange"}
+    styles = ("-", "--", ":", "-.")
     for run in entry["runs"]:
         pts = run["curve"]
-        label = f"{run['mode']} (K={entry['async_buffer_size'] if run['mode'] == 'async' else entry['n_sites']})"
-        first = run["seed"] == entry["seeds"][0]
+        k = entry["async_buffer_size"] if run["mode"] == "async" else entry["n_sites"]
+        style = styles[entry["seeds"].index(run["seed"]) % len(styles)] if run["seed"] in entry["seeds"] else "-"
         ax.plot([p["wall_s"] for p in pts], [p["test_auc"] for p in pts], marker=".", color=colors[run["mode"]],
-                alpha=0.8, label=label if first else None)
+                linestyle=style, alpha=0.8, label=f"{run['mode']} (K={k}), seed {run['seed']}")
     if entry["target_auc"] is not None:
         ax.axhline(entry["target_auc"], color="grey", linestyle="--", linewidth=1, label=f"target {entry['target_auc']}")
     ax.set_xlabel("wall-clock seconds since the processes started")
     ax.set_ylabel("test AUC of the released version")
     ax.set_title(f"async vs sync on real processes, {entry['slow_site']} {entry['slow_factor']:g}x slower, "
-                 f"seeds {entry['seeds']}", fontsize=9)
-    ax.legend(fontsize=8)
+                 f"seeds {entry['seeds']}, local work: {entry.get('steps_rule', 'epochs')}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
