@@ -43,10 +43,11 @@ faults: venv
 demo: venv
 	$(VENV)/bin/fedmq demo
 
-# async (FedBuff) vs sync (FedAvg) on real processes, 3 seeds, one site 4x slower (a quiet machine:
-# about 6 runs of up to 15 minutes) -> reports/async_vs_sync/, reports/reproduce/results.json
+# async (FedBuff) vs sync (FedAvg) on real processes, 3 seeds, one site 4x slower, DP on (6 runs
+# of up to 10 minutes each; about 35 minutes on 2 loaded cores) -> reports/async_vs_sync/,
+# reports/reproduce/results.json
 async-vs-sync: venv
-	$(VENV)/bin/fedmq experiment async-vs-sync $(AVS_ARGS)
+	$(VENV)/bin/fedmq experiment async-vs-sync --time-limit 600 $(AVS_ARGS)
 
 broker-local: venv
 	$(VENV)/bin/fedmq broker local

@@ -48,7 +48,7 @@ from shared.ckks import HeVector, LoadedContext, check_ciphertext, load_cipherte
 from shared.ckks_wire import CiphertextError
 from shared.codec import decode_site_metrics, decode_snapshot_request, decode_update_chunk
 from shared.errors import CryptoError, WireError
-from shared.schema import Contributor, EncryptedBlock, GlobalVersionChunk, UpdateChunk
+from shared.schema import NO_VERSION_YET, Contributor, EncryptedBlock, GlobalVersionChunk, UpdateChunk
 from shared.signing import SigningKey, load_pinned_keys, load_private_key, sign_version
 from shared.statelock import lock_state_dir
 
@@ -559,7 +559,11 @@ class AggregatorEngine:
                         "shard's next periodic snapshot", req.shard_index, req.site_id, self.settings.shard_index)
             return ok, []
         logger.info("snapshot requested by %s (has %d, reason %s)", req.site_id, req.have_version, req.reason)
-        return ok, self.snapshot(target_site=req.site_id, since=req.have_version)
+        out = self.snapshot(target_site=req.site_id, since=req.have_version)
+        if not out:  # nothing folded yet: say so, so the site need not guess from a time-out
+            out = [site_notice(NO_VERSION_YET, f"version {self.version}: nothing folded yet, train from x_0",
+                               req.site_id, None, known)]
+        return ok, out
 
     def handle_site_metrics(self, body: bytes, *, user_id: str | None = None) -> Decision:
         try:

@@ -63,6 +63,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--buffer-size", type=int, default=None, help="async K (default: the number of sites)")
     q.add_argument("--slow-factor", type=float, default=4.0)
     q.add_argument("--no-dp", action="store_true", help="both modes without DP (same on both sides)")
+    q.add_argument("--steps-rule", choices=("equal", "epochs"), default="equal",
+                   help="equal: the same local steps per round at every site (default); epochs: one local epoch")
     q.add_argument("--time-limit", type=float, default=900.0, help="seconds per run before it stops")
     q.add_argument("--out", type=Path, default=Path("reports/async_vs_sync"))
     q.add_argument("--results", type=Path, default=Path("reports/reproduce/results.json"),
@@ -136,7 +138,7 @@ def _async_vs_sync(args: argparse.Namespace) -> int:
     cfg = AsyncVsSyncConfig(
         data_npz=npz, out=args.out, reproduce_results=args.results, workdir=args.workdir, seeds=args.seeds,
         slow_factor=args.slow_factor, dp_enabled=not args.no_dp, target_auc=args.target_auc,
-        time_limit_s=args.time_limit, amqp_url=args.amqp_url, **over,
+        time_limit_s=args.time_limit, amqp_url=args.amqp_url, steps_rule=args.steps_rule, **over,
     )
     run(cfg, progress=lambda m: print(m, flush=True))
     return 0

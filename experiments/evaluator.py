@@ -63,6 +63,10 @@ class VersionScore:
     ema_threshold: float = math.nan
     #: who contributed to this version, from its signed message: (site, staleness) per folded update
     members: tuple[tuple[str, int], ...] = ()
+    #: seconds (on the same clock as wall_s) at which the aggregator released this version, from
+    #: its signed ``created_at``: unlike wall_s it does not grow when scoring falls behind a
+    #: fast stream of versions (nan when unknown)
+    released_s: float = math.nan
 
 
 @dataclass
@@ -116,7 +120,10 @@ class Evaluator:
         self._ema = x.copy() if self._ema is None else self.ema_beta * self._ema + (1.0 - self.ema_beta) * x
         return self._ema.astype(np.asarray(vec).dtype)
 
-    def score(self, version: int, contributors: int, members: tuple[tuple[str, int], ...] = ()) -> VersionScore:
+    def score(self, version: int, contributors: int, members: tuple[tuple[str, int], ...] = (),
+              created_at: float | None = None) -> VersionScore:
+        # the aggregator's wall-clock release time, on this evaluator's monotonic clock
+        released = math.nan if created_at is None else created_at - (time.time() - (time.monotonic() - self.started))
         vec = self.receiver.model_vector(self.model.x0)
         val_auc, test_auc, test_acc, threshold = self._score_vector(vec)
         ema = self.update_ema(vec)
@@ -125,7 +132,7 @@ class Evaluator:
             e_val, e_test, e_acc, e_thr = self._score_vector(ema)
             extra = dict(ema_val_auc=e_val, ema_test_auc=e_test, ema_test_accuracy=e_acc, ema_threshold=e_thr)
         return VersionScore(version, time.monotonic() - self.started, val_auc, test_auc, test_acc, threshold,
-                            contributors, members=members, **extra)
+                            contributors, members=members, released_s=released, **extra)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="fedmq-evaluator", daemon=True)
@@ -174,7 +181,7 @@ class Evaluator:
                 delivery.ack()
                 if result.outcome == "applied":
                     s = self.score(result.version, len(chunk.contributors),
-                                   tuple((c.site_id, c.staleness) for c in chunk.contributors))
+                                   tuple((c.site_id, c.staleness) for c in chunk.contributors), chunk.created_at)
                     with self._lock:
                         self.scores.append(s)
                 elif result.outcome == "gap" and self._asked_for != result.message_version:

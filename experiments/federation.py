@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from broker import topology
 from broker.local_node import LocalRabbitNode
@@ -57,6 +57,8 @@ class SiteTraining(BaseModel):
     momentum: float = 0.9
     batch_size: int = 64
     local_epochs: int = 1
+    #: steps per round instead of epochs (the site setting ``local_steps``)
+    local_steps: int | None = None
     max_grad_norm: float = 1.0
     sparsity_mode: Literal["dense", "topk"] = "topk"
     topk_fraction: float = DEFAULT_TOPK_FRACTION
@@ -83,6 +85,12 @@ class FederationSpec(BaseModel):
     target_on: Literal["val", "test"] = "val"
     time_limit_s: float = 780.0
     retrain_after_s: float = 60.0
+    #: sites start their next round as soon as an update is published (site setting
+    #: ``train_continuously``: FedBuff's clients; async mode only)
+    train_continuously: bool = False
+    #: the evaluator also scores the EMA of versions (the demo selects on it); off, each version
+    #: is scored once, which leaves more of a small machine to the federation itself
+    score_ema: bool = True
     max_versions: int | None = None
     amqp_url: str | None = None  # None: start a private broker node
     #: the evaluator's EMA of versions; None: the rule (experiments.defaults.ema_beta) for the
@@ -96,6 +104,13 @@ class FederationSpec(BaseModel):
             return self.ema_beta
         k = self.buffer_size if self.mode == "async" else self.n_sites
         return ema_beta(expected_versions(self.planned_rounds, self.n_sites, k))
+
+    @model_validator(mode="after")
+    def _continuous_only_async(self) -> "FederationSpec":
+        if self.train_continuously and self.mode == "sync":
+            raise ValueError("train_continuously is for async mode: sync refuses a second update per round "
+                             "(each would spend privacy budget for nothing)")
+        return self
 
 
 @dataclass
@@ -117,6 +132,8 @@ class FederationResult:
     learning_rates: dict[str, float] = field(default_factory=dict)
     noise_multipliers: dict[str, float] = field(default_factory=dict)
     ema_beta: float | None = None
+    #: wall-clock (epoch) time of the moment the processes started: the zero of every ``wall_s``
+    started_at: float | None = None
 
     @property
     def best(self) -> VersionScore | None:
@@ -152,6 +169,8 @@ def site_ids(n: int) -> list[str]:
 def _toml(values: dict) -> str:
     lines = []
     for k, v in values.items():
+        if v is None:  # TOML has no null: an unset setting keeps its default
+            continue
         if isinstance(v, bool):
             lines.append(f"{k} = {'true' if v else 'false'}")
         elif isinstance(v, (int, float)):
@@ -277,6 +296,7 @@ class Federation:
                 "seed": s.seed,
                 "slowdown_factor": float(s.slowdown.get(site, 1.0)),
                 "retrain_after_s": s.retrain_after_s,
+                "train_continuously": s.train_continuously,
                 "progress_bars": False,
                 "log_json": True,
                 **t.model_dump(),
@@ -308,7 +328,7 @@ class Federation:
         test = load_official_split(s.data_npz, "test")
         self.evaluator = Evaluator(self.urls[EVALUATOR_ID], ctx, model, _tensors(val), _tensors(test),
                                    load_public_key(self.aggregator_pub), self.dir / "state" / EVALUATOR_ID,
-                                   ema_beta=s.resolved_ema_beta())
+                                   ema_beta=s.resolved_ema_beta() if s.score_ema else None)
         self.evaluator.start()
         self._stack.callback(self.evaluator.stop)
         joining = list(self.sites if sites is None else sites)
@@ -317,6 +337,7 @@ class Federation:
         for site in joining:
             self.spawn_site(site)
         self.started = time.monotonic()
+        self.started_at = time.time()
         self.evaluator.started = self.started
         return self.evaluator
 
@@ -425,6 +446,7 @@ class Federation:
             learning_rates=dict(getattr(self, "learning_rates", {})),
             noise_multipliers=dict(getattr(self, "noise_multipliers", {})),
             ema_beta=evaluator.ema_beta,
+            started_at=getattr(self, "started_at", None),
         )
 
     def audit_summary(self, site: str) -> dict:

@@ -162,6 +162,12 @@ class SnapshotRequest(WireModel):
         return _omit_default_shard(handler(self))
 
 
+#: the reason of the notice that answers a snapshot request while nothing has been folded yet:
+#: every party holds x_0. A fresh site waits for an answer (this or a snapshot) before its first
+#: round, so it never trains from x_0 when the federation is already past version 0.
+NO_VERSION_YET = "no-version-yet"
+
+
 class Rejection(WireModel):
     """Why an input was dead-lettered; also the body of notices sent back to a site."""
 

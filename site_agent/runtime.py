@@ -54,6 +54,7 @@ def training_config(settings: SiteSettings) -> TrainingConfig:
         lr=settings.lr,
         batch_size=settings.batch_size,
         local_epochs=settings.local_epochs,
+        local_steps=settings.local_steps,
         optimizer=settings.optimizer,
         momentum=settings.momentum,
         dp=DPConfig(

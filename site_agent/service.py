@@ -20,7 +20,7 @@ from broker.connection import AuthRefusals, Backoff, username_of
 from broker.transport import Connect, Delivery, Link, Message, QueueMissing, amqp_connect, run_reconnecting
 from shared.codec import decode, encode
 from shared.errors import ConfigError, FedmqError, LayoutMismatch, UnknownMessageKind, WireError
-from shared.schema import GlobalVersionChunk, Rejection, SiteMetrics, SnapshotRequest
+from shared.schema import NO_VERSION_YET, GlobalVersionChunk, Rejection, SiteMetrics, SnapshotRequest
 from shared.signing import load_public_key
 from site_agent.global_model import GlobalModelReceiver
 from site_agent.runtime import SiteRuntime
@@ -135,10 +135,15 @@ class SiteAgent:
         while not self._stop.is_set() and self._fatal is None:
             link.process(0.5)
             if self._join_deadline is not None and time.monotonic() >= self._join_deadline:
-                self._join_deadline, self._join_done = None, True  # waited: no objection from the aggregator
-                logger.info("no objection from the aggregator to a new member; starting",
+                # No answer yet (the aggregator is down, busy, or has not read the request): ask
+                # again rather than start. The aggregator answers every start request (a snapshot,
+                # or "no version yet" at version 0); a round trained from x_0 while the federation
+                # is past version 0 would spend budget on an update refused as too stale.
+                self._join_deadline = time.monotonic() + self.settings.join_wait_s
+                logger.info("no answer from the aggregator to our start request yet; asking again",
                             extra={"waited_s": self.settings.join_wait_s})
-                self._maybe_train()
+                for shard in range(self.settings.shard_count):
+                    self._request_snapshot(-1, "start (no answer yet)", shard)
             if time.monotonic() - self._last_progress > self.settings.retrain_after_s:
                 self._maybe_train(same_version_ok=True)
             if self._worker is not None and not self._worker.is_alive() and self._stop.is_set():
@@ -185,6 +190,11 @@ class SiteAgent:
             self._after_new_version()
             return
         delivery.ack()
+        if result.outcome == "old" and chunk.target_site == self.settings.site_id and self._join_deadline is not None:
+            # the answer to our start request is a version we already hold (its deltas came first)
+            self._join_deadline, self._join_done = None, True
+            self._maybe_train()
+            return
         shard = result.shard
         if result.outcome == "gap" and self._snapshot_requested_for.get(shard) != result.message_version:
             self._request_snapshot(result.version, f"gap: have {result.version}, got {result.message_version}", shard)
@@ -214,6 +224,13 @@ class SiteAgent:
                       f"{self.rt.layout.fingerprint}, CKKS key {self.rt.ctx.fingerprint} ({self.settings.secret_context})")
             self.rt.pause_file.pause(notice.reason, reason)
             logger.error("pausing contributions until `fedmq site resume`", extra={"reason": reason})
+            return
+        if notice.reason == NO_VERSION_YET:
+            if notice.site_id == self.settings.site_id and self._join_deadline is not None:
+                # the federation is at version 0 and the aggregator does not know this id: start
+                self._join_deadline, self._join_done = None, True
+                logger.info("the aggregator answered: no version yet; starting from x_0")
+                self._maybe_train()
             return
         if notice.reason != SEQUENCE_BACKWARDS:
             logger.warning("notice from the aggregator", extra={"reason": notice.reason, "detail": notice.detail})
@@ -308,7 +325,8 @@ class SiteAgent:
     def _on_update_ready(self) -> None:
         self._publish_pending()
         self._last_progress = time.monotonic()
-        self._maybe_train()
+        # async: the next round starts now, from the newest version held (FedBuff's clients)
+        self._maybe_train(same_version_ok=self.settings.train_continuously)
 
     def _publish_pending(self) -> None:
         state = self.rt.state

@@ -62,6 +62,9 @@ class SiteSettings(FedmqSettings):
     batch_size: int = Field(64, ge=1)
     #: local epochs per round
     local_epochs: int = Field(1, ge=1)
+    #: DP-SGD steps per round instead of local_epochs: every site then does the same compute per
+    #: round whatever its image count (FedBuff's fixed local steps); unset = local_epochs
+    local_steps: int | None = Field(None, ge=1)
     #: DP-SGD with Opacus and a privacy ledger; off only for non-private baselines
     dp_enabled: bool = True
     #: total privacy budget over planned_rounds
@@ -94,13 +97,22 @@ class SiteSettings(FedmqSettings):
     #: asynchronous mode a version may wait for other sites' updates that never come (they are
     #: done or down), and a site that only waited would stall the federation.
     retrain_after_s: float = Field(60.0, gt=0)
+    #: asynchronous (FedBuff) federations: start the next round as soon as the last update is
+    #: published, from the newest version held, as FedBuff's clients do. Otherwise a fast site
+    #: idles until a version commits, and a version of K updates then waits for the slowest
+    #: site whenever the fast ones are fewer than K: async runs at the straggler's pace, like
+    #: sync. Each round still spends budget from the ledger (planned_rounds bounds them). Leave
+    #: it off in sync mode: the aggregator refuses a second update on the same round.
+    train_continuously: bool = False
     #: tqdm progress bars on a terminal (services: off; see progress_every_steps)
     progress_bars: bool = True
     #: prometheus port for the site's refusal counters (fedmq_site_versions_refused_total); 0 = off
     metrics_port: int = Field(0, ge=0, le=65535)
     # --- first day safety (docs/preparing-data.md, docs/deployment.md) -------------------
-    #: a site with no state asks the aggregator whether its id already contributed, and waits
-    #: this long for the answer before training (an id known without its ledger is refused)
+    #: a site with no state asks the aggregator whether its id already contributed and which
+    #: version to start from, and trains only after the answer (a snapshot, or "no version yet"
+    #: at version 0); it asks again every join_wait_s. An id known without its ledger is
+    #: refused. 0 = do not ask (the site starts from x_0 at once).
     join_wait_s: float = Field(5.0, ge=0)
     #: start although the aggregator knows this site id and the state directory is empty: only
     #: for joining a *new* federation (new aggregator state). Never to "reset" a lost ledger.

@@ -103,6 +103,8 @@ def test_async_late_joiner_catches_up_and_a_site_down_does_not_stall(tmp_path: P
         # and contributes an update trained from the caught-up model
         _wait(lambda: _folded(fed, late).get("updates_folded", 0) >= 1
               and _folded(fed, late).get("last_base_version", -1) >= joined_at, 180, "an update of the joiner", fed)
+        # it trained only after the snapshot: no round from x_0 refused as too stale (budget wasted)
+        assert not _folded(fed, late).get("rejected"), _folded(fed, late)
 
         # one hospital goes down: async mode keeps committing with the other two
         fed.procs[first].send_signal(signal.SIGKILL)
