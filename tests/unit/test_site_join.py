@@ -79,10 +79,10 @@ def test_at_version_zero_the_answer_starts_the_site(tmp_path: Path) -> None:
         with _Running(AggregatorService(agg, connect=stub.connect("fedmq-aggregator"))) as a:
             with _Running(agent):
                 _wait(lambda: a.service.engine.version == 1, "alpha's update folded into version 1")
-            folded = dict(a.service.engine.sites["alpha"])
+            folded = a.service.engine.sites["alpha"]
     finally:
         agent.rt.dir_lock.release()
-    assert (folded["updates_folded"], folded["last_base_version"], folded.get("rejected")) == (1, 0, None)
+    assert (folded.updates_folded, folded.last_base_version, folded.rejected) == (1, 0, {})
 
 
 def test_a_late_joiner_trains_only_from_the_snapshot(tmp_path: Path) -> None:
@@ -106,12 +106,12 @@ def test_a_late_joiner_trains_only_from_the_snapshot(tmp_path: Path) -> None:
             assert agent.rt.state.updates_sent == 0  # asked three times, trained not once
             with _Running(AggregatorService(agg, connect=stub.connect("fedmq-aggregator"))) as second:
                 _wait(lambda: second.service.engine.version == 3, "alpha's update folded into version 3")
-                folded = dict(second.service.engine.sites["alpha"])
+                folded = second.service.engine.sites["alpha"]
     finally:
         agent.rt.dir_lock.release()
     # its one update (planned_rounds = 1) started from the snapshot of version 2: staleness 0
-    assert (folded["updates_folded"], folded["last_base_version"], folded["last_staleness"]) == (1, 2, 0)
-    assert folded.get("rejected") is None
+    assert (folded.updates_folded, folded.last_base_version, folded.last_staleness) == (1, 2, 0)
+    assert folded.rejected == {}
 
 
 def topology_message(body: bytes):  # noqa: ANN201
