@@ -12,6 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+
+# One intra-op thread for torch and BLAS, in this process and every service the tests start
+# (they inherit the environment). The models under test are tiny; with pytest-xdist workers
+# and the services' own processes sharing two cores, a second OpenMP thread per process only
+# oversubscribes them: a small_cnn round measured 1.1 s with one thread and 9 s with two on a
+# loaded 2-core machine. Set before torch is imported (conftest loads before any test module);
+# an explicit setting in the environment wins.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 from collections.abc import Iterator
 from typing import NoReturn
 
