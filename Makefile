@@ -14,7 +14,9 @@ TORCH_INDEX ?=
 PYTEST_ARGS ?=
 # pytest-xdist workers. Most broker tests wait on service processes and RabbitMQ, so two
 # workers overlap those waits even on two cores; files stay whole on one worker (--dist
-# loadfile) so module fixtures (a provisioned vhost, a cluster, keys) are built once.
+# loadfile) so module fixtures (a provisioned vhost, a cluster, keys) are built once, and
+# files are handed out in collection order (--no-loadscope-reorder: tests/conftest.py puts
+# the long federation files first; xdist's own order, most tests first, started them last).
 # PYTEST_WORKERS=0 runs in one process (pdb, -x).
 PYTEST_WORKERS ?= 2
 # The MedMNIST file beside the checkout (our machines and CI); elsewhere fedmq downloads it
@@ -33,7 +35,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The edit-run loop: unit tests only, no broker and nothing marked slow (under a minute).
 test-fast: venv
