@@ -12,6 +12,13 @@ STAMP       := $(VENV)/.fedmq-installed
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers. Most broker tests wait on service processes and RabbitMQ, so two
+# workers overlap those waits even on two cores; files stay whole on one worker (--dist
+# loadfile) so module fixtures (a provisioned vhost, a cluster, keys) are built once, and
+# files are handed out in collection order (--no-loadscope-reorder: tests/conftest.py puts
+# the long federation files first; xdist's own order, most tests first, started them last).
+# PYTEST_WORKERS=0 runs in one process (pdb, -x).
+PYTEST_WORKERS ?= 2
 # The MedMNIST file beside the checkout (our machines and CI); elsewhere fedmq downloads it
 # from MedMNIST's official URL and checks its MD5.
 FEDMQ_DATA_ROOT ?= $(if $(wildcard ../shared/data/pneumoniamnist.npz),$(abspath ../shared/data),)
@@ -28,11 +35,11 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The edit-run loop: unit tests only, no broker and nothing marked slow (under a minute).
 test-fast: venv
-	$(PY) -m pytest -q -m "not broker and not slow" tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist load -m "not broker and not slow" tests/unit $(PYTEST_ARGS)
 
 # Fault injection on live federations (>= 20 aggregator SIGKILLs, a broker restart, broker-side
 # connection closes, a site killed mid-publish) + fuzzing; writes reports/faults/results.json.

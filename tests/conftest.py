@@ -12,6 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+
+# One intra-op thread for torch and BLAS, in this process and every service the tests start
+# (they inherit the environment). The models under test are tiny; with pytest-xdist workers
+# and the services' own processes sharing two cores, a second OpenMP thread per process only
+# oversubscribes them: a small_cnn round measured 1.1 s with one thread and 9 s with two on a
+# loaded 2-core machine. Set before torch is imported (conftest loads before any test module);
+# an explicit setting in the environment wins.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -48,15 +57,20 @@ def broker() -> Iterator[Broker]:
 
 @pytest.fixture
 def broker_namespace(broker: Broker, request: pytest.FixtureRequest) -> Iterator[Namespace]:
-    """A fresh vhost (or, on an unmanaged external broker, a unique name prefix) for this test."""
+    """A fresh vhost (or, on an unmanaged external broker, a unique name prefix) for this test.
+
+    Created with one ``rabbitmqctl`` call; retired afterwards (no test uses it again) and
+    deleted with the others when the session's broker closes, which saves two ``rabbitmqctl``
+    calls (Erlang VM starts) per test."""
     namespace = broker.new_namespace(request.node.name)
     yield namespace
-    broker.drop_namespace(namespace)
+    broker.retire_namespace(namespace)
 
 
 @pytest.fixture
 def amqp_url(broker_namespace: Namespace) -> str:
-    """AMQP URL of this test's own vhost; the vhost and all it holds are deleted afterwards."""
+    """AMQP URL of this test's own vhost; nothing else ever uses that vhost, and it is deleted
+    (with everything in it) when the session's broker closes."""
     return broker_namespace.url
 
 
@@ -66,3 +80,14 @@ def broker_ctl(broker: Broker) -> Broker:
     if not (broker.can_restart and broker.can_rabbitmqctl):
         broker_unavailable(f"{broker!r} cannot be restarted or administered by the harness")
     return broker
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the modules that hold a ``slow`` test first, each module kept whole.
+
+    Under pytest-xdist (``make test``) the long federation and fault-injection files then start
+    at once on both workers and the many short unit files fill in around them, instead of one
+    long file starting last and holding the whole run. Order only; no test depends on it.
+    """
+    slow_modules = {item.nodeid.split("::", 1)[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in slow_modules)

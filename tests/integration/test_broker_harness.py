@@ -101,6 +101,34 @@ def test_namespaces_are_isolated_and_dropped(broker: Broker, amqp_url: str) -> N
 
 
 @pytest.mark.broker
+def test_retired_namespaces_are_deleted_in_one_call_when_the_broker_closes(broker: Broker) -> None:
+    """Per-test vhosts are retired, then deleted together at close (for any broker the harness
+    did not start itself; a private node goes whole). Driven through the session broker's own
+    rabbitmqctl, seen as an external broker whose node we can administer."""
+    if not broker.can_rabbitmqctl:
+        pytest.skip(f"{broker!r} cannot be administered with rabbitmqctl")
+    calls: list[tuple[str, ...]] = []
+
+    def ctl(*args: str) -> str:
+        calls.append(args)
+        return broker.rabbitmqctl(*args)
+
+    external = Broker(broker.url, source="env", ctl=ctl)
+    spaces = [external.new_namespace("retire me"), external.new_namespace('odd "name"')]
+    assert [c[0] for c in calls] == ["eval", "eval"]  # vhost + permission in one call each
+    for ns in spaces:
+        with _connect(ns.url) as conn:  # the URL's user may use it
+            conn.channel().queue_declare("probe", durable=True)
+        external.retire_namespace(ns)
+    listed = broker.rabbitmqctl("list_vhosts", "--no-table-headers").splitlines()
+    assert all(ns.vhost in listed for ns in spaces), "retired, not yet deleted"
+    external.close()
+    assert len(calls) == 3, calls
+    listed = broker.rabbitmqctl("list_vhosts", "--no-table-headers").splitlines()
+    assert not any(ns.vhost in listed for ns in spaces)
+
+
+@pytest.mark.broker
 def test_external_url_without_rabbitmqctl_uses_a_unique_prefix(broker: Broker) -> None:
     external = open_test_broker({harness.ENV_AMQP_URL: broker.url})
     first, second = external.new_namespace("t"), external.new_namespace("t")

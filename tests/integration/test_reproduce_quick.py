@@ -47,7 +47,7 @@ def test_reproduce_quick_writes_sane_results(tmp_path: Path, capsys: pytest.Capt
     root = _data_root()
     if root is None:
         pytest.skip("pneumoniamnist.npz not found (set FEDMQ_DATA_ROOT)")
-    npz = _subset_npz(root, tmp_path / "pneumonia-subset.npz", {"train": 360, "val": 60, "test": 160})
+    npz = _subset_npz(root, tmp_path / "pneumonia-subset.npz", {"train": 150, "val": 40, "test": 60})
     out = tmp_path / "reproduce"
     assert main(["experiment", "reproduce", "--quick", "--npz", str(npz), "--rounds", "2", "--rounds-dp", "2",
                  "--out", str(out)]) == 0

@@ -93,9 +93,12 @@ def test_dp_off_trains_without_ledger(tmp_path: Path, data: tuple[torch.Tensor, 
     X, y = data
     config = TrainingConfig(lr=0.01, optimizer="adam", batch_size=32, local_epochs=3, pos_weight=1.0, dp=DPConfig(enabled=False))
     trainer = LocalTrainer(config, tmp_path / "ledger.json", num_threads=1)
-    before = torch.get_num_threads()
-    result = trainer.train_round(None, X, y)
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)  # not the trainer's 1, so restoring it is observable
+    try:
+        result = trainer.train_round(None, X, y)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     assert result.epsilon is None and result.steps == 3 * math.ceil(240 / 32)
     assert not (tmp_path / "ledger.json").exists()
     model = build_model("small_cnn", 0)

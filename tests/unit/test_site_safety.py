@@ -161,3 +161,15 @@ def test_fedmq_site_resume_lifts_a_pause(kit, tmp_path, capsys):
     assert main(["site", "resume", "--config", str(cfg)]) == 0
     assert "lifted the pause" in capsys.readouterr().out
     assert PauseFile(settings.state_dir).reason() is None
+
+
+def test_site_refuses_to_start_with_another_federations_state(kit, tmp_path):
+    """A state directory saved under one model layout (x_0 from init_seed 0) is refused by a
+    site configured for another (init_seed 7): a different layout fingerprint. The fingerprint
+    is a property of the settings and the saved state only, so a site kit on disk proves it;
+    no federation or broker is involved (it used to build a whole one for this)."""
+    state = tmp_path / "state"
+    rt = SiteRuntime.open(kit.settings(state_dir=state), load_data=False)
+    rt.save_state()
+    with pytest.raises(ConfigError, match="layout_fingerprint"):
+        SiteRuntime.open(kit.settings(state_dir=state, init_seed=7), load_data=False)
