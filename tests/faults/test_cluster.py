@@ -21,15 +21,29 @@ from experiments.faults.fuzz import FuzzKit
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow]
 
 
-def _publish(url: str, bodies: list[bytes]) -> None:
-    conn = connect(url, attempts=10)
-    try:
-        ch = conn.channel()
-        ch.confirm_delivery()
-        for b in bodies:
-            ch.basic_publish(topology.UPDATES_EXCHANGE, topology.shard_key(0), b, pika.BasicProperties(delivery_mode=2), mandatory=True)
-    finally:
-        conn.close()
+def _publish(url: str, bodies: list[bytes], attempts: int = 20) -> None:
+    """Publish each body with confirms, as a site does: what the broker did not confirm (a nack
+    while the quorum queue elects a new leader after a node stopped, or a connection lost) is
+    sent again on a new connection. A re-sent chunk that had been enqueued after all is refused
+    by the aggregator as a duplicate, so exactly-once is still what the test checks."""
+    pending = list(bodies)
+    for attempt in range(attempts):
+        try:
+            conn = connect(url, attempts=10)
+            try:
+                ch = conn.channel()
+                ch.confirm_delivery()
+                while pending:
+                    ch.basic_publish(topology.UPDATES_EXCHANGE, topology.shard_key(0), pending[0],
+                                     pika.BasicProperties(delivery_mode=2), mandatory=True)
+                    pending.pop(0)
+                return
+            finally:
+                if conn.is_open:
+                    conn.close()
+        except (pika.exceptions.NackError, pika.exceptions.AMQPError):
+            time.sleep(0.5)
+    raise AssertionError(f"{len(pending)} update chunk(s) never confirmed after {attempts} attempts")
 
 
 @pytest.fixture(scope="module")
