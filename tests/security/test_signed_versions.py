@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 
 import msgpack
@@ -37,6 +36,7 @@ from shared.signing import (
 from site_agent.model_state import FederatedModel
 from site_agent.service import SiteAgent
 from site_agent.settings import SiteSettings
+from testkit.polling import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -83,12 +83,7 @@ class _Site:
         self.thread = threading.Thread(target=agent.run, daemon=True)
 
     def wait(self, pred, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
+        wait_until(pred, what, timeout)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ image files) over the in-memory ``StubBroker``."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +26,11 @@ from shared.signing import AGGREGATOR_KEY_NAME, private_key_path, public_key_pat
 from site_agent.model_state import FederatedModel
 from site_agent.runtime import SiteRuntime
 from site_agent.service import SiteAgent
+from testkit.polling import wait_until
 
 
 def _wait(pred, what: str, timeout: float = 120.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_until(pred, what, timeout)
 
 
 class _Running:

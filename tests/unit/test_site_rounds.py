@@ -7,7 +7,6 @@ in-memory ``StubBroker``; no aggregator runs, so no version ever arrives."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,11 @@ from integration.site_kit import make_site_kit
 from shared.codec import decode_update_chunk
 from site_agent.runtime import SiteRuntime
 from site_agent.service import SiteAgent
+from testkit.polling import wait_until
 
 
 def _wait(pred, what: str, timeout: float = 120.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_until(pred, what, timeout)
 
 
 def test_a_continuous_site_trains_again_without_a_new_version(tmp_path: Path) -> None:

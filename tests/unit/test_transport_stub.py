@@ -6,7 +6,6 @@ fail-fast are exercised in a second or two."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,17 +21,13 @@ from broker.transport import Message, QueueMissing, StubBroker, run_reconnecting
 from integration.aggregator_helpers import PlainReplay, make_federation, random_delta
 from shared.codec import decode_global_version
 from shared.errors import BrokerConnectionError
+from testkit.polling import wait_until
 
 OBSERVER = topology.QueueSpec("observer", bindings=((topology.GLOBAL_EXCHANGE, ""),))
 
 
 def _wait(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_until(pred, what, timeout, interval=0.02)
 
 
 def _publish(stub: StubBroker, bodies: list[bytes]) -> None:
