@@ -17,6 +17,7 @@ RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 WORKDIR /opt/fedmq
 # dependency layer first so source edits do not reinstall everything
 COPY pyproject.toml README.md* ./
+COPY fedmq ./fedmq
 COPY shared ./shared
 COPY broker ./broker
 COPY aggregator ./aggregator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from shared.cli import main
+from fedmq.shared.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["aggregator", "run", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""The aggregator's side of the audit chain (shared.audit): build, sign and store one record
+"""The aggregator's side of the audit chain (fedmq.shared.audit): build, sign and store one record
 per committed version, and hand out the records a version or snapshot message must carry.
 
 Kept out of the engine so the engine only calls ``note_update`` when it folds, ``commit``
@@ -18,11 +18,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.audit import AuditChain, ChainFile, chain_file, record_hash, sign_record, update_digest
-from shared.codec import decode_update_chunk, encode
-from shared.errors import ConfigError
-from shared.schema import AuditContribution, AuditEpsilon, AuditRecord, Contributor
-from shared.signing import SigningKey, chunk_digest
+from fedmq.shared.audit import AuditChain, ChainFile, chain_file, record_hash, sign_record, update_digest
+from fedmq.shared.codec import decode_update_chunk, encode
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.schema import AuditContribution, AuditEpsilon, AuditRecord, Contributor
+from fedmq.shared.signing import SigningKey, chunk_digest
 
 logger = logging.getLogger(__name__)
 

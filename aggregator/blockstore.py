@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
 
-from shared.ckks import HeVector, LoadedContext, load_ciphertext, serialize
+from fedmq.shared.ckks import HeVector, LoadedContext, load_ciphertext, serialize
 
 
 class CiphertextStore(MutableMapping[int, HeVector]):

@@ -20,8 +20,8 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from shared.atomic import atomic_write_stream
-from shared.errors import ConfigError
+from fedmq.shared.atomic import atomic_write_stream
+from fedmq.shared.errors import ConfigError
 
 CHECKPOINT_SCHEMA_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.msgpack"

@@ -28,8 +28,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run_settings(args: argparse.Namespace):  # noqa: ANN201 - imported lazily
     """The settings ``aggregator run`` builds from its arguments (also used by tests/launcher.py)."""
-    from aggregator.settings import AggregatorSettings
-    from shared.settings import load_settings
+    from fedmq.aggregator.settings import AggregatorSettings
+    from fedmq.shared.settings import load_settings
 
     return load_settings(
         AggregatorSettings, args.config, state_dir=args.state_dir, amqp_url=args.amqp_url,
@@ -41,8 +41,8 @@ def run_settings(args: argparse.Namespace):  # noqa: ANN201 - imported lazily
 
 
 def _run(args: argparse.Namespace) -> int:
-    from aggregator.consumer import AggregatorService
-    from shared.log import configure_logging
+    from fedmq.aggregator.consumer import AggregatorService
+    from fedmq.shared.log import configure_logging
 
     settings = run_settings(args)
     configure_logging(settings.log_level, settings.log_json, component="aggregator")
@@ -50,8 +50,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from aggregator.checkpoint import load
-    from shared.errors import ConfigError
+    from fedmq.aggregator.checkpoint import load
+    from fedmq.shared.errors import ConfigError
 
     cp = load(args.state_dir)
     if cp is None:

@@ -43,12 +43,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from aggregator.engine import AggregatorEngine, Decision, Outgoing
-from aggregator.publisher import Publisher
-from aggregator.settings import AggregatorSettings
-from broker.connection import AuthRefusals, Backoff
-from broker.topology import EXCHANGES, METRICS_QUEUE, SNAPSHOT_REQUESTS_QUEUE, aggregator_queue_specs, updates_queue
-from broker.transport import BrokerConnectionError, Connect, Delivery, Link, amqp_connect, run_reconnecting
+from fedmq.aggregator.engine import AggregatorEngine, Decision, Outgoing
+from fedmq.aggregator.publisher import Publisher
+from fedmq.aggregator.settings import AggregatorSettings
+from fedmq.broker.connection import AuthRefusals, Backoff
+from fedmq.broker.topology import EXCHANGES, METRICS_QUEUE, SNAPSHOT_REQUESTS_QUEUE, aggregator_queue_specs, updates_queue
+from fedmq.broker.transport import BrokerConnectionError, Connect, Delivery, Link, amqp_connect, run_reconnecting
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from aggregator import checkpoint as cpmod
-from aggregator.wal import FramedBody, WriteAheadLog, read_records, write_segment
+from fedmq.aggregator import checkpoint as cpmod
+from fedmq.aggregator.wal import FramedBody, WriteAheadLog, read_records, write_segment
 
 logger = logging.getLogger(__name__)
 

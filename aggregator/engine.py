@@ -27,35 +27,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from aggregator import checkpoint as cpmod
-from aggregator import fold as foldmod
-from aggregator import seqguard
-from aggregator import validator as checks
-from aggregator.audit_log import AggregatorAudit
-from aggregator.blockstore import CiphertextStore
-from aggregator.durability import Durability
-from aggregator.metrics import AggregatorMetrics
-from aggregator.outgoing import Intent, Outgoing, VersionMessage, dead_letter_notice, site_notice
-from aggregator.policy import Admission, Policy, answer_snapshot_request
-from aggregator.settings import AggregatorSettings
-from aggregator.site_status import SiteStatus
-from aggregator.validator import NOTIFY_SITE, BadCiphertext, BlockSizeMismatch, WrongShard
-from aggregator.wal import FramedBody, frame_body
-from broker.topology import DETAIL_HEADER, REASON_HEADER
-from shared.atomic import atomic_write_json
-from shared.chunking import ChunkAssembler, chunk_blocks, header_of
-from shared.ckks import HeVector, LoadedContext, check_ciphertext, load_ciphertext, load_context
-from shared.ckks_wire import CiphertextError
-from shared.codec import decode_site_metrics, decode_snapshot_request, decode_update_chunk
-from shared.errors import CryptoError, WireError
-from shared.schema import NO_VERSION_YET, Contributor, EncryptedBlock, GlobalVersionChunk, UpdateChunk
-from shared.signing import SigningKey, load_pinned_keys, load_private_key, sign_version
-from shared.statelock import lock_state_dir
+from fedmq.aggregator import checkpoint as cpmod
+from fedmq.aggregator import fold as foldmod
+from fedmq.aggregator import seqguard
+from fedmq.aggregator import validator as checks
+from fedmq.aggregator.audit_log import AggregatorAudit
+from fedmq.aggregator.blockstore import CiphertextStore
+from fedmq.aggregator.durability import Durability
+from fedmq.aggregator.metrics import AggregatorMetrics
+from fedmq.aggregator.outgoing import Intent, Outgoing, VersionMessage, dead_letter_notice, site_notice
+from fedmq.aggregator.policy import Admission, Policy, answer_snapshot_request
+from fedmq.aggregator.settings import AggregatorSettings
+from fedmq.aggregator.site_status import SiteStatus
+from fedmq.aggregator.validator import NOTIFY_SITE, BadCiphertext, BlockSizeMismatch, WrongShard
+from fedmq.aggregator.wal import FramedBody, frame_body
+from fedmq.broker.topology import DETAIL_HEADER, REASON_HEADER
+from fedmq.shared.atomic import atomic_write_json
+from fedmq.shared.chunking import ChunkAssembler, chunk_blocks, header_of
+from fedmq.shared.ckks import HeVector, LoadedContext, check_ciphertext, load_ciphertext, load_context
+from fedmq.shared.ckks_wire import CiphertextError
+from fedmq.shared.codec import decode_site_metrics, decode_snapshot_request, decode_update_chunk
+from fedmq.shared.errors import CryptoError, WireError
+from fedmq.shared.schema import NO_VERSION_YET, Contributor, EncryptedBlock, GlobalVersionChunk, UpdateChunk
+from fedmq.shared.signing import SigningKey, load_pinned_keys, load_private_key, sign_version
+from fedmq.shared.statelock import lock_state_dir
 
 logger = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
-#: fields of a chunk's WAL record (``accept``), its body first (``aggregator.wal.frame_body``)
+#: fields of a chunk's WAL record (``accept``), its body first (``fedmq.aggregator.wal.frame_body``)
 _CHUNK_RECORD_FIELDS = 10
 CRASH_POINTS = ("after-wal", "before-ack", "after-fold", "after-checkpoint")
 
@@ -297,7 +297,7 @@ class AggregatorEngine:
     def precheck(self, body: bytes, *, user_id: str | None = None) -> Prechecked:
         """The validator's first stage (decode, signature, ciphertext bytes: the costly hashing)
         for ``accept(pre=)``. Reads no state but the layout, which it records, so it may run on
-        another thread than the engine's while the engine folds (``aggregator.consumer``)."""
+        another thread than the engine's while the engine folds (``fedmq.aggregator.consumer``)."""
         layout = (self.layout_fp, self.total_blocks)
         chunk: UpdateChunk | None = None
         try:

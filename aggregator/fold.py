@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 
 import numpy as np
 
-from shared.ckks import HeVector, accumulate, add_inplace
+from fedmq.shared.ckks import HeVector, accumulate, add_inplace
 
 
 def staleness_weight(tau: int, exponent: float) -> float:

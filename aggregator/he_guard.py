@@ -3,7 +3,7 @@
 Two things an aggregator without the secret key can still refuse:
 
 * damaged or foreign ciphertext bytes (truncated, bit-flipped, wrong parameters, wrong seed
-  length, another key's id): ``shared.ckks.check_ciphertext`` raises a ``WireError`` whose
+  length, another key's id): ``fedmq.shared.ckks.check_ciphertext`` raises a ``WireError`` whose
   reason names the fault, so each lands in the dead-letter queue under its own reason;
 * a buffer whose weighted sum could wrap: every site encrypts values with |x| <= the preset's
   ``value_bound``, so a buffer holding U weight units sums to at most U * value_bound, which
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from shared.ckks import LoadedContext, check_ciphertext
-from shared.errors import WireError
-from shared.schema import UpdateChunk
+from fedmq.shared.ckks import LoadedContext, check_ciphertext
+from fedmq.shared.errors import WireError
+from fedmq.shared.schema import UpdateChunk
 
 
 class HeadroomExceeded(WireError):

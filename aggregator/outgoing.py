@@ -1,4 +1,4 @@
-"""What the engine asks to send: intents, never exchanges (``aggregator.publisher`` routes them)."""
+"""What the engine asks to send: intents, never exchanges (``fedmq.aggregator.publisher`` routes them)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from broker.topology import DETAIL_HEADER, REASON_HEADER
-from shared.codec import encode, encode_rejection
-from shared.schema import GlobalVersionChunk, Rejection
+from fedmq.broker.topology import DETAIL_HEADER, REASON_HEADER
+from fedmq.shared.codec import encode, encode_rejection
+from fedmq.shared.schema import GlobalVersionChunk, Rejection
 
 
 class Intent(enum.Enum):

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aggregator.fold import weight_units
-from shared.errors import ConfigError, FutureBaseVersion, TooStale, WireError
+from fedmq.aggregator.fold import weight_units
+from fedmq.shared.errors import ConfigError, FutureBaseVersion, TooStale, WireError
 
 
 class DuplicateRound(WireError):

@@ -11,10 +11,10 @@ import decimal
 import logging
 from typing import Any
 
-from aggregator.engine import Intent, Outgoing
-from aggregator.metrics import AggregatorMetrics
-from broker import topology
-from broker.transport import CARRIED_PROPERTIES, Delivery, Link, Message
+from fedmq.aggregator.engine import Intent, Outgoing
+from fedmq.aggregator.metrics import AggregatorMetrics
+from fedmq.broker import topology
+from fedmq.broker.transport import CARRIED_PROPERTIES, Delivery, Link, Message
 
 logger = logging.getLogger(__name__)
 

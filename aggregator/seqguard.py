@@ -23,7 +23,7 @@ from typing import Any
 
 import msgpack
 
-from shared.errors import ReplayedUpdate
+from fedmq.shared.errors import ReplayedUpdate
 
 REASON = "sequence-backwards"
 

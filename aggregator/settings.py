@@ -1,4 +1,4 @@
-"""Aggregator settings: ``FEDMQ_*`` env vars, a TOML file, or CLI flags (see shared.settings)."""
+"""Aggregator settings: ``FEDMQ_*`` env vars, a TOML file, or CLI flags (see fedmq.shared.settings)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from shared.settings import FedmqSettings
+from fedmq.shared.settings import FedmqSettings
 
 
 class AggregatorSettings(FedmqSettings):

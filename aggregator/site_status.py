@@ -15,7 +15,7 @@ from typing import Any
 
 @dataclass
 class SequenceAlarm:
-    """The site's sequence went backwards (its state directory was lost): ``aggregator.seqguard``."""
+    """The site's sequence went backwards (its state directory was lost): ``fedmq.aggregator.seqguard``."""
 
     seq: int
     last_seq: int

@@ -74,8 +74,8 @@ def alerts(status: dict[str, Any], now: float) -> list[str]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from aggregator.engine import STATUS_FILE
-    from shared.errors import ConfigError
+    from fedmq.aggregator.engine import STATUS_FILE
+    from fedmq.shared.errors import ConfigError
 
     path = Path(args.state_dir) / STATUS_FILE
     if not path.exists():

@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from shared.errors import ChunkError, IdentityMismatch
-from shared.schema import UpdateChunk
-from shared.update_ids import expected_update_id
+from fedmq.shared.errors import ChunkError, IdentityMismatch
+from fedmq.shared.schema import UpdateChunk
+from fedmq.shared.update_ids import expected_update_id
 
 
 class PendingLimit(ChunkError):

@@ -25,14 +25,14 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aggregator import seqguard
-from aggregator.he_guard import check_chunk_ciphertexts, check_headroom
-from aggregator.policy import Admission, Policy
-from aggregator.update_guard import PendingUpdate, check_pending_room, check_update_id
-from shared.ckks import LoadedContext
-from shared.chunking import header_of
-from shared.codec import decode_update_chunk
-from shared.errors import (
+from fedmq.aggregator import seqguard
+from fedmq.aggregator.he_guard import check_chunk_ciphertexts, check_headroom
+from fedmq.aggregator.policy import Admission, Policy
+from fedmq.aggregator.update_guard import PendingUpdate, check_pending_room, check_update_id
+from fedmq.shared.ckks import LoadedContext
+from fedmq.shared.chunking import header_of
+from fedmq.shared.codec import decode_update_chunk
+from fedmq.shared.errors import (
     DuplicateUpdate,
     IdentityMismatch,
     InconsistentChunk,
@@ -43,9 +43,9 @@ from shared.errors import (
     UnknownSite,
     WireError,
 )
-from shared.schema import UpdateChunk
-from shared.sharding import block_shard
-from shared.signing import verify_chunk
+from fedmq.shared.schema import UpdateChunk
+from fedmq.shared.sharding import block_shard
+from fedmq.shared.signing import verify_chunk
 
 #: refusals the site itself is told about on its own queue (after its signature was verified):
 #: each means every further round it trains is wasted, or its state was lost

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgpack
 
-from shared.atomic import fsync_dir
+from fedmq.shared.atomic import fsync_dir
 
 _MAGIC = b"FW"
 _HEADER = struct.Struct(">2sII")

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.ckks import (
+from fedmq.shared.ckks import (
     AGGREGATION_ERROR_BUDGET,
     DEFAULT_PRESET,
     PRESETS,

@@ -70,7 +70,7 @@ def _peak_gib(device: Any) -> float | None:
 
 def _config(preset: str, *, dp: bool, device: str, engine: str = "bk", physical: int | None = None,
             batch: int | None = None, steps: int | None = None, epochs: int = 1, secure: bool = False) -> Any:
-    from site_agent.training import DPConfig, TrainingConfig
+    from fedmq.site_agent.training import DPConfig, TrainingConfig
 
     batch = batch or LOGICAL
     return TrainingConfig(
@@ -86,8 +86,8 @@ def throughput(preset: str, *, dp: bool, device: Any, engine: str, warmup: int, 
     """images/s of the trainer's steps (warm-up round discarded), peak memory of the timed round."""
     import torch
 
-    from site_agent.models import PRESETS
-    from site_agent.training import LocalTrainer, TrainingError
+    from fedmq.site_agent.models import PRESETS
+    from fedmq.site_agent.training import LocalTrainer, TrainingError
 
     size = PRESETS[preset].input_size
     g = torch.Generator().manual_seed(0)
@@ -121,7 +121,7 @@ def _write_site(root: Path, n: int, size: int) -> Path:
     """A synthetic site: ``n`` PNG radiographs-to-be (bright square = finding) and a manifest."""
     import numpy as np
 
-    from site_agent.data.demo_data import write_png
+    from fedmq.site_agent.data.demo_data import write_png
 
     rng = np.random.default_rng(0)
     images = root / "images"
@@ -149,14 +149,14 @@ class InProcessBroker:
         self._thread.start()
 
     def _consume(self) -> None:
-        from shared.codec import decode_update_chunk
+        from fedmq.shared.codec import decode_update_chunk
 
         while (raw := self.q.get()) is not None:
             decode_update_chunk(raw, max_bytes=len(raw) + 1)
             self.received += 1
 
     def publish_all(self, chunks: list[Any]) -> int:
-        from shared.codec import encode_update_chunk
+        from fedmq.shared.codec import encode_update_chunk
 
         sent = 0
         for chunk in chunks:
@@ -173,12 +173,12 @@ def one_round(preset: str, *, dp: bool, device: Any, ds: Any, load_s: float, key
     """One whole site round as SiteRuntime.train_and_build runs it, each phase timed."""
     import numpy as np
 
-    from shared.layout import ModelLayout
-    from shared.signing import sign_chunk
-    from shared.sparsify import sparsify
-    from site_agent.model_state import FederatedModel
-    from site_agent.training import LocalTrainer
-    from site_agent.update_builder import UpdateIdentity, build_update
+    from fedmq.shared.layout import ModelLayout
+    from fedmq.shared.signing import sign_chunk
+    from fedmq.shared.sparsify import sparsify
+    from fedmq.site_agent.model_state import FederatedModel
+    from fedmq.site_agent.training import LocalTrainer
+    from fedmq.site_agent.update_builder import UpdateIdentity, build_update
 
     fm = FederatedModel.create(preset, 0)
     layout: ModelLayout = fm.layout
@@ -236,8 +236,8 @@ def noise_cost(preset: str, device: Any, repeats: int = 3) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from site_agent.models import build_model
-    from site_agent.training.rng import SecureRandom, SeededRandom, chacha20_words_openssl, chacha20_words_torch
+    from fedmq.site_agent.models import build_model
+    from fedmq.site_agent.training.rng import SecureRandom, SeededRandom, chacha20_words_openssl, chacha20_words_torch
 
     n_values = sum(p.numel() for p in build_model(preset, 0).parameters())  # type: ignore[arg-type]
     out: dict[str, Any] = {"preset": preset, "values": int(n_values), "what": "one draw of N(0, 1) per parameter, as one trainer step"}
@@ -263,8 +263,8 @@ def engine_steps(cases: list[tuple[str, int, int]], device: Any, reps: int = 5) 
     import torch
     from torch import nn
 
-    from site_agent.models import build_model
-    from site_agent.training.engines import ENGINES, make_engine
+    from fedmq.site_agent.models import build_model
+    from fedmq.site_agent.training.engines import ENGINES, make_engine
 
     crit = nn.BCEWithLogitsLoss(reduction="sum")
     out: dict[str, Any] = {}
@@ -302,8 +302,8 @@ def engine_check(preset: str, device: Any, n: int = 8) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from site_agent.models import PRESETS, build_model
-    from site_agent.training.engines import make_engine
+    from fedmq.site_agent.models import PRESETS, build_model
+    from fedmq.site_agent.training.engines import make_engine
 
     size = PRESETS[preset].input_size
     g = torch.Generator().manual_seed(3)
@@ -331,7 +331,7 @@ def init_weights_check(preset: str) -> dict[str, Any] | None:
         return None
     import torch
 
-    from site_agent.models import build_model, map_init_weights
+    from fedmq.site_agent.models import build_model, map_init_weights
 
     arch = {"resnet50_224": "resnet50", "resnet18_224": "resnet18"}.get(preset)
     if arch is None:
@@ -393,12 +393,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from shared.ckks import init_keys, load_context
-    from shared.signing import generate_site_key, load_private_key
-    from site_agent.data import load_dataset
-    from site_agent.models import PRESETS
-    from site_agent.training.config import DPConfig
-    from site_agent.training.device import resolve_device
+    from fedmq.shared.ckks import init_keys, load_context
+    from fedmq.shared.signing import generate_site_key, load_private_key
+    from fedmq.site_agent.data import load_dataset
+    from fedmq.site_agent.models import PRESETS
+    from fedmq.site_agent.training.config import DPConfig
+    from fedmq.site_agent.training.device import resolve_device
 
     device = resolve_device("auto")
     cuda = device.type == "cuda"

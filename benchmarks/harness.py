@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.testkit import UpdateKit
+from fedmq.experiments.testkit import UpdateKit
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the chunk size the benchmarks build updates with (one chunk per few hundred blocks)
@@ -63,7 +63,7 @@ def data_npz() -> Path | None:
 
 
 def make_keys(root: Path, preset: str | None = None) -> UpdateKit:
-    """A federation's keys (``preset``: a CKKS preset of ``shared.ckks.PRESETS``; None = default)."""
+    """A federation's keys (``preset``: a CKKS preset of ``fedmq.shared.ckks.PRESETS``; None = default)."""
     return UpdateKit.create(root, preset=preset, layout_fp=LAYOUT_FP)
 
 
@@ -95,7 +95,7 @@ def agg_settings(keys: UpdateKit, state_dir: Path, **kw: Any) -> Any:
 def engine_version_seconds(keys: UpdateKit, state_dir: Path, bodies: list[bytes], K: int) -> float:
     """The aggregator engine's own work for one version (decode, verify, WAL fsync, fold, commit +
     checkpoint, version messages), fed in-process: no broker."""
-    from aggregator.engine import AggregatorEngine
+    from fedmq.aggregator.engine import AggregatorEngine
 
     engine = AggregatorEngine(agg_settings(keys, state_dir, buffer_size=K))
     try:
@@ -118,7 +118,7 @@ def engine_version_seconds(keys: UpdateKit, state_dir: Path, bodies: list[bytes]
 @contextlib.contextmanager
 def private_broker() -> Iterator[Any]:
     """A private RabbitMQ node (own name, ports, data dir), stopped afterwards."""
-    from broker.local_node import LocalRabbitNode
+    from fedmq.broker.local_node import LocalRabbitNode
 
     node = LocalRabbitNode()
     with node:
@@ -138,8 +138,8 @@ def fresh_url(node: Any) -> str:
 
 
 def declare_all(url: str, shards: int = 1) -> None:
-    from broker.topology import EXCHANGES, aggregator_queue_specs
-    from broker.transport import connect_link
+    from fedmq.broker.topology import EXCHANGES, aggregator_queue_specs
+    from fedmq.broker.transport import connect_link
 
     link = connect_link(url)
     try:
@@ -150,8 +150,8 @@ def declare_all(url: str, shards: int = 1) -> None:
 
 def publish(url: str, bodies: list[bytes], shard_of: Callable[[bytes], int] | None = None) -> float:
     """Publish with confirms; returns the seconds it took."""
-    from broker.topology import UPDATES_EXCHANGE, shard_key
-    from broker.transport import Message, connect_link
+    from fedmq.broker.topology import UPDATES_EXCHANGE, shard_key
+    from fedmq.broker.transport import Message, connect_link
 
     link = connect_link(url)
     try:
@@ -165,7 +165,7 @@ def publish(url: str, bodies: list[bytes], shard_of: Callable[[bytes], int] | No
 
 
 def consumers(url: str, queue: str) -> int:
-    from broker.transport import connect_link
+    from fedmq.broker.transport import connect_link
 
     link = connect_link(url)
     try:
@@ -181,7 +181,7 @@ class AggThread:
     """The real ``AggregatorService`` in a thread of this process."""
 
     def __init__(self, settings: Any) -> None:
-        from aggregator.consumer import AggregatorService
+        from fedmq.aggregator.consumer import AggregatorService
 
         self.service = AggregatorService(settings)
         self.thread = threading.Thread(target=self.service.run, daemon=True)

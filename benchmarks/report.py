@@ -10,7 +10,7 @@ from typing import Any
 
 from benchmarks.goals import GOALS, Goal
 from benchmarks.harness import median
-from shared.ckks import DEFAULT_PRESET
+from fedmq.shared.ckks import DEFAULT_PRESET
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from site_agent.models import PRESETS
+from fedmq.site_agent.models import PRESETS
 
 #: the parameter count of the model preset (the one registry, ``site_agent.models.PRESETS``)
 RESNET50_PARAMS = PRESETS["resnet50"].n_params
@@ -58,7 +58,7 @@ def _status(state: Path) -> dict[str, Any]:
 def _aggregator_run(keys: Any, url: str, state: Path, bodies: list[bytes], K: int, done: Callable[[dict[str, Any]], bool],
                     timeout: float) -> tuple[float, int | None]:
     from benchmarks.harness import consumers, declare_all, publish, spawn_shard, wait_for
-    from broker.topology import updates_queue
+    from fedmq.broker.topology import updates_queue
 
     declare_all(url, 1)
     proc = spawn_shard(keys, url, state, 0, 1, K)
@@ -83,11 +83,11 @@ def _aggregator_run(keys: Any, url: str, state: Path, bodies: list[bytes], K: in
 
 def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int = RESNET50_PARAMS,
                    encrypt_workers: int | None = None) -> dict[str, Any]:
-    from aggregator import fold as foldmod
+    from fedmq.aggregator import fold as foldmod
     from benchmarks.harness import MAX_MESSAGE_BYTES, build, make_keys
-    from shared.ckks import load_ciphertext
-    from shared.ckks_pool import MIN_PARALLEL_BLOCKS, default_workers, workers_cpu_seconds
-    from shared.codec import decode_update_chunk
+    from fedmq.shared.ckks import load_ciphertext
+    from fedmq.shared.ckks_pool import MIN_PARALLEL_BLOCKS, default_workers, workers_cpu_seconds
+    from fedmq.shared.codec import decode_update_chunk
 
     keys = make_keys(tmp / "resnet50")
     rng = np.random.default_rng(50)

@@ -50,8 +50,8 @@ from benchmarks.harness import (
 )
 from benchmarks.resnet50 import resnet50_scale
 from benchmarks.signatures import signature_costs
-from shared.ckks import DEFAULT_PRESET, PRESETS, get_preset
-from site_agent.models import PRESETS as MODEL_PRESETS
+from fedmq.shared.ckks import DEFAULT_PRESET, PRESETS, get_preset
+from fedmq.site_agent.models import PRESETS as MODEL_PRESETS
 
 SLOTS = get_preset(DEFAULT_PRESET).block_size
 
@@ -59,7 +59,7 @@ log = logging.getLogger("benchmarks")
 
 
 def model_params(preset: str) -> int:
-    """A model preset's parameter count: the one registry, ``site_agent.models.PRESETS``."""
+    """A model preset's parameter count: the one registry, ``fedmq.site_agent.models.PRESETS``."""
     return MODEL_PRESETS[preset].n_params
 
 
@@ -119,9 +119,9 @@ class Sizes:
 def fold_end_to_end(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, Any]:
     """Updates published to the broker first; then the aggregator consumer is started and timed from
     consuming (ready) to the last version committed and published."""
-    from aggregator import fold as foldmod
-    from shared.ckks import load_ciphertext
-    from shared.codec import decode_update_chunk
+    from fedmq.aggregator import fold as foldmod
+    from fedmq.shared.ckks import load_ciphertext
+    from fedmq.shared.codec import decode_update_chunk
 
     keys = make_keys(tmp / "fold")
     rng = np.random.default_rng(0)
@@ -193,7 +193,7 @@ def fold_end_to_end(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, 
 def wire_bytes(sz: Sizes, tmp: Path) -> dict[str, Any]:
     """Bytes on the wire per update / dense float32 bytes, for the small_cnn size, default site settings
     (top-k 0.5, the default CKKS preset) and over top-k levels x presets."""
-    from site_agent.settings import SiteSettings
+    from fedmq.site_agent.settings import SiteSettings
 
     defaults = SiteSettings.model_fields
     mode, frac = defaults["sparsity_mode"].default, defaults["topk_fraction"].default
@@ -223,7 +223,7 @@ def wire_bytes(sz: Sizes, tmp: Path) -> dict[str, Any]:
 def auc_table(sz: Sizes, tmp: Path, wire: dict[str, Any]) -> dict[str, Any]:
     """AUC cost of each top-k level (default CKKS preset) and each CKKS preset (at the default
     top-k), vs dense FedAvg: short in-process simulations of the shipped engine (always encrypted)."""
-    from experiments.simulation import FederationSettings, LocalSettings, load_federation_data, run_federation_sim
+    from fedmq.experiments.simulation import FederationSettings, LocalSettings, load_federation_data, run_federation_sim
 
     npz = data_npz()
     if npz is None:
@@ -261,7 +261,7 @@ def auc_table(sz: Sizes, tmp: Path, wire: dict[str, Any]) -> dict[str, Any]:
         "auc_dense": base,
         "auc_by_topk": {str(k): v for k, v in by_level.items()},
         "auc_by_preset_encrypted_at_default_topk": by_preset,
-        "auc_method": (f"experiments.simulation.run_federation_sim: 3 sites (Dirichlet 0.5), sync FedAvg, "
+        "auc_method": (f"fedmq.experiments.simulation.run_federation_sim: 3 sites (Dirichlet 0.5), sync FedAvg, "
                        f"{sz.auc_rounds} rounds, non-DP Adam, <= {sz.auc_train_per_site} training images per site, "
                        f"seeds {list(sz.auc_seeds)}; the shipped AggregatorEngine in-process, every update "
                        f"CKKS-encrypted; test AUC on the official test split; top-k levels under the default "
@@ -277,13 +277,13 @@ def auc_table(sz: Sizes, tmp: Path, wire: dict[str, Any]) -> dict[str, Any]:
 def site_overhead(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, Any]:
     """Per round, small_cnn, the site agent's defaults (DP-SGD on, top-k 0.5, the default CKKS preset): local
     training vs sparsify + encrypt + sign + publish with confirms to the private broker."""
-    from experiments.simulation import load_federation_data
-    from shared.codec import encode_update_chunk
-    from site_agent.model_state import FederatedModel
-    from site_agent.runtime import training_config
-    from site_agent.settings import SiteSettings
-    from site_agent.training import LocalTrainer
-    from site_agent.update_builder import UpdateIdentity, build_update
+    from fedmq.experiments.simulation import load_federation_data
+    from fedmq.shared.codec import encode_update_chunk
+    from fedmq.site_agent.model_state import FederatedModel
+    from fedmq.site_agent.runtime import training_config
+    from fedmq.site_agent.settings import SiteSettings
+    from fedmq.site_agent.training import LocalTrainer
+    from fedmq.site_agent.update_builder import UpdateIdentity, build_update
 
     npz = data_npz()
     if npz is None:
@@ -393,8 +393,8 @@ def _shard_run(keys: Any, urls: Callable[[], str], tmp: Path, bodies: list[bytes
                tag: str) -> float:
     """Aggregator processes started and consuming, then SIGSTOPped; the workload is published; the
     clock runs from SIGCONT to every shard's status.json reaching ``versions``."""
-    from broker.topology import updates_queue
-    from site_agent.update_builder import shard_of_encoded
+    from fedmq.broker.topology import updates_queue
+    from fedmq.site_agent.update_builder import shard_of_encoded
 
     url = urls()
     declare_all(url, count)
@@ -443,11 +443,11 @@ def shard_speedup(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, An
 
 
 def async_vs_sync(sz: Sizes, tmp: Path) -> dict[str, Any]:
-    """A one-seed, small-slice run of ``fedmq experiment async-vs-sync`` (experiments.async_vs_sync):
+    """A one-seed, small-slice run of ``fedmq experiment async-vs-sync`` (fedmq.experiments.async_vs_sync):
     the same code as the full comparison, no input but the dataset (the full run's figures live in
     reports/reproduce/results.json and docs/results.md, not here)."""
-    from experiments.async_vs_sync import AsyncVsSyncConfig, run
-    from experiments.federation import SiteTraining
+    from fedmq.experiments.async_vs_sync import AsyncVsSyncConfig, run
+    from fedmq.experiments.federation import SiteTraining
 
     npz = data_npz()
     if npz is None:

@@ -32,9 +32,9 @@ def _rate(fn: Callable[[], Any], min_s: float = 0.3, min_n: int = 20) -> float:
 
 def signature_costs(sz: Any, tmp: Path, overhead: dict[str, Any] | None = None) -> dict[str, Any]:
     from benchmarks.harness import build, engine_version_seconds, make_keys, median
-    from shared.audit import load_chain
-    from shared.codec import decode_update_chunk
-    from shared.signing import (
+    from fedmq.shared.audit import load_chain
+    from fedmq.shared.codec import decode_update_chunk
+    from fedmq.shared.signing import (
         SigningKey,
         generate_aggregator_key,
         load_private_key,
@@ -123,8 +123,8 @@ def build_audit_chain(state_dir: Path, key: Any, versions: int, sites: int) -> P
     aggregator's AggregatorAudit (sign, link, fsync) with made-up digests and epsilons."""
     import hashlib
 
-    from aggregator.audit_log import AggregatorAudit
-    from shared.schema import Contributor
+    from fedmq.aggregator.audit_log import AggregatorAudit
+    from fedmq.shared.schema import Contributor
 
     audit = AggregatorAudit(state_dir, key)
     audit.recover(0)

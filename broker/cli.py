@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from shared.errors import FedmqError
+from fedmq.shared.errors import FedmqError
 
 
 class BrokerCliError(FedmqError):
@@ -90,7 +90,7 @@ def _port(args: argparse.Namespace) -> int:
 
 
 def _grants(args: argparse.Namespace, *, include_admin: bool):  # noqa: ANN202
-    from broker import provision
+    from fedmq.broker import provision
 
     if args.shards < 1:
         raise BrokerCliError("--shards must be at least 1")
@@ -106,7 +106,7 @@ def _grants(args: argparse.Namespace, *, include_admin: bool):  # noqa: ANN202
 
 
 def _print_urls(args: argparse.Namespace, grants) -> None:  # noqa: ANN001
-    from broker import provision
+    from fedmq.broker import provision
 
     for g in grants:
         url = provision.amqp_url(g.user, g.password, args.vhost, args.amqp_host, _port(args), tls=args.tls)
@@ -129,7 +129,7 @@ def _ctl_runner(binary: str, node: str | None):  # noqa: ANN202
 
 
 def _provision(args: argparse.Namespace) -> int:
-    from broker import provision
+    from fedmq.broker import provision
 
     grants = _grants(args, include_admin=False)
     try:
@@ -151,7 +151,7 @@ def _admin_credentials(args: argparse.Namespace, grants) -> tuple[str, str]:  # 
     RabbitMQ grants whoever creates a vhost through the API full rights on it, so the creator
     must be an administrator that no site or service logs in as.
     """
-    from broker import provision
+    from fedmq.broker import provision
 
     user = args.admin_user or provision.ADMIN_USER
     if user == "guest":
@@ -173,7 +173,7 @@ def _declare(args: argparse.Namespace) -> int:
     import pika
     import pika.exceptions
 
-    from broker import provision
+    from fedmq.broker import provision
 
     try:
         conn = pika.BlockingConnection(pika.URLParameters(args.url))
@@ -191,7 +191,7 @@ def _declare(args: argparse.Namespace) -> int:
 
 
 def _definitions(args: argparse.Namespace) -> int:
-    from broker import definitions, provision
+    from fedmq.broker import definitions, provision
 
     grants = _grants(args, include_admin=not args.no_admin)
     doc = definitions.definitions(args.vhost, grants, sites=args.sites, shards=args.shards)
@@ -213,13 +213,13 @@ def _definitions(args: argparse.Namespace) -> int:
 
 
 def _conf_limits() -> list[str]:
-    from broker.topology import rabbitmq_conf_limits
+    from fedmq.broker.topology import rabbitmq_conf_limits
 
     return rabbitmq_conf_limits()
 
 
 def _tls(args: argparse.Namespace) -> int:
-    from broker import tls
+    from fedmq.broker import tls
 
     names = tuple(args.server_name or tls.DEFAULT_SERVER_NAMES)
     files = tls.make_dev_pki(args.out, server_names=names, days=args.days)
@@ -232,8 +232,8 @@ def _tls(args: argparse.Namespace) -> int:
 
 
 def _local(args: argparse.Namespace) -> int:
-    from broker import provision
-    from broker.local_node import LocalNodeError, LocalRabbitNode
+    from fedmq.broker import provision
+    from fedmq.broker.local_node import LocalNodeError, LocalRabbitNode
 
     stop = threading.Event()
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pika
 import pika.exceptions
 
-from shared.errors import BrokerConnectionError
+from fedmq.shared.errors import BrokerConnectionError
 
 #: pika's ways of saying "403": wrong user or password, or no access to the vhost
 AUTH_REFUSED = (
@@ -74,7 +74,7 @@ class Backoff:
 
 def parameters(url: str, heartbeat: int = 30, connection_name: str | None = None, tls: object | None = None) -> pika.URLParameters:
     """``tls``: any settings object with ``tls_ca``/``tls_cert``/``tls_key`` (used for amqps:// URLs)."""
-    from broker.tls import connection_parameters
+    from fedmq.broker.tls import connection_parameters
 
     params = connection_parameters(url, tls)
     params.heartbeat = heartbeat

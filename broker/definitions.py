@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from broker import topology
-from broker.provision import UserGrant, all_queue_specs
+from fedmq.broker import topology
+from fedmq.broker.provision import UserGrant, all_queue_specs
 
 PASSWORD_HASHING = "rabbit_password_hashing_sha256"
 

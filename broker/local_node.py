@@ -33,7 +33,7 @@ from urllib.parse import quote
 import pika
 import pika.exceptions
 
-from broker.topology import rabbitmq_conf_limits
+from fedmq.broker.topology import rabbitmq_conf_limits
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Least-privilege broker users for fedmq, computed from :mod:`broker.topology`.
+"""Least-privilege broker users for fedmq, computed from :mod:`fedmq.broker.topology`.
 
 Roles and what RabbitMQ checks (https://www.rabbitmq.com/docs/access-control, "How Permissions
 Work"):
@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from broker import topology
+from fedmq.broker import topology
 
 AGGREGATOR_USER = "fedmq-aggregator"
 ADMIN_USER = "fedmq-admin"

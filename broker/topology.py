@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
+from fedmq.shared.codec import DEFAULT_MAX_MESSAGE_BYTES
 
 PREFIX = "fedmq"
 

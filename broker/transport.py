@@ -27,10 +27,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from broker import topology
-from broker.connection import AuthRefusals, Backoff, BrokerAuthenticationError
-from shared.codec import CONTENT_TYPE
-from shared.errors import BrokerConnectionError
+from fedmq.broker import topology
+from fedmq.broker.connection import AuthRefusals, Backoff, BrokerAuthenticationError
+from fedmq.shared.codec import CONTENT_TYPE
+from fedmq.shared.errors import BrokerConnectionError
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def connect_link(url: str, *, attempts: int = 10, name: str | None = None) -> Am
     """A link after at most ``attempts`` tries, for drivers that run once and have no reconnect
     loop of their own (an administrator declaring topology, a benchmark publishing, the fault
     driver draining a queue); services use :func:`run_reconnecting` instead."""
-    from broker.connection import connect
+    from fedmq.broker.connection import connect
 
     return AmqpLink(connect(url, attempts=attempts, name=name))
 
@@ -179,7 +179,7 @@ class AmqpLink:
         import pika
         import pika.exceptions
 
-        from broker.connection import AUTH_REFUSED, describe_refusal, parameters_list
+        from fedmq.broker.connection import AUTH_REFUSED, describe_refusal, parameters_list
 
         try:
             params = parameters_list(url, heartbeat, name, tls)
@@ -278,7 +278,7 @@ class AmqpLink:
 
 
 class StubBroker:
-    """An in-memory broker for fast tests: exchanges and queues from :mod:`broker.topology`
+    """An in-memory broker for fast tests: exchanges and queues from :mod:`fedmq.broker.topology`
     specs, direct/fanout routing, per-queue FIFO, acks, redelivery of unacked messages when a
     link closes, and a switch that drops every link (to exercise the reconnect loop)."""
 

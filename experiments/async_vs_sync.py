@@ -50,11 +50,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.settings import AggregatorSettings
-from experiments.defaults import async_buffer_size
-from experiments.evaluator import VersionScore
-from experiments.federation import FederationResult, FederationSpec, SiteTraining, run_federation, site_ids
-from experiments.round_anatomy import anatomy
+from fedmq.aggregator.settings import AggregatorSettings
+from fedmq.experiments.defaults import async_buffer_size
+from fedmq.experiments.evaluator import VersionScore
+from fedmq.experiments.federation import FederationResult, FederationSpec, SiteTraining, run_federation, site_ids
+from fedmq.experiments.round_anatomy import anatomy
 
 #: a in s(tau) = (1 + tau)^-a: the aggregator's own default, which the runs use
 STALENESS_EXPONENT: float = AggregatorSettings.model_fields["staleness_exponent"].default
@@ -299,7 +299,7 @@ def plot(entry: dict[str, Any], path: Path) -> Path:
 
 def merge_into_results(path: Path, entry: dict[str, Any]) -> None:
     """Set ``async_vs_sync`` in the reproduction's results.json, keeping everything else."""
-    from shared.atomic import atomic_write_json
+    from fedmq.shared.atomic import atomic_write_json
 
     data = json.loads(path.read_text()) if path.exists() else {}
     data["async_vs_sync"] = {k: v for k, v in entry.items() if k != "runs"}

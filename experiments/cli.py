@@ -75,11 +75,11 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from shared.errors import ConfigError
+    from fedmq.shared.errors import ConfigError
 
-    from experiments.reproduce import ReproduceConfig, run_reproduce
-    from experiments.datasets import DatasetError
-    from experiments.simulation import UnsupportedDataset
+    from fedmq.experiments.reproduce import ReproduceConfig, run_reproduce
+    from fedmq.experiments.datasets import DatasetError
+    from fedmq.experiments.simulation import UnsupportedDataset
 
     logging.basicConfig(level=logging.WARNING)
     overrides: dict = {"dataset": args.dataset, "data_root": args.data_root,
@@ -97,12 +97,12 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _sparsity(args: argparse.Namespace) -> int:
-    from shared.errors import ConfigError
+    from fedmq.shared.errors import ConfigError
 
-    from experiments.datasets import DatasetError
-    from experiments.reproduce import ReproduceConfig
-    from experiments.simulation import UnsupportedDataset
-    from experiments.sparsity import LEVELS, run_sparsity
+    from fedmq.experiments.datasets import DatasetError
+    from fedmq.experiments.reproduce import ReproduceConfig
+    from fedmq.experiments.simulation import UnsupportedDataset
+    from fedmq.experiments.sparsity import LEVELS, run_sparsity
 
     logging.basicConfig(level=logging.WARNING)
     over: dict = {"dataset": args.dataset, "data_root": args.data_root, "npz": args.npz, "seeds": args.seeds}
@@ -119,11 +119,11 @@ def _sparsity(args: argparse.Namespace) -> int:
 
 
 def _async_vs_sync(args: argparse.Namespace) -> int:
-    from shared.errors import ConfigError
+    from fedmq.shared.errors import ConfigError
 
-    from experiments.async_vs_sync import AsyncVsSyncConfig, run
-    from experiments.datasets import DatasetError
-    from experiments.reproduce import ReproduceConfig, npz_path
+    from fedmq.experiments.async_vs_sync import AsyncVsSyncConfig, run
+    from fedmq.experiments.datasets import DatasetError
+    from fedmq.experiments.reproduce import ReproduceConfig, npz_path
 
     logging.basicConfig(level=logging.WARNING)
     try:

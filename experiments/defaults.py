@@ -62,8 +62,8 @@ def dp_noise_multiplier(n_train: int, *, batch_size: int, rounds: int, epsilon: 
     (``site_agent.training.dp.ledger_params_for``), so the rule below sees the sigma the site's
     ledger will be bound to, not a re-derivation of it.
     """
-    from site_agent.training.config import DPConfig, TrainingConfig
-    from site_agent.training.dp import ledger_params_for
+    from fedmq.site_agent.training.config import DPConfig, TrainingConfig
+    from fedmq.site_agent.training.dp import ledger_params_for
 
     cfg = TrainingConfig(batch_size=batch_size, local_epochs=local_epochs,
                          dp=DPConfig(target_epsilon=epsilon, delta=delta, planned_rounds=rounds))

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.defaults import async_buffer_size, clip_norm, planned_rounds
-from experiments.federation import FederationResult, FederationSpec, SiteTraining, run_federation
+from fedmq.experiments.defaults import async_buffer_size, clip_norm, planned_rounds
+from fedmq.experiments.federation import FederationResult, FederationSpec, SiteTraining, run_federation
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def demo_spec(args: argparse.Namespace, npz: Path) -> FederationSpec:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from shared.log import configure_logging
-    from site_agent.cli import resolve_dataset
+    from fedmq.shared.log import configure_logging
+    from fedmq.site_agent.cli import resolve_dataset
 
     configure_logging("WARNING", json_format=False, component="demo")
     npz = resolve_dataset("pneumoniamnist", args.data_root)
@@ -110,7 +110,7 @@ def rules_applied(result: FederationResult, spec: FederationSpec) -> dict:
         "noise_multipliers": {k: round(v, 4) for k, v in result.noise_multipliers.items()},
         "learning_rates": {k: round(v, 5) for k, v in result.learning_rates.items()},
         "ema_beta": None if result.ema_beta is None else round(result.ema_beta, 4),
-        "threshold": "highest balanced accuracy on validation (experiments.scoring.select_threshold)",
+        "threshold": "highest balanced accuracy on validation (fedmq.experiments.scoring.select_threshold)",
     }
 
 

@@ -21,6 +21,6 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from experiments.demo import run_demo
+    from fedmq.experiments.demo import run_demo
 
     return run_demo(args)

@@ -23,21 +23,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from broker import topology
-from broker.connection import AuthRefusals, Backoff
-from broker.transport import Connect, Delivery, Message, amqp_connect, run_reconnecting
-from experiments.defaults import ema_beta, planned_rounds
-from experiments.scoring import select_threshold
-from shared.ckks import LoadedContext
-from shared.codec import decode_global_version, encode
-from shared.errors import WireError
-from shared.schema import SnapshotRequest
-from shared.signing import VerifyKey
-from site_agent.global_model import GlobalModelReceiver
-from site_agent.model_state import FederatedModel
-from site_agent.state import SiteState
-from site_agent.training import evaluate, predict_proba
-from site_agent.version_guard import VersionGuard
+from fedmq.broker import topology
+from fedmq.broker.connection import AuthRefusals, Backoff
+from fedmq.broker.transport import Connect, Delivery, Message, amqp_connect, run_reconnecting
+from fedmq.experiments.defaults import ema_beta, planned_rounds
+from fedmq.experiments.scoring import select_threshold
+from fedmq.shared.ckks import LoadedContext
+from fedmq.shared.codec import decode_global_version, encode
+from fedmq.shared.errors import WireError
+from fedmq.shared.schema import SnapshotRequest
+from fedmq.shared.signing import VerifyKey
+from fedmq.site_agent.global_model import GlobalModelReceiver
+from fedmq.site_agent.model_state import FederatedModel
+from fedmq.site_agent.state import SiteState
+from fedmq.site_agent.training import evaluate, predict_proba
+from fedmq.site_agent.version_guard import VersionGuard
 
 logger = logging.getLogger(__name__)
 

@@ -25,20 +25,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from broker import topology
-from broker.local_node import LocalRabbitNode
-from broker.definitions import definitions, write_definitions
-from broker.provision import AGGREGATOR_USER, plan
-from broker.transport import connect_link
-from shared.ckks import init_keys, load_context
-from shared.errors import FedmqError
-from shared.signing import generate_aggregator_key, generate_site_key, load_public_key, private_key_path
-from site_agent.data import load_official_split, prepare_demo_data
-from site_agent.model_state import FederatedModel
-from site_agent.models import Preset
-from site_agent.settings import DEFAULT_TOPK_FRACTION
+from fedmq.broker import topology
+from fedmq.broker.local_node import LocalRabbitNode
+from fedmq.broker.definitions import definitions, write_definitions
+from fedmq.broker.provision import AGGREGATOR_USER, plan
+from fedmq.broker.transport import connect_link
+from fedmq.shared.ckks import init_keys, load_context
+from fedmq.shared.errors import FedmqError
+from fedmq.shared.signing import generate_aggregator_key, generate_site_key, load_public_key, private_key_path
+from fedmq.site_agent.data import load_official_split, prepare_demo_data
+from fedmq.site_agent.model_state import FederatedModel
+from fedmq.site_agent.models import Preset
+from fedmq.site_agent.settings import DEFAULT_TOPK_FRACTION
 
-from experiments.evaluator import EVALUATOR_ID, Evaluator, VersionScore
+from fedmq.experiments.evaluator import EVALUATOR_ID, Evaluator, VersionScore
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,12 @@ class FederationSpec(BaseModel):
     score_ema: bool = True
     max_versions: int | None = None
     amqp_url: str | None = None  # None: start a private broker node
-    #: the evaluator's EMA of versions; None: the rule (experiments.defaults.ema_beta) for the
+    #: the evaluator's EMA of versions; None: the rule (fedmq.experiments.defaults.ema_beta) for the
     #: number of versions the run will publish
     ema_beta: float | None = Field(None, gt=0, lt=1)
 
     def resolved_ema_beta(self) -> float:
-        from experiments.defaults import ema_beta, expected_versions
+        from fedmq.experiments.defaults import ema_beta, expected_versions
 
         if self.ema_beta is not None:
             return self.ema_beta
@@ -248,7 +248,7 @@ class Federation:
     def site_learning_rates(self) -> dict[str, float]:
         """Each site's lr: the configured one, or under DP (lr None) the rule of
         experiments/defaults.py applied to the noise multipliers the sites will compute."""
-        from experiments.defaults import dp_noise_multiplier, federation_learning_rate
+        from fedmq.experiments.defaults import dp_noise_multiplier, federation_learning_rate
 
         s, t = self.spec, self.spec.training
         if t.lr is not None:
@@ -308,7 +308,7 @@ class Federation:
         """The argv that starts process ``name`` running ``fedmq <args>``. A driver that needs
         something else around the product (the fault driver's test launcher) overrides this;
         ``env`` may be changed in place."""
-        return [sys.executable, "-m", "shared.cli", *args]
+        return [sys.executable, "-m", "fedmq.shared.cli", *args]
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.dir / "logs" / f"{name}.log", "ab")
@@ -418,8 +418,8 @@ class Federation:
                 proc.wait()
 
     def _collect(self, evaluator: Evaluator, wall: float, reached: float | None, reason: str) -> FederationResult:
-        from site_agent.runtime import LEDGER_FILE
-        from site_agent.training import PrivacyLedger
+        from fedmq.site_agent.runtime import LEDGER_FILE
+        from fedmq.site_agent.training import PrivacyLedger
 
         bytes_sent, eps, updates = {}, {}, {}
         for site in self.sites:
@@ -452,8 +452,8 @@ class Federation:
     def audit_summary(self, site: str) -> dict:
         """Verify the audit chain ``site`` kept, as ``fedmq audit verify`` does: versions covered,
         head hash, seconds, and the per-site tables (markdown) for the report."""
-        from shared.audit import chain_file, load_chain
-        from shared.audit_cli import tables
+        from fedmq.shared.audit import chain_file, load_chain
+        from fedmq.shared.audit_cli import tables
 
         path = chain_file(self.dir / "state" / site)
         if not path.exists():

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from experiments.simulation import (
+from fedmq.experiments.simulation import (
     FederationData,
     FederationSettings,
     LocalSettings,
@@ -29,10 +29,10 @@ from experiments.simulation import (
     run_centralized,
     run_federation_sim,
 )
-from experiments.datasets import md5_of
-from experiments.defaults import async_buffer_size
-from shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
-from site_agent.settings import DEFAULT_TOPK_FRACTION
+from fedmq.experiments.datasets import md5_of
+from fedmq.experiments.defaults import async_buffer_size
+from fedmq.shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
+from fedmq.site_agent.settings import DEFAULT_TOPK_FRACTION
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class ReproduceConfig(BaseModel):
 def npz_path(cfg: ReproduceConfig) -> Path:
     """The dataset file: ``cfg.npz`` when given (explicitly, unverified), else the registered
     ``cfg.dataset`` under the data root, checked against its published MD5 (experiments.datasets)."""
-    from experiments.datasets import DatasetError, resolve, task
+    from fedmq.experiments.datasets import DatasetError, resolve, task
 
     if cfg.npz is not None:
         if not Path(cfg.npz).is_file():
@@ -137,9 +137,9 @@ def npz_path(cfg: ReproduceConfig) -> Path:
 
 def _measure_seconds_per_step(data: FederationData, cfg: ReproduceConfig) -> float:
     """Median seconds per non-DP optimizer step of one site (sets the simulated clock's unit)."""
-    from site_agent.training import LocalTrainer
+    from fedmq.site_agent.training import LocalTrainer
 
-    from experiments.simulation import training_config
+    from fedmq.experiments.simulation import training_config
 
     site = data.sites[0]
     tc = training_config(cfg.local, preset=cfg.preset, seed=0, planned_rounds=1, local_steps=10)
@@ -164,7 +164,7 @@ def seed_t_interval(values: list[float], level: float = 0.95) -> list[float] | N
 
 
 def _load_split_y_test(npz: Path) -> np.ndarray:
-    from experiments.simulation import _load_split_cached
+    from fedmq.experiments.simulation import _load_split_cached
 
     return _load_split_cached(str(npz), "test")[1].numpy()
 
@@ -261,7 +261,7 @@ def _run_seed(cfg: ReproduceConfig, npz: Path, seed: int, log) -> dict[str, RunR
 def run_reproduce(cfg: ReproduceConfig, out_dir: Path | str, log=print) -> dict:
     import torch
 
-    from experiments.report_reproduce import write_plots, write_report
+    from fedmq.experiments.report_reproduce import write_plots, write_report
 
     torch.set_num_threads(cfg.threads)
     out = Path(out_dir)

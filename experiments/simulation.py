@@ -39,13 +39,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
-from experiments.scoring import accuracy_at, auc_of, select_threshold
-from site_agent.data.demo_data import dirichlet_partition, load_npz_split, load_official_split
-from site_agent.model_state import FederatedModel
-from site_agent.runtime import training_seed
-from site_agent.settings import DEFAULT_TOPK_FRACTION
-from site_agent.training import DPConfig, LocalTrainer, TrainingConfig, predict_proba
+from fedmq.shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
+from fedmq.experiments.scoring import accuracy_at, auc_of, select_threshold
+from fedmq.site_agent.data.demo_data import dirichlet_partition, load_npz_split, load_official_split
+from fedmq.site_agent.model_state import FederatedModel
+from fedmq.site_agent.runtime import training_seed
+from fedmq.site_agent.settings import DEFAULT_TOPK_FRACTION
+from fedmq.site_agent.training import DPConfig, LocalTrainer, TrainingConfig, predict_proba
 
 logger = logging.getLogger(__name__)
 
@@ -367,8 +367,8 @@ class _Crypto:
     public one and its own signing key; site keys are pinned at the aggregator."""
 
     def __init__(self, preset: str, tmp: Path, site_names: Sequence[str]) -> None:
-        from shared.ckks import init_keys, load_context
-        from shared.signing import new_signing_key
+        from fedmq.shared.ckks import init_keys, load_context
+        from fedmq.shared.signing import new_signing_key
 
         files = init_keys(tmp / "keys", preset)
         self.secret = load_context(files.secret_context, require_secret=True)
@@ -380,7 +380,7 @@ class _Crypto:
 
 def ciphertext_bytes_per_block(preset: str) -> int:
     """Wire size of one fresh (site-made) ciphertext block of the preset."""
-    from shared.ckks import get_preset
+    from fedmq.shared.ckks import get_preset
 
     return get_preset(preset).seeded_bytes
 
@@ -395,7 +395,7 @@ class VersionRecord:
 
 
 class EngineDriver:
-    """The shipped :class:`aggregator.engine.AggregatorEngine`, driven in-process, and one key holder.
+    """The shipped :class:`fedmq.aggregator.engine.AggregatorEngine`, driven in-process, and one key holder.
 
     Every rule of aggregation (K, the sync round, staleness weights and refusal, the reference
     weight, value scale, the version message) is the engine's: this class only hands it the
@@ -407,11 +407,11 @@ class EngineDriver:
 
     def __init__(self, fed: FederationSettings, fm: FederatedModel, crypto: _Crypto, state_dir: Path,
                  reference_sample_weight: float, n_receivers: int) -> None:
-        from aggregator.engine import AggregatorEngine
-        from aggregator.settings import AggregatorSettings
-        from site_agent.global_model import GlobalModelReceiver
-        from site_agent.state import SiteState
-        from site_agent.version_guard import VersionGuard
+        from fedmq.aggregator.engine import AggregatorEngine
+        from fedmq.aggregator.settings import AggregatorSettings
+        from fedmq.site_agent.global_model import GlobalModelReceiver
+        from fedmq.site_agent.state import SiteState
+        from fedmq.site_agent.version_guard import VersionGuard
 
         settings = AggregatorSettings(
             state_dir=state_dir / "aggregator", mode=fed.mode, buffer_size=fed.buffer_size, server_lr=fed.server_lr,
@@ -444,7 +444,7 @@ class EngineDriver:
 
     def submit(self, site_id: str, bodies: Sequence[bytes], sim_seconds: float = 0.0) -> bool:
         """One site's update, chunk by chunk; True when it made the engine commit a version."""
-        from shared.codec import decode_global_version
+        from fedmq.shared.codec import decode_global_version
 
         before = self.engine.version
         out = []
@@ -501,8 +501,8 @@ def run_federation_sim(
     decides when each site's update arrives, never what the aggregator does with it.
     ``on_engine`` (tests) sees the driver before its temporary state is removed.
     """
-    from shared.codec import DEFAULT_MAX_MESSAGE_BYTES, encode_update_chunk
-    from site_agent.update_builder import UpdateIdentity, build_update
+    from fedmq.shared.codec import DEFAULT_MAX_MESSAGE_BYTES, encode_update_chunk
+    from fedmq.site_agent.update_builder import UpdateIdentity, build_update
 
     fm = FederatedModel.create(fed.preset, fed.init_seed)
     n = len(data.sites)

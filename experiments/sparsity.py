@@ -1,7 +1,7 @@
 """Sparsity that pays (#13 item 4): test AUC against versions for top-k levels, at the
 reproduction's FL + DP settings, and the default top-k picked from it.
 
-Each level runs the reproduction's FL + DP arm (:class:`experiments.reproduce.ReproduceConfig`:
+Each level runs the reproduction's FL + DP arm (:class:`fedmq.experiments.reproduce.ReproduceConfig`:
 same sites, DP budget, rounds, K, EMA, CKKS preset) through the in-process federation
 (the shipped trainer, update builder with error feedback, CKKS path and AggregatorEngine);
 only ``sparsity_mode``/``topk_fraction`` change. Level 1.0 is dense. Wire bytes are the
@@ -133,10 +133,10 @@ def run_sparsity(cfg, out_dir: Path | str, *, levels: tuple[float, ...] = LEVELS
     ``sparsity.json`` (re-written after every run, so a stopped sweep keeps what it measured)."""
     import torch
 
-    from experiments.datasets import md5_of
-    from experiments.reproduce import npz_path
-    from experiments.simulation import load_federation_data, run_federation_sim
-    from site_agent.model_state import FederatedModel
+    from fedmq.experiments.datasets import md5_of
+    from fedmq.experiments.reproduce import npz_path
+    from fedmq.experiments.simulation import load_federation_data, run_federation_sim
+    from fedmq.site_agent.model_state import FederatedModel
 
     torch.set_num_threads(cfg.threads)
     out = Path(out_dir)

@@ -3,7 +3,7 @@ federation that runs no process and no broker.
 
 One kit for everything that needs "a valid update and what it should decrypt to": the tests
 (``tests/integration/aggregator_helpers.py`` builds its ``FederationKit`` on it), the fault
-driver's fuzzing (``experiments.faults.fuzz``) and the benchmarks (``benchmarks.harness``).
+driver's fuzzing (``fedmq.experiments.faults.fuzz``) and the benchmarks (``benchmarks.harness``).
 It is an explicit module of the product so that ``fedmq faults run`` and ``make bench`` can
 use it from an installed fedmq; no service imports it. It lives in experiments/ rather than
 shared/ because it builds updates with the site's builder and aggregator settings, and shared/
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.ckks import LoadedContext, decrypt_block, init_keys, load_context
-from shared.signing import (
+from fedmq.shared.ckks import LoadedContext, decrypt_block, init_keys, load_context
+from fedmq.shared.signing import (
     AGGREGATOR_KEY_NAME, SigningKey, generate_aggregator_key, generate_site_key, load_private_key, private_key_path,
 )
 
@@ -101,7 +101,7 @@ class UpdateKit:
 
     def settings(self, state_dir: Path | str, **overrides: Any) -> Any:
         """``AggregatorSettings`` for an aggregator that trusts this kit's sites."""
-        from aggregator.settings import AggregatorSettings
+        from fedmq.aggregator.settings import AggregatorSettings
 
         base: dict[str, Any] = dict(public_context=self.public_path, site_keys_dir=self.site_keys_dir,
                                     signing_key=self.aggregator_key_path, state_dir=Path(state_dir), **BASE_SETTINGS)
@@ -114,8 +114,8 @@ class UpdateKit:
                shard_count: int | None = None, secret: LoadedContext | None = None,
                layout_fp: str | None = None) -> KitUpdate:
         """One update of ``delta`` built by the site's own builder, signed by ``site``."""
-        from shared.codec import encode_update_chunk
-        from site_agent.update_builder import UpdateIdentity, build_update
+        from fedmq.shared.codec import encode_update_chunk
+        from fedmq.site_agent.update_builder import UpdateIdentity, build_update
 
         ctx = secret or self.secret
         built = build_update(

@@ -28,11 +28,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
-from shared.codec import decode, encode
-from shared.errors import ConfigError, SignatureInvalid, WireError
-from shared.schema import AuditRecord, UpdateChunk
-from shared.signing import SigningKey, VerifyKey, chunk_digest, sign, verify
+from fedmq.shared.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from fedmq.shared.codec import decode, encode
+from fedmq.shared.errors import ConfigError, SignatureInvalid, WireError
+from fedmq.shared.schema import AuditRecord, UpdateChunk
+from fedmq.shared.signing import SigningKey, VerifyKey, chunk_digest, sign, verify
 
 GENESIS_HASH = "0" * 64
 OWN_UPDATES_FILE = "audit-own-updates.json"

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +44,8 @@ def chain_paths(state_dir: str | Path) -> list[Path]:
 
 
 def _load(path: Path, key_path: str):  # type: ignore[no-untyped-def]
-    from shared.audit import ChainFile, load_chain
-    from shared.signing import load_public_key
+    from fedmq.shared.audit import ChainFile, load_chain
+    from fedmq.shared.signing import load_public_key
 
     key = load_public_key(key_path)
     records = ChainFile(path).read()
@@ -115,7 +115,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _prove(args: argparse.Namespace) -> int:
-    from shared.audit import find_update, load_own_updates, prove_inclusion
+    from fedmq.shared.audit import find_update, load_own_updates, prove_inclusion
 
     own = load_own_updates(args.state_dir).get(args.update_id)
     digest = own["digest"] if own else None

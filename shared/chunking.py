@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from shared.codec import encode
-from shared.errors import DuplicateChunk, InconsistentChunk, MessageTooLarge, MissingChunk
-from shared.schema import ChunkedMessage, EncryptedBlock
+from fedmq.shared.codec import encode
+from fedmq.shared.errors import DuplicateChunk, InconsistentChunk, MessageTooLarge, MissingChunk
+from fedmq.shared.schema import ChunkedMessage, EncryptedBlock
 
 C = TypeVar("C", bound=ChunkedMessage)
 

@@ -39,9 +39,9 @@ from typing import Literal
 import numpy as np
 import tenseal.sealapi as seal
 
-from shared import ckks_wire as wire
-from shared.atomic import atomic_write_bytes
-from shared.errors import CryptoError, SecretKeyPresentError, WireError
+from fedmq.shared import ckks_wire as wire
+from fedmq.shared.atomic import atomic_write_bytes
+from fedmq.shared.errors import CryptoError, SecretKeyPresentError, WireError
 
 PresetName = Literal["n4096-q49"]
 

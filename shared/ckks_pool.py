@@ -32,8 +32,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from shared.ckks import LoadedContext, encrypt_blocks, load_context
-from shared.errors import CryptoError
+from fedmq.shared.ckks import LoadedContext, encrypt_blocks, load_context
+from fedmq.shared.errors import CryptoError
 
 #: below this many blocks an update is encrypted in the calling process
 MIN_PARALLEL_BLOCKS = 64
@@ -66,7 +66,7 @@ class _Worker:
     def __init__(self, key_path: str) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.ckks_pool", key_path],
+            [sys.executable, "-m", "fedmq.shared.ckks_pool", key_path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from shared.errors import CryptoError, WireError
+from fedmq.shared.errors import CryptoError, WireError
 
 MAGIC = b"\xfeH"
 FORMAT_VERSION = 1

@@ -11,18 +11,18 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from shared.errors import FedmqError
+from fedmq.shared.errors import FedmqError
 
 GROUPS: tuple[tuple[str, str, str], ...] = (
-    ("broker", "broker.cli", "broker topology, users and permissions, a private local node"),
-    ("keys", "shared.keys_cli", "create CKKS contexts and site and aggregator signing keys"),
-    ("audit", "shared.audit_cli", "verify a federation's audit chain offline; prove an update's inclusion"),
-    ("aggregator", "aggregator.cli", "the central consumer that folds encrypted updates"),
-    ("site", "site_agent.cli", "the hospital site agent and its data tools"),
-    ("status", "aggregator.status_cli", "the federation at a glance"),
-    ("demo", "experiments.demo_cli", "run the three-hospital demo federation"),
-    ("experiment", "experiments.cli", "reproduce the reference study"),
-    ("faults", "experiments.faults.cli", "fault injection on a live federation and fuzzing (make faults)"),
+    ("broker", "fedmq.broker.cli", "broker topology, users and permissions, a private local node"),
+    ("keys", "fedmq.shared.keys_cli", "create CKKS contexts and site and aggregator signing keys"),
+    ("audit", "fedmq.shared.audit_cli", "verify a federation's audit chain offline; prove an update's inclusion"),
+    ("aggregator", "fedmq.aggregator.cli", "the central consumer that folds encrypted updates"),
+    ("site", "fedmq.site_agent.cli", "the hospital site agent and its data tools"),
+    ("status", "fedmq.aggregator.status_cli", "the federation at a glance"),
+    ("demo", "fedmq.experiments.demo_cli", "run the three-hospital demo federation"),
+    ("experiment", "fedmq.experiments.cli", "reproduce the reference study"),
+    ("faults", "fedmq.experiments.faults.cli", "fault injection on a live federation and fuzzing (make faults)"),
 )
 
 

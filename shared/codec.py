@@ -1,4 +1,4 @@
-"""msgpack encoding of ``shared.schema`` messages; decoding trusts nothing.
+"""msgpack encoding of ``fedmq.shared.schema`` messages; decoding trusts nothing.
 
 Order of checks on decode: size before any allocation, then msgpack structure (no ext
 types, no non-string keys), then the kind and schema version, then the strict pydantic
@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import msgpack
 from pydantic import ValidationError
 
-from shared.errors import (
+from fedmq.shared.errors import (
     MalformedMessage,
     MessageTooLarge,
     SchemaVersionMismatch,
@@ -21,7 +21,7 @@ from shared.errors import (
     TruncatedMessage,
     UnknownMessageKind,
 )
-from shared.schema import (
+from fedmq.shared.schema import (
     MESSAGE_TYPES,
     SCHEMA_VERSION,
     GlobalVersionChunk,

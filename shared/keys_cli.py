@@ -6,8 +6,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from shared.ckks import DEFAULT_PRESET, PRESETS
-from shared.errors import ConfigError
+from fedmq.shared.ckks import DEFAULT_PRESET, PRESETS
+from fedmq.shared.errors import ConfigError
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def _move_public(path: Path, public_out: str | None, *copies: Path) -> Path:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from shared.ckks import FINGERPRINT_FILE, init_keys
+    from fedmq.shared.ckks import FINGERPRINT_FILE, init_keys
 
     files = init_keys(args.out, args.preset)
     public = _move_public(files.public_context, args.public_out, Path(args.out) / FINGERPRINT_FILE)
@@ -64,7 +64,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _site(args: argparse.Namespace) -> int:
-    from shared.signing import generate_site_key
+    from fedmq.shared.signing import generate_site_key
 
     priv, pub = generate_site_key(args.out, args.site_id)
     pub = _move_public(pub, args.public_out)
@@ -77,7 +77,7 @@ def _site(args: argparse.Namespace) -> int:
 
 
 def _aggregator(args: argparse.Namespace) -> int:
-    from shared.signing import generate_aggregator_key, load_public_key
+    from fedmq.shared.signing import generate_aggregator_key, load_public_key
 
     priv, pub = generate_aggregator_key(args.out)
     print(f"{priv}: private signing key; stays at the aggregator (its signing_key setting).")

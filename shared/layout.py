@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from shared.errors import LayoutMismatch
+from fedmq.shared.errors import LayoutMismatch
 
 LAYOUT_SCHEMA_VERSION = 1
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from shared.sharding import block_shard
+from fedmq.shared.sharding import block_shard
 
 SCHEMA_VERSION = 1
 
@@ -205,7 +205,7 @@ class AuditContribution(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     site_id: SiteId
     update_id: UpdateId
-    #: sha256 over the update's (block index, ciphertext) pairs (shared.audit.update_digest):
+    #: sha256 over the update's (block index, ciphertext) pairs (fedmq.shared.audit.update_digest):
     #: the site computes the same digest from what it sent, so it can prove inclusion.
     ciphertext_digest: HexDigest
     base_version: Version
@@ -236,7 +236,7 @@ class AuditRecord(WireModel):
     version: Annotated[int, Field(ge=1)]
     shard_index: ShardIndex = 0
     prev_hash: HexDigest
-    #: fingerprint of the aggregator's public key (shared.signing.VerifyKey.fingerprint)
+    #: fingerprint of the aggregator's public key (fedmq.shared.signing.VerifyKey.fingerprint)
     signer: Annotated[str, Field(min_length=8, max_length=64)]
     contributions: tuple[AuditContribution, ...]
     epsilons: tuple[AuditEpsilon, ...] = ()

@@ -14,8 +14,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
-from shared.errors import ConfigError
+from fedmq.shared.codec import DEFAULT_MAX_MESSAGE_BYTES
+from fedmq.shared.errors import ConfigError
 
 S = TypeVar("S", bound="FedmqSettings")
 
@@ -26,7 +26,7 @@ class FedmqSettings(BaseSettings):
     #: broker URL(s) with this party's user and password (the user is the site id for a site); several cluster nodes separated by commas. Keep it in the environment (.env), not in TOML
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     #: largest chunk this party makes or accepts; capped at the codec's default so that the
-    #: broker's max_message_size (broker.topology.BROKER_MAX_MESSAGE_SIZE, 2x) always admits it
+    #: broker's max_message_size (fedmq.broker.topology.BROKER_MAX_MESSAGE_SIZE, 2x) always admits it
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=64 * 1024, le=DEFAULT_MAX_MESSAGE_BYTES)
     #: fedmq's own log level; pika/Opacus stay quiet unless DEBUG
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -4,7 +4,7 @@ Each field's description is the ``#:`` comment block right above it in the class
 comments the code already keeps); type, default and bounds come from the model itself. A test
 (tests/unit/test_settings_doc.py) fails when docs/settings.md is not what this prints:
 
-    python -m shared.settings_doc > docs/settings.md
+    python -m fedmq.shared.settings_doc > docs/settings.md
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic_core import PydanticUndefined
 
 HEADER = """# Settings reference
 
-Generated from the pydantic models by `python -m shared.settings_doc > docs/settings.md`; a test
+Generated from the pydantic models by `python -m fedmq.shared.settings_doc > docs/settings.md`; a test
 fails when this page and the code disagree. Every setting can be given (highest priority first)
 as an argument on the command line where one exists, a `FEDMQ_<NAME>` environment variable, a
 `.env` entry, or a key of the `--config` TOML file. Lists and dicts from the environment are
@@ -69,7 +69,7 @@ def _bounds(info: FieldInfo) -> str:
 def section(title: str, cls: Any, own_only: bool) -> str:
     comments: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
-        if hasattr(klass, "model_fields") and klass.__module__.startswith(("shared", "aggregator", "site_agent")):
+        if hasattr(klass, "model_fields") and klass.__module__.startswith(("fedmq.shared", "fedmq.aggregator", "fedmq.site_agent")):
             try:
                 comments.update(field_comments(klass))
             except (OSError, TypeError, IndexError):
@@ -85,9 +85,9 @@ def section(title: str, cls: Any, own_only: bool) -> str:
 
 
 def render() -> str:
-    from aggregator.settings import AggregatorSettings
-    from shared.settings import FedmqSettings
-    from site_agent.settings import SiteSettings
+    from fedmq.aggregator.settings import AggregatorSettings
+    from fedmq.shared.settings import FedmqSettings
+    from fedmq.site_agent.settings import SiteSettings
 
     return "\n".join([
         HEADER,

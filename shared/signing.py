@@ -38,10 +38,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey, MLDSA65PublicKey
 
-from shared.atomic import atomic_write_bytes
-from shared.codec import encode
-from shared.errors import ConfigError, SignatureInvalid, UnknownSite
-from shared.schema import GlobalVersionChunk, UpdateChunk
+from fedmq.shared.atomic import atomic_write_bytes
+from fedmq.shared.codec import encode
+from fedmq.shared.errors import ConfigError, SignatureInvalid, UnknownSite
+from fedmq.shared.schema import GlobalVersionChunk, UpdateChunk
 
 _SITE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 

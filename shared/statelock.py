@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 LOCK_FILE = ".fedmq.lock"
 

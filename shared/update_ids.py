@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 def update_id(site_id: str, seq: int) -> str:
-    """``<site>:<seq>``; site ids contain no ``:`` (``shared.schema.SiteId``)."""
+    """``<site>:<seq>``; site ids contain no ``:`` (``fedmq.shared.schema.SiteId``)."""
     return f"{site_id}:{seq}"
 
 

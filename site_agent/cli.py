@@ -49,15 +49,15 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace):  # noqa: ANN202 - imported lazily
-    from shared.settings import load_settings
-    from site_agent.settings import SiteSettings
+    from fedmq.shared.settings import load_settings
+    from fedmq.site_agent.settings import SiteSettings
 
     return load_settings(SiteSettings, args.config)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from shared.log import configure_logging
-    from site_agent.service import run_site
+    from fedmq.shared.log import configure_logging
+    from fedmq.site_agent.service import run_site
 
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_json, component=f"site:{settings.site_id}")
@@ -68,7 +68,7 @@ def _check_data(args: argparse.Namespace) -> int:
     """Exit 0 when the site can train on its data, 1 when the report lists a problem."""
     import logging
 
-    from site_agent.data.check import check_data
+    from fedmq.site_agent.data.check import check_data
 
     logging.basicConfig(level=logging.ERROR)  # the report lists every skipped file; no warning per file
     settings = _settings(args)
@@ -79,7 +79,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from site_agent.guard import PauseFile
+    from fedmq.site_agent.guard import PauseFile
 
     settings = _settings(args)
     pause = PauseFile(settings.state_dir)
@@ -93,7 +93,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def resolve_dataset(name: str, data_root: str | None, md5: str | None = None) -> Path:
-    from site_agent.data import locate_medmnist
+    from fedmq.site_agent.data import locate_medmnist
 
     root = data_root or os.environ.get("FEDMQ_DATA_ROOT")
     download_dir = Path(root) if root else Path.home() / ".cache" / "fedmq"
@@ -101,7 +101,7 @@ def resolve_dataset(name: str, data_root: str | None, md5: str | None = None) ->
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from site_agent.data import prepare_demo_data
+    from fedmq.site_agent.data import prepare_demo_data
 
     npz = resolve_dataset(args.dataset, args.data_root, args.md5)
     summary = prepare_demo_data(npz, args.out, n_sites=args.sites, alpha=args.alpha, seed=args.seed, val_fraction=args.val_fraction)
@@ -112,8 +112,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from site_agent.export import export_model
-    from site_agent.runtime import SiteRuntime
+    from fedmq.site_agent.export import export_model
+    from fedmq.site_agent.runtime import SiteRuntime
 
     rt = SiteRuntime.open(_settings(args), load_data=False, lock=False)
     paths = export_model(rt, Path(args.out))

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from shared.atomic import atomic_write_json
+from fedmq.shared.atomic import atomic_write_json
 
 if TYPE_CHECKING:
-    from site_agent.runtime import SiteRuntime
+    from fedmq.site_agent.runtime import SiteRuntime
 
 
 def export_model(rt: "SiteRuntime", out_dir: Path) -> list[Path]:

@@ -19,15 +19,15 @@ from typing import Literal
 
 import numpy as np
 
-from shared.chunking import Assembled, ChunkAssembler
-from shared.ckks import LoadedContext, decrypt_block
-from shared.errors import KeyMismatch, LayoutMismatch
-from shared.schema import GlobalVersionChunk
-from shared.sharding import shard_block_range
-from site_agent.model_state import model_vector
-from site_agent.state import SiteState
-from site_agent.state_owner import SiteStateOwner
-from site_agent.version_guard import VersionGuard
+from fedmq.shared.chunking import Assembled, ChunkAssembler
+from fedmq.shared.ckks import LoadedContext, decrypt_block
+from fedmq.shared.errors import KeyMismatch, LayoutMismatch
+from fedmq.shared.schema import GlobalVersionChunk
+from fedmq.shared.sharding import shard_block_range
+from fedmq.site_agent.model_state import model_vector
+from fedmq.site_agent.state import SiteState
+from fedmq.site_agent.state_owner import SiteStateOwner
+from fedmq.site_agent.version_guard import VersionGuard
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.atomic import atomic_write_json
+from fedmq.shared.atomic import atomic_write_json
 
 GUARD_FILE = "guard.json"
 PAUSE_FILE = "paused.json"

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from shared.layout import ModelLayout
-from site_agent.models import build_model, file_digest, load_init_weights
+from fedmq.shared.layout import ModelLayout
+from fedmq.site_agent.models import build_model, file_digest, load_init_weights
 
 
 @dataclass
@@ -48,7 +48,7 @@ class FederatedModel:
 def identify_layout(fingerprint: str, init_seed: int) -> str | None:
     """Which preset (with ``init_seed``) has this layout fingerprint: used only to name, in an
     error, the model the federation trains when it is not ours. Builds each preset once."""
-    from site_agent.models import PRESETS
+    from fedmq.site_agent.models import PRESETS
 
     for preset in PRESETS:
         try:

@@ -31,7 +31,7 @@ from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -17,21 +17,21 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from shared.audit import record_own_updates
-from shared.ckks import LoadedContext, load_context
-from shared.codec import encode_update_chunk
-from shared.errors import ConfigError
-from shared.signing import load_private_key
-from shared.statelock import StateDirLock, lock_state_dir
-from site_agent.data import LoadedDataset, load_dataset
-from site_agent.guard import GUARD_FILE, DivergenceGuard, PauseFile
-from site_agent.model_state import FederatedModel, model_vector
-from site_agent.settings import SiteSettings
-from site_agent.state import SiteState, SiteStateStore
-from site_agent.state_owner import SiteStateOwner, StateView
-from site_agent.training import DPConfig, LocalTrainer, PrivacyBudgetExhausted, TrainingConfig, evaluate
-from site_agent.training.device import resolve_device
-from site_agent.update_builder import UpdateIdentity, build_update
+from fedmq.shared.audit import record_own_updates
+from fedmq.shared.ckks import LoadedContext, load_context
+from fedmq.shared.codec import encode_update_chunk
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.signing import load_private_key
+from fedmq.shared.statelock import StateDirLock, lock_state_dir
+from fedmq.site_agent.data import LoadedDataset, load_dataset
+from fedmq.site_agent.guard import GUARD_FILE, DivergenceGuard, PauseFile
+from fedmq.site_agent.model_state import FederatedModel, model_vector
+from fedmq.site_agent.settings import SiteSettings
+from fedmq.site_agent.state import SiteState, SiteStateStore
+from fedmq.site_agent.state_owner import SiteStateOwner, StateView
+from fedmq.site_agent.training import DPConfig, LocalTrainer, PrivacyBudgetExhausted, TrainingConfig, evaluate
+from fedmq.site_agent.training.device import resolve_device
+from fedmq.site_agent.update_builder import UpdateIdentity, build_update
 
 logger = logging.getLogger(__name__)
 

@@ -15,18 +15,18 @@ import threading
 import time
 from collections.abc import Callable
 
-from broker import topology
-from broker.connection import AuthRefusals, Backoff, username_of
-from broker.transport import Connect, Delivery, Link, Message, QueueMissing, amqp_connect, run_reconnecting
-from shared.codec import decode, encode
-from shared.errors import ConfigError, FedmqError, LayoutMismatch, UnknownMessageKind, WireError
-from shared.schema import NO_VERSION_YET, GlobalVersionChunk, Rejection, SiteMetrics, SnapshotRequest
-from shared.signing import load_public_key
-from site_agent.global_model import GlobalModelReceiver
-from site_agent.runtime import SiteRuntime
-from site_agent.settings import SiteSettings
-from site_agent.update_builder import shard_of_encoded
-from site_agent.version_guard import AuditGap, SiteVersionMetrics, VersionGuard
+from fedmq.broker import topology
+from fedmq.broker.connection import AuthRefusals, Backoff, username_of
+from fedmq.broker.transport import Connect, Delivery, Link, Message, QueueMissing, amqp_connect, run_reconnecting
+from fedmq.shared.codec import decode, encode
+from fedmq.shared.errors import ConfigError, FedmqError, LayoutMismatch, UnknownMessageKind, WireError
+from fedmq.shared.schema import NO_VERSION_YET, GlobalVersionChunk, Rejection, SiteMetrics, SnapshotRequest
+from fedmq.shared.signing import load_public_key
+from fedmq.site_agent.global_model import GlobalModelReceiver
+from fedmq.site_agent.runtime import SiteRuntime
+from fedmq.site_agent.settings import SiteSettings
+from fedmq.site_agent.update_builder import shard_of_encoded
+from fedmq.site_agent.version_guard import AuditGap, SiteVersionMetrics, VersionGuard
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class SiteAgent:
 
     def _on_layout_mismatch(self, msg: object, exc: LayoutMismatch) -> None:
         """A global version for another model: every round here would be wasted. Pause, naming both."""
-        from site_agent.model_state import describe_layout_mismatch
+        from fedmq.site_agent.model_state import describe_layout_mismatch
 
         if self.rt.pause_file.reason():
             return

@@ -7,11 +7,11 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from shared.errors import ConfigError
-from shared.settings import FedmqSettings
-from site_agent.models import Preset, check_image_size
-from site_agent.training.device import DEVICE_PATTERN
-from site_agent.training.engines import Engine
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.settings import FedmqSettings
+from fedmq.site_agent.models import Preset, check_image_size
+from fedmq.site_agent.training.device import DEVICE_PATTERN
+from fedmq.site_agent.training.engines import Engine
 
 #: the default top-k fraction, the one place it is set (the site, the reproduction, the demo and
 #: the bench's wire figure read it): picked by ``fedmq experiment sparsity`` (experiments/sparsity.py)

@@ -21,8 +21,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from shared.atomic import atomic_write_bytes, atomic_write_json
-from shared.errors import ConfigError
+from fedmq.shared.atomic import atomic_write_bytes, atomic_write_json
+from fedmq.shared.errors import ConfigError
 
 STATE_SCHEMA_VERSION = 1
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from site_agent.state import SiteState, SiteStateStore
+from fedmq.site_agent.state import SiteState, SiteStateStore
 
 
 @dataclass(frozen=True)

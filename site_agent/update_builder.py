@@ -20,16 +20,16 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from shared.chunking import chunk_blocks
-from shared.ckks import LoadedContext
-from shared.ckks_pool import iter_encrypt_blocks
-from shared.errors import CryptoError
-from shared.schema import EncryptedBlock, UpdateChunk
-from shared.sharding import block_shard
-from shared.signing import SigningKey, sign_chunk
-from shared.sparsify import SparsityMode, sparsify
-from shared.update_ids import shard_update_id
-from shared.update_ids import update_id as make_update_id
+from fedmq.shared.chunking import chunk_blocks
+from fedmq.shared.ckks import LoadedContext
+from fedmq.shared.ckks_pool import iter_encrypt_blocks
+from fedmq.shared.errors import CryptoError
+from fedmq.shared.schema import EncryptedBlock, UpdateChunk
+from fedmq.shared.sharding import block_shard
+from fedmq.shared.signing import SigningKey, sign_chunk
+from fedmq.shared.sparsify import SparsityMode, sparsify
+from fedmq.shared.update_ids import shard_update_id
+from fedmq.shared.update_ids import update_id as make_update_id
 
 
 def shard_of_encoded(raw: bytes) -> int:

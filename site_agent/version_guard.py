@@ -18,12 +18,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from shared.audit import AuditChain, AuditError, AuditGap, AuditMissing, ChainFile, chain_file, decode_record
+from fedmq.shared.audit import AuditChain, AuditError, AuditGap, AuditMissing, ChainFile, chain_file, decode_record
 
 __all__ = ["AuditGap", "SiteVersionMetrics", "VersionGuard"]
-from shared.errors import SignatureInvalid, WireError
-from shared.schema import AuditRecord, GlobalVersionChunk
-from shared.signing import VerifyKey, verify_version
+from fedmq.shared.errors import SignatureInvalid, WireError
+from fedmq.shared.schema import AuditRecord, GlobalVersionChunk
+from fedmq.shared.signing import VerifyKey, verify_version
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ class KillAt:
     """Aggregator crash hook: SIGKILL the n-th time execution reaches ``point``."""
 
     def __init__(self, spec: str) -> None:
-        from aggregator.engine import CRASH_POINTS
+        from fedmq.aggregator.engine import CRASH_POINTS
 
         point, _, count = spec.partition(":")
         if point not in CRASH_POINTS:
@@ -74,8 +74,8 @@ class KillMidPublish:
 def record_plaintext(runtime: Any, seq: int, delta: np.ndarray, base_version: int, sample_weight: float) -> None:
     """Site hook: write the exact sparse blocks update ``seq`` encrypts to
     ``<state_dir>/plaintext/<seq>.npz``, so a fault test can replay what was sent."""
-    from shared.atomic import atomic_write_bytes
-    from shared.sparsify import sparsify
+    from fedmq.shared.atomic import atomic_write_bytes
+    from fedmq.shared.sparsify import sparsify
 
     s = runtime.settings
     sparse, _ = sparsify(delta, runtime.owner.residual(), runtime.ctx.block_size, s.sparsity_mode, s.topk_fraction)
@@ -86,10 +86,10 @@ def record_plaintext(runtime: Any, seq: int, delta: np.ndarray, base_version: in
 
 
 def _run_aggregator(args: argparse.Namespace, hooks: argparse.Namespace) -> int:
-    from aggregator.cli import run_settings
-    from aggregator.consumer import AggregatorService
-    from aggregator.engine import AggregatorEngine
-    from shared.log import configure_logging
+    from fedmq.aggregator.cli import run_settings
+    from fedmq.aggregator.consumer import AggregatorService
+    from fedmq.aggregator.engine import AggregatorEngine
+    from fedmq.shared.log import configure_logging
 
     settings = run_settings(args)
     configure_logging(settings.log_level, settings.log_json, component="aggregator")
@@ -98,11 +98,11 @@ def _run_aggregator(args: argparse.Namespace, hooks: argparse.Namespace) -> int:
 
 
 def _run_site(args: argparse.Namespace, hooks: argparse.Namespace) -> int:
-    from shared.log import configure_logging
-    from shared.settings import load_settings
-    from site_agent.runtime import SiteRuntime
-    from site_agent.service import SiteAgent
-    from site_agent.settings import SiteSettings
+    from fedmq.shared.log import configure_logging
+    from fedmq.shared.settings import load_settings
+    from fedmq.site_agent.runtime import SiteRuntime
+    from fedmq.site_agent.service import SiteAgent
+    from fedmq.site_agent.settings import SiteSettings
 
     settings = load_settings(SiteSettings, args.config)
     configure_logging(settings.log_level, settings.log_json, component=f"site:{settings.site_id}")
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--record-plaintext", action="store_true", help="site: record each update's sparse plaintext")
     hooks = parser.parse_args(argv[:split])
 
-    from shared.cli import build_parser
+    from fedmq.shared.cli import build_parser
 
     args = build_parser().parse_args(argv[split + 1 :])
     if (args.group, args.command) == ("aggregator", "run"):

@@ -33,5 +33,5 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f"experiments.faults.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'experiments.faults' has no attribute {name!r}")
+        return getattr(importlib.import_module(f"fedmq.experiments.faults.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'fedmq.experiments.faults' has no attribute {name!r}")

@@ -26,16 +26,16 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _find_npz(root: str | None) -> Path:
-    from site_agent.data.medmnist_source import locate_medmnist
+    from fedmq.site_agent.data.medmnist_source import locate_medmnist
 
     base = root or os.environ.get("FEDMQ_DATA_ROOT") or None
     return locate_medmnist("pneumoniamnist", base, download_dir=None if base else Path("data"))
 
 
 def _run(args: argparse.Namespace) -> int:
-    from experiments.faults import report
-    from experiments.faults.plan import FaultPlan
-    from experiments.faults.run import run_all  # imports the fuzzers: a missing dev extra stops here, at once
+    from fedmq.experiments.faults import report
+    from fedmq.experiments.faults.plan import FaultPlan
+    from fedmq.experiments.faults.run import run_all  # imports the fuzzers: a missing dev extra stops here, at once
 
     plan = FaultPlan(aggregator_kills=args.kills, broker_restarts=args.broker_restarts, connection_closes=args.connection_closes,
                      site_mid_publish_kills=args.site_kills, planned_rounds=args.rounds, seed=args.seed)

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from broker import topology
-from broker.transport import AmqpLink, connect_link
-from experiments.faults.plan import FaultCheckFailed
-from experiments.federation import VHOST, Federation, FederationSpec
-from shared.errors import ConfigError
+from fedmq.broker import topology
+from fedmq.broker.transport import AmqpLink, connect_link
+from fedmq.experiments.faults.plan import FaultCheckFailed
+from fedmq.experiments.federation import VHOST, Federation, FederationSpec
+from fedmq.shared.errors import ConfigError
 
 OBSERVER_QUEUE = "fedmq.faults.observer"
 #: the test launcher that injects the site hooks (plaintext recording, a kill mid-publish)
@@ -115,7 +115,7 @@ def declare_observer(url: str) -> None:
 
 def drain_observer(url: str) -> list[dict[str, Any]]:
     """Every global-version message the observer queue kept, reassembled per (version, mode, created_at)."""
-    from shared.codec import decode_global_version
+    from fedmq.shared.codec import decode_global_version
 
     link = admin_link(url)
     parts: dict[tuple, dict[int, Any]] = {}

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from broker import topology
-from broker.transport import Message
-from experiments.faults.federation import admin_link
-from experiments.faults.plan import FaultCheckFailed
-from experiments.testkit import UpdateKit
-from shared.errors import ConfigError
+from fedmq.broker import topology
+from fedmq.broker.transport import Message
+from fedmq.experiments.faults.federation import admin_link
+from fedmq.experiments.faults.plan import FaultCheckFailed
+from fedmq.experiments.testkit import UpdateKit
+from fedmq.shared.errors import ConfigError
 
 try:
     import msgpack
@@ -48,7 +48,7 @@ def check(ok: bool, what: str) -> None:
 
 
 class FuzzKit:
-    """The fuzzers' federation, on the test kit (``experiments.testkit``): one site (``alpha``),
+    """The fuzzers' federation, on the test kit (``fedmq.experiments.testkit``): one site (``alpha``),
     a dense update of three blocks and a bit (so it spans several chunks), and an aggregator
     that folds every update at once."""
 
@@ -84,7 +84,7 @@ class FuzzKit:
 
 
 def damage_ciphertext(ct: bytes, how: int, pos: int, junk: bytes, foreign: bytes) -> bytes:
-    """One of the ways a ciphertext can be damaged (``shared.ckks_wire``'s layout): truncated,
+    """One of the ways a ciphertext can be damaged (``fedmq.shared.ckks_wire``'s layout): truncated,
     bit-flipped, spliced, wrong seed length, wrong parameters byte, another key's ciphertext."""
     how %= 6
     if how == 0:
@@ -106,8 +106,8 @@ def damage_ciphertext(ct: bytes, how: int, pos: int, junk: bytes, foreign: bytes
 def resign_with_ciphertext(kit: FuzzKit, body: bytes, damage: Any) -> bytes:
     """The chunk with its first block's ciphertext replaced by ``damage(ct)``, signed again by the
     site: a broken site, whose signature verifies, so only the ciphertext checks can refuse it."""
-    from shared.codec import decode_update_chunk, encode_update_chunk
-    from shared.signing import sign_chunk
+    from fedmq.shared.codec import decode_update_chunk, encode_update_chunk
+    from fedmq.shared.signing import sign_chunk
 
     chunk = decode_update_chunk(body, max_bytes=1 << 24)
     first, *rest = chunk.blocks
@@ -172,8 +172,8 @@ def _mutations(valid: list[bytes], resign: Any = None):  # type: ignore[no-untyp
 def fuzz_engine(root: Path, max_examples: int = 500, seed: int = 0) -> dict[str, Any]:
     """Property: ``accept`` on any bytes returns a Decision (never raises), never folds garbage,
     and the engine still folds the genuine update afterwards, exactly once."""
-    from aggregator.engine import AggregatorEngine, Decision
-    from shared.codec import decode_update_chunk
+    from fedmq.aggregator.engine import AggregatorEngine, Decision
+    from fedmq.shared.codec import decode_update_chunk
 
     kit = FuzzKit.create(root)
     rng = np.random.default_rng(seed)
@@ -230,7 +230,7 @@ def fuzz_engine(root: Path, max_examples: int = 500, seed: int = 0) -> dict[str,
 
 def _foreign_ciphertext(root: Path) -> bytes:
     """A ciphertext made under another key (same preset), for the "another key" case."""
-    from shared.ckks import encrypt_block, init_keys, load_context
+    from fedmq.shared.ckks import encrypt_block, init_keys, load_context
 
     other = load_context(init_keys(root / "foreign-key").secret_context, require_secret=True)
     return encrypt_block(other, np.linspace(-1, 1, 64))
@@ -240,7 +240,7 @@ def fuzz_amqp(url: str, root: Path, n_random: int = 60, seed: int = 0) -> dict[s
     """Raw publishes to a running aggregator: random bytes, truncated and oversized messages,
     wrong content types and headers. Every one is dead-lettered with a reason header, the
     aggregator stays up and still folds a genuine update afterwards (exactly once)."""
-    from aggregator.consumer import AggregatorService
+    from fedmq.aggregator.consumer import AggregatorService
 
     kit = FuzzKit.create(root)
     rng = np.random.default_rng(seed)

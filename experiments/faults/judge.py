@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.faults.plan import LiveResult
+from fedmq.experiments.faults.plan import LiveResult
 
 #: the decrypted model may differ from the plaintext replay by this share of the smallest single
 #: update's contribution: one update more or less moves it by at least that contribution, while

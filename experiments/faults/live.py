@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from broker.provision import AGGREGATOR_USER
-from experiments.faults.federation import FaultFederation, declare_observer, drain_dead_letters, drain_observer
-from experiments.faults.plan import FaultCheckFailed, FaultPlan, LiveResult
-from experiments.federation import FederationSpec, SiteTraining
+from fedmq.broker.provision import AGGREGATOR_USER
+from fedmq.experiments.faults.federation import FaultFederation, declare_observer, drain_dead_letters, drain_observer
+from fedmq.experiments.faults.plan import FaultCheckFailed, FaultPlan, LiveResult
+from fedmq.experiments.federation import FederationSpec, SiteTraining
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ class LiveRun:
         return self._verify(time.monotonic() - started_wall)
 
     def _committed_count(self) -> int:
-        from aggregator import checkpoint as cpmod
+        from fedmq.aggregator import checkpoint as cpmod
 
         try:
             cp = cpmod.load(self.agg_state)
@@ -298,13 +298,13 @@ class LiveRun:
 
     # -- verification ------------------------------------------------------------------------
     def _verify(self, wall: float) -> LiveResult:
-        from aggregator.engine import AggregatorEngine
-        from aggregator.fold import weight_units
-        from aggregator.settings import AggregatorSettings
-        from shared.ckks import decrypt_block, load_context, serialize
-        from shared.settings import load_settings
-        from site_agent.runtime import LEDGER_FILE
-        from site_agent.training import PrivacyLedger
+        from fedmq.aggregator.engine import AggregatorEngine
+        from fedmq.aggregator.fold import weight_units
+        from fedmq.aggregator.settings import AggregatorSettings
+        from fedmq.shared.ckks import decrypt_block, load_context, serialize
+        from fedmq.shared.settings import load_settings
+        from fedmq.site_agent.runtime import LEDGER_FILE
+        from fedmq.site_agent.training import PrivacyLedger
 
         fed = self.fed
         settings = load_settings(AggregatorSettings, fed.dir / "config" / "aggregator.toml")

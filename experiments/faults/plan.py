@@ -78,7 +78,7 @@ class LiveResult:
         return self.problems() == []
 
     def problems(self) -> list[str]:
-        """Every way this run failed its guarantees (``experiments.faults.judge``)."""
-        from experiments.faults.judge import live_problems
+        """Every way this run failed its guarantees (``fedmq.experiments.faults.judge``)."""
+        from fedmq.experiments.faults.judge import live_problems
 
         return live_problems(self)

@@ -9,8 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from experiments.faults.judge import verdict
-from experiments.faults.plan import FaultPlan, LiveResult
+from fedmq.experiments.faults.judge import verdict
+from fedmq.experiments.faults.plan import FaultPlan, LiveResult
 
 #: what ``fedmq faults run`` prints at the end, in this order
 PRINTED_KEYS = ("runs", "kills", "updates_confirmed", "updates_counted", "lost", "duplicates", "max_recovery_seconds",

@@ -15,15 +15,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from experiments.faults import fuzz, report
-from experiments.faults.live import run_live, small_slice
-from experiments.faults.plan import FaultPlan, LiveResult
+from fedmq.experiments.faults import fuzz, report
+from fedmq.experiments.faults.live import run_live, small_slice
+from fedmq.experiments.faults.plan import FaultPlan, LiveResult
 
 
 def run_all(out_dir: Path, data_npz: Path, *, runs: int = 1, plan: FaultPlan | None = None, fuzz_examples: int = 2000,
             amqp_fuzz: int = 120, progress: Callable[[str], None] | None = None, workdir: Path | None = None) -> dict[str, Any]:
     """Runs everything and writes ``out_dir/results.json``; returns the summary written."""
-    from broker.local_node import LocalRabbitNode
+    from fedmq.broker.local_node import LocalRabbitNode
 
     progress = progress or print
     plan = plan or FaultPlan()

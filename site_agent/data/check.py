@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from site_agent.data.loaders import load_dataset
-from site_agent.data.manifest import read_manifest
+from fedmq.site_agent.data.loaders import load_dataset
+from fedmq.site_agent.data.manifest import read_manifest
 
 CONTACT_SHEET = "contact-sheet.png"
 REPORT_FILE = "data-report.json"

@@ -18,9 +18,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from site_agent.data.errors import DataError
-from site_agent.data.readers import ImageFormat
-from site_agent.data.transforms import DEFAULT_IMAGE_SIZE
+from fedmq.site_agent.data.errors import DataError
+from fedmq.site_agent.data.readers import ImageFormat
+from fedmq.site_agent.data.transforms import DEFAULT_IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 

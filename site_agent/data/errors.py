@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.errors import FedmqError
+from fedmq.shared.errors import FedmqError
 
 
 class DataError(FedmqError):

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from site_agent.data.errors import ImageReadError
-from site_agent.data.manifest import Split, read_manifest
-from site_agent.data.readers import ImageInfo, MultiFrame
-from site_agent.data.transforms import DEFAULT_IMAGE_SIZE, INFO_SUFFIX, standard_transforms
+from fedmq.site_agent.data.errors import ImageReadError
+from fedmq.site_agent.data.manifest import Split, read_manifest
+from fedmq.site_agent.data.readers import ImageInfo, MultiFrame
+from fedmq.site_agent.data.transforms import DEFAULT_IMAGE_SIZE, INFO_SUFFIX, standard_transforms
 
 logger = logging.getLogger(__name__)
 

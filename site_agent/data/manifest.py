@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from site_agent.data.errors import ManifestError
+from fedmq.site_agent.data.errors import ManifestError
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import os
 import urllib.request
 from pathlib import Path
 
-from site_agent.data.errors import ChecksumMismatch, DatasetDownloadError
+from fedmq.site_agent.data.errors import ChecksumMismatch, DatasetDownloadError
 
 logger = logging.getLogger(__name__)
 

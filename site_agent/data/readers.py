@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from site_agent.data.errors import ImageReadError, UnsupportedImage, UnsupportedTransferSyntax
+from fedmq.site_agent.data.errors import ImageReadError, UnsupportedImage, UnsupportedTransferSyntax
 
 logger = logging.getLogger(__name__)
 

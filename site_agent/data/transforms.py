@@ -18,7 +18,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import Compose, EnsureTyped, MapTransform, Resized, ScaleIntensityd, SpatialPadd
 
-from site_agent.data.readers import MultiFrame, read_standard_image
+from fedmq.site_agent.data.readers import MultiFrame, read_standard_image
 
 DEFAULT_IMAGE_SIZE = 28
 

@@ -1,11 +1,11 @@
 """Local training for one federated round: config, DP-SGD, privacy ledger, evaluation."""
 
-from site_agent.training.config import DPConfig, TrainingConfig
-from site_agent.training.dp import ledger_params_for, noise_multiplier_for, strip_opacus_prefix
-from site_agent.training.errors import LedgerConfigMismatch, LedgerError, PrivacyBudgetExhausted, TrainingError
-from site_agent.training.evaluate import evaluate, predict_proba
-from site_agent.training.ledger import SCHEMA_VERSION, LedgerParams, PrivacyLedger
-from site_agent.training.trainer import LocalTrainer, RoundResult
+from fedmq.site_agent.training.config import DPConfig, TrainingConfig
+from fedmq.site_agent.training.dp import ledger_params_for, noise_multiplier_for, strip_opacus_prefix
+from fedmq.site_agent.training.errors import LedgerConfigMismatch, LedgerError, PrivacyBudgetExhausted, TrainingError
+from fedmq.site_agent.training.evaluate import evaluate, predict_proba
+from fedmq.site_agent.training.ledger import SCHEMA_VERSION, LedgerParams, PrivacyLedger
+from fedmq.site_agent.training.trainer import LocalTrainer, RoundResult
 
 __all__ = [
     "SCHEMA_VERSION",

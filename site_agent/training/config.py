@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from site_agent.models import PRESETS, Preset
-from site_agent.training.device import DEVICE_PATTERN
-from site_agent.training.engines import Engine
+from fedmq.site_agent.models import PRESETS, Preset
+from fedmq.site_agent.training.device import DEVICE_PATTERN
+from fedmq.site_agent.training.engines import Engine
 
 
 class DPConfig(BaseModel):

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import torch
 from opacus.accountants.utils import get_noise_multiplier
 
-from site_agent.training.config import DPConfig, TrainingConfig
-from site_agent.training.ledger import LedgerParams
+from fedmq.site_agent.training.config import DPConfig, TrainingConfig
+from fedmq.site_agent.training.ledger import LedgerParams
 
 logger = logging.getLogger(__name__)
 

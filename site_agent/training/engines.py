@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from site_agent.training.errors import TrainingError
+from fedmq.site_agent.training.errors import TrainingError
 
 Engine = Literal["bk", "hooks", "functorch"]
 ENGINES: tuple[str, ...] = ("bk", "hooks", "functorch")

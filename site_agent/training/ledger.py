@@ -22,7 +22,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as privacy_analysis
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
-from site_agent.training.errors import LedgerConfigMismatch, LedgerError, PrivacyBudgetExhausted
+from fedmq.site_agent.training.errors import LedgerConfigMismatch, LedgerError, PrivacyBudgetExhausted
 
 logger = logging.getLogger(__name__)
 

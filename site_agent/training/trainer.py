@@ -16,14 +16,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from site_agent.models import build_model
-from site_agent.training.config import TrainingConfig
-from site_agent.training.device import resolve_device
-from site_agent.training.dp import ledger_params_for, strip_opacus_prefix
-from site_agent.training.engines import make_engine
-from site_agent.training.errors import TrainingError
-from site_agent.training.ledger import LedgerParams, PrivacyLedger
-from site_agent.training.rng import DPRandom, SecureRandom, SeededRandom
+from fedmq.site_agent.models import build_model
+from fedmq.site_agent.training.config import TrainingConfig
+from fedmq.site_agent.training.device import resolve_device
+from fedmq.site_agent.training.dp import ledger_params_for, strip_opacus_prefix
+from fedmq.site_agent.training.engines import make_engine
+from fedmq.site_agent.training.errors import TrainingError
+from fedmq.site_agent.training.ledger import LedgerParams, PrivacyLedger
+from fedmq.site_agent.training.rng import DPRandom, SecureRandom, SeededRandom
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ def _find_npz() -> Path | None:
 @pytest.fixture(scope="session")
 def faults_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """600/120/160 seeded images of the real data so a federation trains in seconds."""
-    from experiments.faults import small_slice
+    from fedmq.experiments.faults import small_slice
 
     path = _find_npz()
     if path is None:

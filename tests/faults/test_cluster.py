@@ -13,10 +13,10 @@ import numpy as np
 import pika
 import pytest
 
-from aggregator.consumer import AggregatorService
-from broker import topology
-from broker.connection import connect
-from experiments.faults.fuzz import FuzzKit
+from fedmq.aggregator.consumer import AggregatorService
+from fedmq.broker import topology
+from fedmq.broker.connection import connect
+from fedmq.experiments.faults.fuzz import FuzzKit
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def _publish(url: str, bodies: list[bytes], attempts: int = 20) -> None:
 @pytest.fixture(scope="module")
 def cluster():
     from testkit.cluster import LocalRabbitCluster
-    from broker.local_node import find_rabbitmq_install
+    from fedmq.broker.local_node import find_rabbitmq_install
 
     if find_rabbitmq_install() is None:
         pytest.skip("rabbitmq-server not installed")

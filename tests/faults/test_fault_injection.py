@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.faults import FaultPlan, run_live
+from fedmq.experiments.faults import FaultPlan, run_live
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow]
 def test_live_federation_survives_faults_exactly_once(faults_npz: Path) -> None:
     # The federation starts its own private node (least-privilege users, restartable, rabbitmqctl)
     # and closes it afterwards: it needs the rabbitmq-server binaries, not the session broker.
-    from broker.local_node import find_rabbitmq_install
+    from fedmq.broker.local_node import find_rabbitmq_install
 
     if find_rabbitmq_install() is None:
         pytest.skip("rabbitmq-server not installed (the fault run restarts its own private node)")

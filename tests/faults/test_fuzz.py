@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.faults.fuzz import fuzz_amqp, fuzz_engine
+from fedmq.experiments.faults.fuzz import fuzz_amqp, fuzz_engine
 
 pytestmark = [pytest.mark.fault]
 

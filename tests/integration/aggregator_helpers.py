@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.fold import reconstruct
-from aggregator.settings import AggregatorSettings
-from experiments.testkit import LAYOUT_FP, UpdateKit
-from shared.ckks import DEFAULT_PRESET, LoadedContext, get_preset, init_keys, load_context
-from shared.codec import decode_global_version
-from shared.schema import GlobalVersionChunk
-from shared.signing import generate_aggregator_key
+from fedmq.aggregator.fold import reconstruct
+from fedmq.aggregator.settings import AggregatorSettings
+from fedmq.experiments.testkit import LAYOUT_FP, UpdateKit
+from fedmq.shared.ckks import DEFAULT_PRESET, LoadedContext, get_preset, init_keys, load_context
+from fedmq.shared.codec import decode_global_version
+from fedmq.shared.schema import GlobalVersionChunk
+from fedmq.shared.signing import generate_aggregator_key
 
 SITES = ("alpha", "bravo", "charlie")
 SLOTS = get_preset(DEFAULT_PRESET).block_size
@@ -104,7 +104,7 @@ def connect(url: str):  # type: ignore[no-untyped-def]
 def declare_topology(url: str, sites: tuple[str, ...] = ()) -> None:
     """What an administrator declares: exchanges, the aggregator's queues and, for ``sites``, each
     site's own queue (sites may not declare it themselves)."""
-    from broker import provision
+    from fedmq.broker import provision
 
     conn = connect(url)
     try:
@@ -118,7 +118,7 @@ def publish(url: str, bodies: list[bytes], *, user_id: str | None = None, exchan
     """Publish with publisher confirms (returns once the broker has them all)."""
     import pika
 
-    from broker.topology import UPDATES_EXCHANGE, shard_key
+    from fedmq.broker.topology import UPDATES_EXCHANGE, shard_key
 
     conn = connect(url)
     try:
@@ -139,7 +139,7 @@ class GlobalListener:
     """A queue bound to the global fanout (and site-direct for one site); reassembles versions."""
 
     def __init__(self, url: str, site: str = "observer") -> None:
-        from broker.topology import EXCHANGES, GLOBAL_EXCHANGE, SITE_DIRECT_EXCHANGE, declare
+        from fedmq.broker.topology import EXCHANGES, GLOBAL_EXCHANGE, SITE_DIRECT_EXCHANGE, declare
 
         self.conn = connect(url)
         self.ch = self.conn.channel()
@@ -188,7 +188,7 @@ class GlobalListener:
 
 
 def drain_dead_letters(url: str, expected: int, timeout: float = 20.0) -> list[tuple[dict[str, Any], bytes]]:
-    from broker.topology import DEAD_LETTER_QUEUE
+    from fedmq.broker.topology import DEAD_LETTER_QUEUE
 
     conn = connect(url)
     out: list[tuple[dict[str, Any], bytes]] = []
@@ -210,7 +210,7 @@ class AggregatorThread:
     """The real consumer, in a thread of the test process (stop() = the SIGTERM path)."""
 
     def __init__(self, settings: AggregatorSettings) -> None:
-        from aggregator.consumer import AggregatorService
+        from fedmq.aggregator.consumer import AggregatorService
 
         self.service = AggregatorService(settings)
         self.thread = threading.Thread(target=self.service.run, daemon=True)

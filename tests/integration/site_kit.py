@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.ckks import init_keys
-from shared.signing import generate_aggregator_key, generate_site_key, private_key_path
-from site_agent.settings import SiteSettings
+from fedmq.shared.ckks import init_keys
+from fedmq.shared.signing import generate_aggregator_key, generate_site_key, private_key_path
+from fedmq.site_agent.settings import SiteSettings
 
 
 @dataclass

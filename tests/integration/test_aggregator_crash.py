@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator import checkpoint as cpmod
-from aggregator.fold import weight_units
+from fedmq.aggregator import checkpoint as cpmod
+from fedmq.aggregator.fold import weight_units
 from integration.aggregator_helpers import PlainReplay, declare_topology, make_federation, publish, random_delta
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow]
@@ -31,7 +31,7 @@ def _start(fed, state: Path, url: str, crash: str | None) -> subprocess.Popen:
            "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir), "--buffer-size", "3",
            "--signing-key", str(fed.keys_dir / "aggregator.hybrid")]
     # the crash point is a hook the launcher injects; the product itself has no way to crash on purpose
-    cmd = [sys.executable, "-m", "tests.launcher", "--crash-at", crash, "--", *run] if crash else [sys.executable, "-m", "shared.cli", *run]
+    cmd = [sys.executable, "-m", "tests.launcher", "--crash-at", crash, "--", *run] if crash else [sys.executable, "-m", "fedmq.shared.cli", *run]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(state.parent / "agg.log", "ab"))
 
 

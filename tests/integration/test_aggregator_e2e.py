@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from broker.topology import CONTROL_EXCHANGE, METRICS_KEY, SNAPSHOT_REQUEST_KEY
+from fedmq.broker.topology import CONTROL_EXCHANGE, METRICS_KEY, SNAPSHOT_REQUEST_KEY
 from integration.aggregator_helpers import (
     AggregatorThread, GlobalListener, PlainReplay, declare_topology, make_federation, publish, random_delta,
 )
-from shared.codec import encode_site_metrics, encode_snapshot_request
-from shared.schema import SiteMetrics, SnapshotRequest
+from fedmq.shared.codec import encode_site_metrics, encode_snapshot_request
+from fedmq.shared.schema import SiteMetrics, SnapshotRequest
 
 pytestmark = pytest.mark.broker
 
@@ -42,7 +42,7 @@ def test_one_site_one_update(tmp_path, amqp_url):
 
 def _replay_versions(fed, versions, sent_by_uid):
     """Plaintext FedBuff replay driven by the contributors each delta names; checks every version."""
-    from aggregator.fold import weight_units
+    from fedmq.aggregator.fold import weight_units
 
     plain = PlainReplay()
     for v in sorted((v for v in versions if v["mode"] == "delta"), key=lambda v: v["version"]):

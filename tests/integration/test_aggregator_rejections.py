@@ -7,14 +7,14 @@ import msgpack
 import numpy as np
 import pytest
 
-from broker.topology import DEAD_LETTER_BODY_BYTES, ORIGINAL_SIZE_HEADER
+from fedmq.broker.topology import DEAD_LETTER_BODY_BYTES, ORIGINAL_SIZE_HEADER
 from integration.aggregator_helpers import (
     LAYOUT_FP, AggregatorThread, GlobalListener, declare_topology, drain_dead_letters, make_federation, publish,
     random_delta,
 )
-from shared.codec import decode_update_chunk, decode_rejection, encode_update_chunk
-from shared.ckks import init_keys, load_context
-from shared.signing import generate_site_key, load_private_key, private_key_path, sign_chunk
+from fedmq.shared.codec import decode_update_chunk, decode_rejection, encode_update_chunk
+from fedmq.shared.ckks import init_keys, load_context
+from fedmq.shared.signing import generate_site_key, load_private_key, private_key_path, sign_chunk
 
 pytestmark = pytest.mark.broker
 
@@ -84,7 +84,7 @@ def case_ed25519_missing(fed, ctx):
 
 
 def case_wrong_key(fed, ctx):
-    from shared.signing import sign_chunk
+    from fedmq.shared.signing import sign_chunk
 
     chunk = decode_update_chunk(_good(fed, ctx, 1)[0])
     return [encode_update_chunk(sign_chunk(chunk, fed.signing["charlie"]))], "bad-signature"  # charlie's key
@@ -211,7 +211,7 @@ def running(fed, broker, tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_dead_lettered_with_reason(case, fed, running):
-    from broker.topology import DEAD_LETTER_QUEUE
+    from fedmq.broker.topology import DEAD_LETTER_QUEUE
     from integration.aggregator_helpers import connect
 
     ctx = dict(running, case=case, rng=np.random.default_rng(len(case)))
@@ -248,7 +248,7 @@ def test_dead_letter_copy_keeps_headers_and_one_kib(running):
     the sender's headers, gains the reason and the original size, and holds the first KiB."""
     import pika
 
-    from broker.topology import DEAD_LETTER_QUEUE, UPDATES_EXCHANGE, shard_key
+    from fedmq.broker.topology import DEAD_LETTER_QUEUE, UPDATES_EXCHANGE, shard_key
     from integration.aggregator_helpers import connect
 
     url = running["url"]

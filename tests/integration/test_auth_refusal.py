@@ -27,7 +27,7 @@ def _wrong_password(url: str) -> str:
 def _run(argv: list[str], url: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_AMQP_URL=url, FEDMQ_LOG_JSON="false",
                FEDMQ_RECONNECT_INITIAL_S="0.1", FEDMQ_RECONNECT_MAX_S="0.5", FEDMQ_CHECK_USER_ID="false")
-    return subprocess.run([sys.executable, "-m", "shared.cli", *argv], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedmq.shared.cli", *argv], env=env, capture_output=True, text=True,
                           timeout=180)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from broker.local_node import find_rabbitmq_install, free_port
+from fedmq.broker.local_node import find_rabbitmq_install, free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ def test_broker_local_honours_port_and_prints_rabbitmqctl_environment(tmp_path):
     port = free_port()
     out = tmp_path / "out.log"
     with out.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "broker", "local", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "fedmq.shared.cli", "broker", "local", "--port", str(port)],
                                 stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         deadline = time.monotonic() + 180
@@ -50,7 +50,7 @@ def test_broker_local_honours_port_and_prints_rabbitmqctl_environment(tmp_path):
 def test_pilot_rabbitmq_conf_is_accepted_by_rabbitmq(tmp_path):
     """deploy/rabbitmq/rabbitmq.pilot.conf (the distribution broker's config in the pilot docs)
     loads into a real node; only its listener line is replaced by the private node's own."""
-    from broker.local_node import LocalRabbitNode
+    from fedmq.broker.local_node import LocalRabbitNode
 
     if find_rabbitmq_install() is None:
         pytest.skip("rabbitmq-server is not installed")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.federation import Federation, FederationSpec, SiteTraining
+from fedmq.experiments.federation import Federation, FederationSpec, SiteTraining
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -72,7 +72,7 @@ def _wait(pred, timeout: float, what: str, fed: Federation, allowed_dead: tuple[
 def _purge(url: str, site: str) -> None:
     import pika
 
-    from broker import topology
+    from fedmq.broker import topology
 
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
@@ -128,7 +128,7 @@ def test_async_late_joiner_catches_up_and_a_site_down_does_not_stall(tmp_path: P
         assert any(late in {site for site, _ in s.members} for s in after)
         assert _folded(fed, first).get("updates_folded", 0) <= folded_before + 1
 
-        from experiments.demo import membership_section
+        from fedmq.experiments.demo import membership_section
 
         table = "\n".join(membership_section(evaluator.all_scores(), list(fed.sites)))
         assert "## Membership timeline" in table and late in table

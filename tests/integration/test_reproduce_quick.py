@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import main
+from fedmq.shared.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,7 +111,7 @@ def test_dataset_registry_errors_are_clear(case: str, tmp_path: Path, capsys: py
 
 
 def test_registered_file_passes_its_md5() -> None:
-    from experiments.datasets import REGISTRY, resolve
+    from fedmq.experiments.datasets import REGISTRY, resolve
 
     root = _data_root()
     if root is None:

@@ -10,9 +10,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from aggregator.fold import weight_units
-from shared.sharding import owned_blocks
-from broker.topology import (
+from fedmq.aggregator.fold import weight_units
+from fedmq.shared.sharding import owned_blocks
+from fedmq.broker.topology import (
     CONTROL_EXCHANGE, EXCHANGES, GLOBAL_EXCHANGE, SITE_DIRECT_EXCHANGE, SNAPSHOT_REQUEST_KEY, aggregator_queue_specs,
     declare, shard_key,
 )
@@ -20,13 +20,13 @@ from integration.aggregator_helpers import (
     LAYOUT_FP, SLOTS, AggregatorThread, PlainReplay, connect, drain_dead_letters, make_federation, publish,
     random_delta,
 )
-from shared.codec import decode_global_version, decode_update_chunk, encode_snapshot_request, encode_update_chunk
-from shared.schema import SnapshotRequest, UpdateChunk
-from shared.signing import AGGREGATOR_KEY_NAME, load_public_key, public_key_path
-from site_agent.global_model import GlobalModelReceiver
-from site_agent.version_guard import VersionGuard
-from site_agent.state import SiteState, SiteStateStore
-from site_agent.update_builder import UpdateIdentity, build_update, shard_of_encoded
+from fedmq.shared.codec import decode_global_version, decode_update_chunk, encode_snapshot_request, encode_update_chunk
+from fedmq.shared.schema import SnapshotRequest, UpdateChunk
+from fedmq.shared.signing import AGGREGATOR_KEY_NAME, load_public_key, public_key_path
+from fedmq.site_agent.global_model import GlobalModelReceiver
+from fedmq.site_agent.version_guard import VersionGuard
+from fedmq.site_agent.state import SiteState, SiteStateStore
+from fedmq.site_agent.update_builder import UpdateIdentity, build_update, shard_of_encoded
 
 N_SHARDS = 2
 

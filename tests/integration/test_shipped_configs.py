@@ -25,9 +25,9 @@ from pathlib import Path
 import pika
 import pytest
 
-from broker import provision
+from fedmq.broker import provision
 from integration.site_kit import write_pngs
-from shared.cli import main
+from fedmq.shared.cli import main
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -93,7 +93,7 @@ class Deployment:
     def start(self, name: str, argv: list[str], user: str, **env: str) -> None:
         log = (self.root / f"{name}.log").open("w")
         full_env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_AMQP_URL=self.urls[user], **env)
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *argv], env=full_env,
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "fedmq.shared.cli", *argv], env=full_env,
                                             stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
 
     def log(self, name: str) -> str:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.federation import Federation, FederationSpec, SiteTraining
-from site_agent.runtime import LEDGER_FILE
-from site_agent.training import PrivacyLedger
+from fedmq.experiments.federation import Federation, FederationSpec, SiteTraining
+from fedmq.site_agent.runtime import LEDGER_FILE
+from fedmq.site_agent.training import PrivacyLedger
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -85,7 +85,7 @@ def test_three_sites_end_with_identical_global_model(tmp_path: Path, small_npz: 
         # flaky threshold (learning is measured by the demo and the reproduction, not here).
         assert len({round(sc.val_auc, 6) for sc in scores}) > 1
         # every site holds the same verified audit chain: 3 records, each folding one update per site
-        from experiments.demo import _audit_section
+        from fedmq.experiments.demo import _audit_section
 
         summaries = [fed.audit_summary(s) for s in fed.sites]
         assert all(a["ok"] and a["versions"] == [1, 3] for a in summaries), summaries

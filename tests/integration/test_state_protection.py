@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 
-from aggregator.status_cli import render
+from fedmq.aggregator.status_cli import render
 from integration.aggregator_helpers import (
     AggregatorThread, GlobalListener, connect, declare_topology, make_federation, publish, random_delta,
 )
-from shared.codec import decode, encode
-from shared.schema import Rejection, SnapshotRequest
+from fedmq.shared.codec import decode, encode
+from fedmq.shared.schema import Rejection, SnapshotRequest
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _site_queue_messages(url: str, site: str, timeout: float = 20.0) -> list:
     """Decode everything that reaches ``site``'s own queue (declared as the site declares it)."""
-    from broker import topology
+    from fedmq.broker import topology
 
     conn = connect(url)
     try:
@@ -50,7 +50,7 @@ def _site_queue_messages(url: str, site: str, timeout: float = 20.0) -> list:
 
 
 def test_sequence_backwards_is_answered_on_the_site_queue_and_shown_in_status(tmp_path, amqp_url):
-    from broker import topology
+    from fedmq.broker import topology
 
     fed = make_federation(tmp_path, sites=("alpha",))
     settings = fed.settings(amqp_url=amqp_url, buffer_size=1)
@@ -104,7 +104,7 @@ def test_second_aggregator_on_one_state_dir_exits_with_a_clear_message(tmp_path,
     settings = fed.settings(amqp_url=amqp_url, buffer_size=1)
     declare_topology(amqp_url, sites=("alpha",))
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_CHECK_USER_ID="false", FEDMQ_LOG_JSON="false")
-    args = [sys.executable, "-m", "shared.cli", "aggregator", "run", "--state-dir", str(settings.state_dir), "--buffer-size", "1",
+    args = [sys.executable, "-m", "fedmq.shared.cli", "aggregator", "run", "--state-dir", str(settings.state_dir), "--buffer-size", "1",
             "--amqp-url", amqp_url, "--public-context", str(fed.public_path), "--site-keys", str(fed.site_keys_dir),
             "--signing-key", str(settings.signing_key)]
     with AggregatorThread(settings):
@@ -134,8 +134,8 @@ def _known_site(tmp_path: Path, amqp_url: str):
 def test_a_fresh_site_under_a_known_identity_refuses_to_start(tmp_path, amqp_url, join_new):
     import threading
 
-    from site_agent.runtime import SiteRuntime
-    from site_agent.service import KnownIdentityWithoutState, SiteAgent
+    from fedmq.site_agent.runtime import SiteRuntime
+    from fedmq.site_agent.service import KnownIdentityWithoutState, SiteAgent
 
     fed, settings, site_settings = _known_site(tmp_path, amqp_url)
     if join_new:

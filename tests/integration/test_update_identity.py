@@ -18,8 +18,8 @@ from integration.aggregator_helpers import (
     AggregatorThread, GlobalListener, connect, declare_topology, drain_dead_letters, make_federation, publish,
     random_delta,
 )
-from shared.codec import decode_rejection, decode_update_chunk, encode_update_chunk
-from shared.signing import sign_chunk
+from fedmq.shared.codec import decode_rejection, decode_update_chunk, encode_update_chunk
+from fedmq.shared.signing import sign_chunk
 
 pytestmark = pytest.mark.broker
 
@@ -32,7 +32,7 @@ def fed(tmp_path_factory):
 
 
 def _purge_dead_letters(url: str) -> None:
-    from broker.topology import DEAD_LETTER_QUEUE
+    from fedmq.broker.topology import DEAD_LETTER_QUEUE
 
     conn = connect(url)
     try:

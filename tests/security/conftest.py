@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pika
 import pytest
 
-from broker import provision
+from fedmq.broker import provision
 from testkit.broker import Broker
 from tests.security.helpers import ProvisionedVhost, connect
 

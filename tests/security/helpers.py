@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pika
 
-from broker import provision
+from fedmq.broker import provision
 from testkit.broker import Namespace
 
 

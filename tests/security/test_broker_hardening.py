@@ -8,10 +8,10 @@ import pika
 import pika.exceptions
 import pytest
 
-from broker import topology
+from fedmq.broker import topology
 from testkit.broker import Broker
-from broker.local_node import GUEST_USER
-from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
+from fedmq.broker.local_node import GUEST_USER
+from fedmq.shared.codec import DEFAULT_MAX_MESSAGE_BYTES
 from tests.security.helpers import ProvisionedVhost, connect
 
 pytestmark = [pytest.mark.security, pytest.mark.broker]

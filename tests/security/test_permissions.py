@@ -10,7 +10,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from broker import provision, topology
+from fedmq.broker import provision, topology
 from tests.security.helpers import ProvisionedVhost, connect
 
 pytestmark = [pytest.mark.security, pytest.mark.broker]

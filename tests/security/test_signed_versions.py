@@ -19,13 +19,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from aggregator.engine import AggregatorEngine
-from broker import topology
+from fedmq.aggregator.engine import AggregatorEngine
+from fedmq.broker import topology
 from integration.aggregator_helpers import declare_topology, make_federation, publish
-from shared.audit import decode_record, sign_record
-from shared.cli import main
-from shared.codec import decode_global_version, encode
-from shared.signing import (
+from fedmq.shared.audit import decode_record, sign_record
+from fedmq.shared.cli import main
+from fedmq.shared.codec import decode_global_version, encode
+from fedmq.shared.signing import (
     AGGREGATOR_KEY_NAME,
     load_private_key,
     new_signing_key,
@@ -33,9 +33,9 @@ from shared.signing import (
     public_key_path,
     sign_version,
 )
-from site_agent.model_state import FederatedModel
-from site_agent.service import SiteAgent
-from site_agent.settings import SiteSettings
+from fedmq.site_agent.model_state import FederatedModel
+from fedmq.site_agent.service import SiteAgent
+from fedmq.site_agent.settings import SiteSettings
 from testkit.polling import wait_until
 
 pytestmark = pytest.mark.broker
@@ -106,7 +106,7 @@ def setup(tmp_path: Path, amqp_url: str):  # type: ignore[no-untyped-def]
         state_dir=tmp_path / "site", aggregator_public_key=public_key_path(fed.keys_dir, AGGREGATOR_KEY_NAME),
         log_json=False, progress_bars=False, reconnect_initial_s=0.2,
     )
-    from site_agent.runtime import SiteRuntime
+    from fedmq.site_agent.runtime import SiteRuntime
 
     site = _Site(SiteAgent(settings, SiteRuntime.open(settings, load_data=False)))
     site.thread.start()
@@ -121,7 +121,7 @@ def setup(tmp_path: Path, amqp_url: str):  # type: ignore[no-untyped-def]
 
 def test_site_refuses_bad_versions_and_audit_chains(setup, caplog) -> None:  # type: ignore[no-untyped-def]
     fed, engine, deltas, snaps, agg_key, site, url = setup
-    caplog.set_level(logging.ERROR, logger="site_agent.service")
+    caplog.set_level(logging.ERROR, logger="fedmq.site_agent.service")
     agent = site.agent
 
     class _Held:  # what the site holds now, read through its state owner

@@ -16,8 +16,8 @@ import pika
 import pika.exceptions
 import pytest
 
-from broker import provision, tls, topology
-from broker.local_node import LocalRabbitNode, find_rabbitmq_install, free_port
+from fedmq.broker import provision, tls, topology
+from fedmq.broker.local_node import LocalRabbitNode, find_rabbitmq_install, free_port
 from tests.conftest import broker_unavailable
 
 pytestmark = [pytest.mark.security, pytest.mark.broker]
@@ -149,7 +149,7 @@ def test_provision_cli_never_creates_the_vhost_as_guest(tls_node: TlsNode, tmp_p
     API gets full rights on it, so the creator must be an administrator that is neither guest
     nor a site. The CLI refuses guest and a missing password; afterwards the vhost grants only
     the administrator and fedmq's own users, and guest cannot log in."""
-    from shared.cli import main
+    from fedmq.shared.cli import main
 
     vhost, site = "fedmq-http-cli", "hospital_cli"
     secret = tmp_path / "admin.password"

@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from broker.local_node import NODE_ADMIN_USER, BrokerHarnessError, LocalNodeError, LocalRabbitNode, find_rabbitmq_install
+from fedmq.broker.local_node import NODE_ADMIN_USER, BrokerHarnessError, LocalNodeError, LocalRabbitNode, find_rabbitmq_install
 
 logger = logging.getLogger(__name__)
 

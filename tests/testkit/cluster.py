@@ -19,7 +19,7 @@ import threading
 import time
 from types import TracebackType
 
-from broker.local_node import NODE_ADMIN_USER, LocalNodeError, LocalRabbitNode, free_port
+from fedmq.broker.local_node import NODE_ADMIN_USER, LocalNodeError, LocalRabbitNode, free_port
 
 logger = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ import msgpack
 import numpy as np
 import pytest
 
-from aggregator import checkpoint as cpmod
-from aggregator.blockstore import CiphertextStore
-from aggregator.engine import AggregatorEngine
+from fedmq.aggregator import checkpoint as cpmod
+from fedmq.aggregator.blockstore import CiphertextStore
+from fedmq.aggregator.engine import AggregatorEngine
 from integration.aggregator_helpers import make_federation, random_delta
-from shared.ckks import decrypt_block, encrypt_block, load_ciphertext, load_context, serialize
-from shared.codec import decode_global_version, encode
+from fedmq.shared.ckks import decrypt_block, encrypt_block, load_ciphertext, load_context, serialize
+from fedmq.shared.codec import decode_global_version, encode
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.policy import DuplicateRound, Policy, answer_snapshot_request
-from aggregator.site_status import SiteStatus
-from aggregator.wal import encode_record, frame_body, frame_parts, read_records
-from shared.errors import ConfigError
+from fedmq.aggregator.policy import DuplicateRound, Policy, answer_snapshot_request
+from fedmq.aggregator.site_status import SiteStatus
+from fedmq.aggregator.wal import encode_record, frame_body, frame_parts, read_records
+from fedmq.shared.errors import ConfigError
 
 
 @pytest.mark.parametrize("size", [0, 255, 256, 65_535, 65_536, 300_000])

@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator import checkpoint as cpmod
-from aggregator.engine import AggregatorEngine
-from aggregator.wal import WriteAheadLog, encode_record, read_records
+from fedmq.aggregator import checkpoint as cpmod
+from fedmq.aggregator.engine import AggregatorEngine
+from fedmq.aggregator.wal import WriteAheadLog, encode_record, read_records
 from integration.aggregator_helpers import PlainReplay, make_federation, random_delta
-from shared.ckks import decrypt_block, load_context, serialize
-from shared.ckks_wire import MAGIC as CIPHERTEXT_MAGIC
-from shared.codec import decode_global_version
-from shared.errors import ConfigError, CryptoError, SecretKeyPresentError
+from fedmq.shared.ckks import decrypt_block, load_context, serialize
+from fedmq.shared.ckks_wire import MAGIC as CIPHERTEXT_MAGIC
+from fedmq.shared.codec import decode_global_version
+from fedmq.shared.errors import ConfigError, CryptoError, SecretKeyPresentError
 
 
 # ------------------------------------------------------------------ WAL
@@ -211,7 +211,7 @@ def test_engine_validation_reasons(fed, tmp_path):
 
 
 def test_status_json_and_cli(fed, tmp_path, capsys):
-    from shared.cli import main
+    from fedmq.shared.cli import main
 
     eng = AggregatorEngine(fed.settings(tmp_path / "st", buffer_size=2))
     bodies, _ = fed.update("alpha", 1, 0, random_delta(np.random.default_rng(9), fed.n_params))

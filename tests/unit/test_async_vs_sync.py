@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.async_vs_sync import AsyncVsSyncConfig, run
-from experiments.evaluator import VersionScore
-from experiments.federation import FederationResult, FederationSpec
+from fedmq.experiments.async_vs_sync import AsyncVsSyncConfig, run
+from fedmq.experiments.evaluator import VersionScore
+from fedmq.experiments.federation import FederationResult, FederationSpec
 
 
 def _result(spec: FederationSpec) -> FederationResult:
@@ -77,7 +77,7 @@ def test_a_target_not_reached_is_none_not_a_number(tmp_path: Path) -> None:
 
 
 def test_async_k_follows_the_documented_rule(tmp_path: Path) -> None:
-    from experiments.defaults import async_buffer_size
+    from fedmq.experiments.defaults import async_buffer_size
 
     assert [async_buffer_size(n, dp=True) for n in (1, 3, 5)] == [1, 3, 5]
     assert [async_buffer_size(n, dp=False) for n in (1, 3, 4, 5)] == [1, 2, 2, 3]

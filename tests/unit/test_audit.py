@@ -1,11 +1,11 @@
-"""shared.audit: the hash-chained, aggregator-signed audit log and its offline checks."""
+"""fedmq.shared.audit: the hash-chained, aggregator-signed audit log and its offline checks."""
 
 from __future__ import annotations
 
 import msgpack
 import pytest
 
-from shared.audit import (
+from fedmq.shared.audit import (
     GENESIS_HASH,
     AuditChain,
     AuditFork,
@@ -19,10 +19,10 @@ from shared.audit import (
     sign_record,
     update_digest,
 )
-from shared.audit_cli import tables
-from shared.cli import main
-from shared.schema import AuditContribution, AuditEpsilon, AuditRecord
-from shared.signing import generate_aggregator_key, load_private_key, new_signing_key
+from fedmq.shared.audit_cli import tables
+from fedmq.shared.cli import main
+from fedmq.shared.schema import AuditContribution, AuditEpsilon, AuditRecord
+from fedmq.shared.signing import generate_aggregator_key, load_private_key, new_signing_key
 
 SITES = ("hospital_1", "hospital_2", "hospital_3")
 

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import judge, report
 from benchmarks import run as bench
-from shared.ckks import DEFAULT_PRESET
+from fedmq.shared.ckks import DEFAULT_PRESET
 
 TINY = bench.Sizes.tiny()
 

@@ -1,4 +1,4 @@
-"""shared.chunking: chunks stay under the size limit and reassemble, in any order, to the same blocks."""
+"""fedmq.shared.chunking: chunks stay under the size limit and reassemble, in any order, to the same blocks."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.chunking import Assembled, ChunkAssembler, chunk_blocks
-from shared.codec import decode_global_version, decode_update_chunk, encode
-from shared.errors import ChunkError, DuplicateChunk, InconsistentChunk, MessageTooLarge, MissingChunk
-from shared.schema import EncryptedBlock, GlobalVersionChunk, UpdateChunk
+from fedmq.shared.chunking import Assembled, ChunkAssembler, chunk_blocks
+from fedmq.shared.codec import decode_global_version, decode_update_chunk, encode
+from fedmq.shared.errors import ChunkError, DuplicateChunk, InconsistentChunk, MessageTooLarge, MissingChunk
+from fedmq.shared.schema import EncryptedBlock, GlobalVersionChunk, UpdateChunk
 
 
 def template(total_blocks: int, **changes: object) -> UpdateChunk:

@@ -1,4 +1,4 @@
-"""shared.ckks (the HE seam) and shared.ckks_wire (its byte format): the encrypted weighted
+"""fedmq.shared.ckks (the HE seam) and fedmq.shared.ckks_wire (its byte format): the encrypted weighted
 average meets the error budget up to the headroom, the wire format is at its floor, the
 aggregator's public key can fold but never decrypt, and each kind of damaged ciphertext is
 refused with its own reason."""
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import zstandard
 
-from shared import ckks, ckks_wire
-from shared.chunking import ChunkAssembler
-from shared.ckks import (
+from fedmq.shared import ckks, ckks_wire
+from fedmq.shared.chunking import ChunkAssembler
+from fedmq.shared.ckks import (
     AGGREGATION_ERROR_BUDGET,
     DEFAULT_PRESET,
     PRESETS,
@@ -30,10 +30,10 @@ from shared.ckks import (
     serialize,
     sum_vectors,
 )
-from shared.codec import decode_update_chunk, encode
-from shared.errors import CryptoError, SecretKeyPresentError, WireError
-from shared.signing import new_signing_key, verify_chunk
-from shared.sparsify import densify
+from fedmq.shared.codec import decode_update_chunk, encode
+from fedmq.shared.errors import CryptoError, SecretKeyPresentError, WireError
+from fedmq.shared.signing import new_signing_key, verify_chunk
+from fedmq.shared.sparsify import densify
 
 #: HomomorphicEncryption.org standard, 128-bit classical security, ternary secret
 HE_STANDARD_MAX_MODULUS_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -284,7 +284,7 @@ def test_a_coefficient_beyond_the_prime_is_refused(keys: tuple[LoadedContext, Lo
 
 
 def test_parallel_encryption_matches_the_serial_path(keys: tuple[LoadedContext, LoadedContext]) -> None:
-    from shared.ckks_pool import MIN_PARALLEL_BLOCKS, encrypt_blocks_parallel
+    from fedmq.shared.ckks_pool import MIN_PARALLEL_BLOCKS, encrypt_blocks_parallel
 
     secret, _ = keys
     blocks = np.random.default_rng(3).uniform(-1, 1, (MIN_PARALLEL_BLOCKS + 5, secret.block_size))
@@ -300,7 +300,7 @@ def test_parallel_encryption_matches_the_serial_path(keys: tuple[LoadedContext, 
 
 def test_update_builder_end_to_end(tmp_path: Path) -> None:
     """A site's update, through signing, the wire and reassembly, folds to its sparse delta."""
-    from site_agent.update_builder import UpdateIdentity, build_update
+    from fedmq.site_agent.update_builder import UpdateIdentity, build_update
 
     files = init_keys(tmp_path)
     secret = load_context(files.secret_context, require_secret=True)
@@ -380,9 +380,9 @@ def test_pipelined_build_chunks_as_the_plain_chunker_would(tmp_path: Path) -> No
     """The site chunks with stand-ins and fills each chunk as its ciphertexts arrive: the chunks
     hold every block once, in order, grouped exactly as ``chunk_blocks`` groups the real ones,
     for one shard and for three, through the worker pool and in-process."""
-    from shared.chunking import chunk_blocks
-    from shared.ckks_pool import MIN_PARALLEL_BLOCKS
-    from site_agent.update_builder import UpdateIdentity, build_update
+    from fedmq.shared.chunking import chunk_blocks
+    from fedmq.shared.ckks_pool import MIN_PARALLEL_BLOCKS
+    from fedmq.site_agent.update_builder import UpdateIdentity, build_update
 
     files = init_keys(tmp_path)
     secret = load_context(files.secret_context, require_secret=True)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.ckks import DEFAULT_PRESET, PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE, load_context
-from shared.cli import build_parser, main
-from shared.signing import load_private_key, load_public_key
+from fedmq.shared.ckks import DEFAULT_PRESET, PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE, load_context
+from fedmq.shared.cli import build_parser, main
+from fedmq.shared.signing import load_private_key, load_public_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_help_as_a_process() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "fedmq.shared.cli", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "fedmq" in proc.stdout and "keys" in proc.stdout
 

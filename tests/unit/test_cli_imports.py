@@ -14,13 +14,13 @@ HEAVY = ("torch", "opacus", "monai")
 
 
 def test_building_the_cli_imports_no_training_stack() -> None:
-    code = ("import json, sys, shared.cli; shared.cli.build_parser(); "
+    code = ("import json, sys, fedmq.shared.cli; fedmq.shared.cli.build_parser(); "
             f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 def test_the_faults_package_still_exports_its_names_lazily() -> None:
-    import experiments.faults as faults
+    import fedmq.experiments.faults as faults
 
     assert faults.FaultPlan().aggregator_kills >= 1 and callable(faults.run_live)

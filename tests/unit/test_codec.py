@@ -1,4 +1,4 @@
-"""shared.codec: every message kind round-trips; every malformed input gets its own error."""
+"""fedmq.shared.codec: every message kind round-trips; every malformed input gets its own error."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import codec
-from shared.errors import (
+from fedmq.shared import codec
+from fedmq.shared.errors import (
     MalformedMessage,
     MessageTooLarge,
     SchemaVersionMismatch,
@@ -17,7 +17,7 @@ from shared.errors import (
     UnknownMessageKind,
     WireError,
 )
-from shared.schema import (
+from fedmq.shared.schema import (
     MESSAGE_TYPES,
     AuditContribution,
     AuditEpsilon,

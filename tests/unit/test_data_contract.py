@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from integration.site_kit import make_site_kit, write_pngs
-from shared.errors import ConfigError
-from site_agent.data.check import check_data
-from site_agent.runtime import SiteRuntime
+from fedmq.shared.errors import ConfigError
+from fedmq.site_agent.data.check import check_data
+from fedmq.site_agent.runtime import SiteRuntime
 from unit.test_image_formats import write_dicom
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_check_data_command(tmp_path):
         ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key), ("aggregator_public_key", s.aggregator_public_key),
         ("manifest", s.manifest), ("state_dir", tmp_path / "state"))) + "\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "site", "check-data", "--config", str(cfg),
+    proc = subprocess.run([sys.executable, "-m", "fedmq.shared.cli", "site", "check-data", "--config", str(cfg),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "usable images: 36" in proc.stdout and "OK: the site agent can train" in proc.stdout

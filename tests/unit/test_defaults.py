@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import defaults
-from experiments.defaults import (
+from fedmq.experiments import defaults
+from fedmq.experiments.defaults import (
     async_buffer_size,
     clip_norm,
     dp_learning_rate,
@@ -43,8 +43,8 @@ def test_one_federation_lr_set_by_the_noisiest_site() -> None:
 
 def test_the_noise_multiplier_is_the_sites_own() -> None:
     """The rule sees the sigma the site's ledger binds itself to, computed by the site's code."""
-    from site_agent.training.config import DPConfig, TrainingConfig
-    from site_agent.training.trainer import LocalTrainer
+    from fedmq.site_agent.training.config import DPConfig, TrainingConfig
+    from fedmq.site_agent.training.trainer import LocalTrainer
 
     n = 1958
     cfg = TrainingConfig(batch_size=128, local_epochs=1, dp=DPConfig(target_epsilon=1.2, planned_rounds=20))
@@ -80,7 +80,7 @@ def _demo_args(**kw) -> argparse.Namespace:
 
 
 def test_the_demo_reads_the_rules(tmp_path: Path) -> None:
-    from experiments.demo import demo_spec
+    from fedmq.experiments.demo import demo_spec
 
     spec = demo_spec(_demo_args(), tmp_path / "x.npz")
     assert spec.training.lr is None  # the lr rule, per run, from the sites' noise multipliers
@@ -92,7 +92,7 @@ def test_the_demo_reads_the_rules(tmp_path: Path) -> None:
 
 
 def test_the_federation_applies_the_lr_rule_to_its_sites(tmp_path: Path) -> None:
-    from experiments.federation import Federation, FederationSpec, SiteTraining
+    from fedmq.experiments.federation import Federation, FederationSpec, SiteTraining
 
     spec = FederationSpec(workdir=tmp_path, data_npz=tmp_path / "x.npz", n_sites=2, planned_rounds=20,
                           training=SiteTraining(lr=None, batch_size=128))
@@ -112,7 +112,7 @@ def test_the_federation_applies_the_lr_rule_to_its_sites(tmp_path: Path) -> None
 
 
 def test_the_federation_lr_from_site_sizes_is_the_noisiest_sites() -> None:
-    from experiments.defaults import dp_federation_lr_for_sizes
+    from fedmq.experiments.defaults import dp_federation_lr_for_sizes
 
     lr = dp_federation_lr_for_sizes([237, 1958], batch_size=128, rounds=20, epsilon=1.2)
     assert lr == pytest.approx(dp_learning_rate(dp_noise_multiplier(237, batch_size=128, rounds=20, epsilon=1.2),

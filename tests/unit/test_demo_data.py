@@ -11,7 +11,7 @@ import pydicom
 import pytest
 import torch
 
-from site_agent.data import (
+from fedmq.site_agent.data import (
     ChecksumMismatch,
     DatasetDownloadError,
     dirichlet_partition,
@@ -21,7 +21,7 @@ from site_agent.data import (
     md5_of,
     prepare_demo_data,
 )
-from site_agent.data.medmnist_source import KNOWN_MD5, download_medmnist
+from fedmq.site_agent.data.medmnist_source import KNOWN_MD5, download_medmnist
 
 SHARED_NPZ = Path(__file__).resolve().parents[3] / "shared" / "data" / "pneumoniamnist.npz"
 PNEUMONIA_MD5 = "28209eda62fecd6e6a2d98b1501bb15f"
@@ -129,7 +129,7 @@ def test_more_sites_cycle_formats(small_npz: Path, tmp_path: Path) -> None:
 
 
 def test_official_split_matches_transform_chain(small_npz: Path) -> None:
-    from site_agent.data.transforms import standard_postprocess
+    from fedmq.site_agent.data.transforms import standard_postprocess
 
     with np.load(small_npz) as data:
         raw = data["val_images"][:20].astype(np.float32)

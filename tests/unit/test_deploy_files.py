@@ -20,10 +20,10 @@ import pika.exceptions
 import pytest
 import yaml
 
-from broker import definitions as defs
-from broker import provision, topology
-from shared.cli import build_parser, main
-from shared.settings import load_settings
+from fedmq.broker import definitions as defs
+from fedmq.broker import provision, topology
+from fedmq.shared.cli import build_parser, main
+from fedmq.shared.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -67,11 +67,11 @@ def _parse(argv: list[str]):  # noqa: ANN202
 
 def _settings_class(group: str):  # noqa: ANN202
     if group == "site":
-        from site_agent.settings import SiteSettings
+        from fedmq.site_agent.settings import SiteSettings
 
         return SiteSettings
     if group == "aggregator":
-        from aggregator.settings import AggregatorSettings
+        from fedmq.aggregator.settings import AggregatorSettings
 
         return AggregatorSettings
     raise AssertionError(f"no settings class known for group {group!r}")
@@ -102,8 +102,8 @@ def _covered(path: PurePosixPath, mounts: dict[str, str]) -> bool:
 def _assert_broker_limits(conf: str) -> None:
     """Every broker config fedmq ships carries the size limit derived from the codec (issue 15)
     and never a guest or a default user of its own."""
-    from broker.topology import BROKER_MAX_MESSAGE_SIZE, rabbitmq_conf_limits
-    from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
+    from fedmq.broker.topology import BROKER_MAX_MESSAGE_SIZE, rabbitmq_conf_limits
+    from fedmq.shared.codec import DEFAULT_MAX_MESSAGE_BYTES
 
     assert BROKER_MAX_MESSAGE_SIZE <= 2 * DEFAULT_MAX_MESSAGE_BYTES
     lines = {line.strip() for line in conf.splitlines() if line.strip() and not line.lstrip().startswith("#")}
@@ -114,8 +114,8 @@ def _assert_broker_limits(conf: str) -> None:
 
 
 def test_private_node_config_has_no_guest_and_the_size_limit(tmp_path: Path) -> None:
-    from broker.local_node import GUEST_USER, LocalRabbitNode, find_rabbitmq_install
-    from broker.topology import rabbitmq_conf_limits
+    from fedmq.broker.local_node import GUEST_USER, LocalRabbitNode, find_rabbitmq_install
+    from fedmq.broker.topology import rabbitmq_conf_limits
 
     if find_rabbitmq_install() is None:
         pytest.skip("rabbitmq-server not installed")
@@ -193,7 +193,7 @@ def test_compose_configs_load_and_mounts_cover_their_paths(service: str, clean_e
 
 
 def test_example_site_config_for_systemd_loads(clean_env: None) -> None:
-    from site_agent.settings import SiteSettings
+    from fedmq.site_agent.settings import SiteSettings
 
     settings = load_settings(SiteSettings, ROOT / "deploy" / "config" / "site.example.toml")
     assert settings.site_id == "hospital_1"
@@ -292,8 +292,8 @@ def test_definitions_load_into_a_real_broker(broker_ctl, tmp_path: Path) -> None
 def test_definitions_name_no_guest_and_cap_the_dead_letter_queue() -> None:
     """The generated definitions (compose, the demo) grant nothing to guest, and carry the
     dead-letter queue's caps (issue 15)."""
-    from broker import definitions as defs
-    from broker import provision, topology
+    from fedmq.broker import definitions as defs
+    from fedmq.broker import provision, topology
 
     grants = provision.plan(list(SITES), lambda user: "pw", include_admin=True)
     doc = defs.definitions("fedmq", grants, sites=list(SITES))

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from shared.errors import ConfigError
-from site_agent.model_state import FederatedModel
-from site_agent.models import PRESETS, build_model, check_image_size, load_init_weights
-from site_agent.training import DPConfig, LocalTrainer, PrivacyLedger, TrainingConfig, TrainingError
-from site_agent.training.device import resolve_device
-from site_agent.training.engines import ENGINES, BookKeepingEngine, make_engine
+from fedmq.shared.errors import ConfigError
+from fedmq.site_agent.model_state import FederatedModel
+from fedmq.site_agent.models import PRESETS, build_model, check_image_size, load_init_weights
+from fedmq.site_agent.training import DPConfig, LocalTrainer, PrivacyLedger, TrainingConfig, TrainingError
+from fedmq.site_agent.training.device import resolve_device
+from fedmq.site_agent.training.engines import ENGINES, BookKeepingEngine, make_engine
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from site_agent.models import build_model
-from site_agent.training import (
+from fedmq.site_agent.models import build_model
+from fedmq.site_agent.training import (
     DPConfig,
     LocalTrainer,
     PrivacyBudgetExhausted,

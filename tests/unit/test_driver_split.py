@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import goals, judge, report
-from experiments.faults.plan import FaultPlan, LiveResult
+from fedmq.experiments.faults.plan import FaultPlan, LiveResult
 
 
 def _live(**over: object) -> LiveResult:
@@ -36,18 +36,18 @@ def test_the_judge_fails_a_run_whose_recovery_exceeds_the_plans_bound() -> None:
 
 def test_faults_run_stops_before_the_live_run_without_hypothesis(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    import experiments.faults.live as live
-    from shared import cli
+    import fedmq.experiments.faults.live as live
+    from fedmq.shared import cli
 
     def no_live_run(*a: object, **k: object) -> None:
         raise AssertionError("the live run started although the fuzzers cannot run")
 
     monkeypatch.setattr(live, "run_live", no_live_run)
     monkeypatch.setitem(sys.modules, "hypothesis", None)  # as if the dev extra were not installed
-    import experiments.faults as package
+    import fedmq.experiments.faults as package
 
     for name in ("fuzz", "run"):  # as in a fresh process: neither imported yet
-        monkeypatch.delitem(sys.modules, f"experiments.faults.{name}", raising=False)
+        monkeypatch.delitem(sys.modules, f"fedmq.experiments.faults.{name}", raising=False)
         monkeypatch.delattr(package, name, raising=False)
     rc = cli.main(["faults", "run", "--out", str(tmp_path / "out"), "--data-root", str(tmp_path)])
     assert rc == 2
@@ -76,7 +76,7 @@ def test_benchmark_goals_are_one_table_for_judge_and_report() -> None:
 
 def test_bench_parameter_counts_come_from_the_model_registry() -> None:
     from benchmarks.run import Sizes, model_params
-    from site_agent.models import PRESETS
+    from fedmq.site_agent.models import PRESETS
 
     for name in Sizes.full().model_presets:
         assert model_params(name) == PRESETS[name].n_params
@@ -86,7 +86,7 @@ def test_bench_parameter_counts_come_from_the_model_registry() -> None:
 def test_bench_async_vs_sync_reads_no_earlier_results(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The section's only input is the dataset: the comparison it runs is told to read and write
     no earlier results file (``reproduce_results=None``)."""
-    import experiments.async_vs_sync as avs
+    import fedmq.experiments.async_vs_sync as avs
     from benchmarks import run
     from benchmarks.harness import data_npz
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from aggregator.engine import AggregatorEngine, Intent
+from fedmq.aggregator.engine import AggregatorEngine, Intent
 from integration.aggregator_helpers import LAYOUT_FP, make_federation, random_delta
-from shared.codec import decode
-from shared.schema import Rejection
-from site_agent.model_state import FederatedModel, describe_layout_mismatch
+from fedmq.shared.codec import decode
+from fedmq.shared.schema import Rejection
+from fedmq.site_agent.model_state import FederatedModel, describe_layout_mismatch
 
 
 def test_layout_mismatch_names_both_presets():
@@ -41,9 +41,9 @@ def test_aggregator_names_fingerprints_and_tells_the_site(tmp_path):
 def test_a_site_alert_reaches_status_and_metrics(tmp_path):
     import time
 
-    from aggregator.status_cli import render
-    from shared.codec import encode
-    from shared.schema import SiteMetrics
+    from fedmq.aggregator.status_cli import render
+    from fedmq.shared.codec import encode
+    from fedmq.shared.schema import SiteMetrics
 
     fed = make_federation(tmp_path, sites=("alpha",))
     eng = AggregatorEngine(fed.settings(tmp_path / "s", buffer_size=1))

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from aggregator.fold import (
+from fedmq.aggregator.fold import (
     commit, commit_plain, fold_into, fold_plain, reconstruct, staleness_weight, value_scale, weight_units,
 )
-from shared.sharding import block_shard, owned_blocks
-from shared.ckks import decrypt_block, encrypt_block, init_keys, load_ciphertext, load_context, serialize
+from fedmq.shared.sharding import block_shard, owned_blocks
+from fedmq.shared.ckks import decrypt_block, encrypt_block, init_keys, load_ciphertext, load_context, serialize
 
 
 def test_staleness_weight_values():

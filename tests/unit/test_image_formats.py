@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from site_agent.data import standard_transforms
+from fedmq.site_agent.data import standard_transforms
 
 H, W, SIZE = 60, 44, 32
 
@@ -104,7 +104,7 @@ def test_every_format_loads_to_the_same_tensor(files):
 
 
 def test_dicom_window_is_applied_and_monochrome1_inverted_after_it(tmp_path):
-    from site_agent.data.readers import read_standard_image
+    from fedmq.site_agent.data.readers import read_standard_image
 
     values = np.tile(np.arange(0, 1000, 10, dtype=np.uint16), (20, 1))  # 0..990 along each row
     m2 = write_dicom(tmp_path / "w2.dcm", values, window=(500.0, 201.0))

@@ -1,4 +1,4 @@
-"""shared.layout: state_dict <-> flat vector round trip, fingerprints, refusal of other layouts."""
+"""fedmq.shared.layout: state_dict <-> flat vector round trip, fingerprints, refusal of other layouts."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.errors import FingerprintMismatch, LayoutMismatch
-from shared.layout import ModelLayout
+from fedmq.shared.errors import FingerprintMismatch, LayoutMismatch
+from fedmq.shared.layout import ModelLayout
 
 names = st.from_regex(r"[a-z][a-z0-9_.]{0,12}", fullmatch=True)
 shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from site_agent.training import (
+from fedmq.site_agent.training import (
     DPConfig,
     LedgerConfigMismatch,
     LedgerError,

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from site_agent.data import ImageCache, ManifestError, load_dataset, read_manifest, standard_transforms
-from site_agent.data import readers
-from site_agent.data.errors import ImageReadError, UnsupportedImage, UnsupportedTransferSyntax
-from site_agent.data.readers import read_dicom
+from fedmq.site_agent.data import ImageCache, ManifestError, load_dataset, read_manifest, standard_transforms
+from fedmq.site_agent.data import readers
+from fedmq.site_agent.data.errors import ImageReadError, UnsupportedImage, UnsupportedTransferSyntax
+from fedmq.site_agent.data.readers import read_dicom
 
 
 def _testfile(name: str) -> Path:

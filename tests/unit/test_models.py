@@ -7,7 +7,7 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from site_agent.models import PRESETS, build_model, count_parameters
+from fedmq.site_agent.models import PRESETS, build_model, count_parameters
 
 
 @pytest.fixture(scope="module", params=sorted(PRESETS))

@@ -52,9 +52,9 @@ def test_product_code_names_no_test_hook_variable() -> None:
 
 
 def _settings_fields() -> set[str]:
-    from aggregator.settings import AggregatorSettings
-    from shared.settings import FedmqSettings
-    from site_agent.settings import SiteSettings
+    from fedmq.aggregator.settings import AggregatorSettings
+    from fedmq.shared.settings import FedmqSettings
+    from fedmq.site_agent.settings import SiteSettings
 
     return {f for cls in (FedmqSettings, AggregatorSettings, SiteSettings) for f in cls.model_fields}
 

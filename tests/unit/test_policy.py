@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.policy import DuplicateRound, Policy
-from shared.errors import FutureBaseVersion, TooStale
+from fedmq.aggregator.policy import DuplicateRound, Policy
+from fedmq.shared.errors import FutureBaseVersion, TooStale
 
 
 def _policy(mode="async", **kw):

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.engine import AggregatorEngine
-from aggregator.policy import Policy
-from aggregator.settings import AggregatorSettings
+from fedmq.aggregator.engine import AggregatorEngine
+from fedmq.aggregator.policy import Policy
+from fedmq.aggregator.settings import AggregatorSettings
 from integration.aggregator_helpers import make_federation
-from shared.codec import decode_global_version
-from shared.settings import load_settings
+from fedmq.shared.codec import decode_global_version
+from fedmq.shared.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 

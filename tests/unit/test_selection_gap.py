@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from experiments.selection_gap import gaps, write_plot
+from fedmq.experiments.selection_gap import gaps, write_plot
 
 
 def _run(test_by_v: list[float], val_by_v: list[float], best_version: int) -> dict:

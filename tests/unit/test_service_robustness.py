@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.publisher import amqp_safe
-from aggregator.wal import WriteAheadLog, read_records
-from broker.connection import parameters, split_urls
-from broker.tls import make_dev_pki
-from shared.settings import FedmqSettings
+from fedmq.aggregator.publisher import amqp_safe
+from fedmq.aggregator.wal import WriteAheadLog, read_records
+from fedmq.broker.connection import parameters, split_urls
+from fedmq.broker.tls import make_dev_pki
+from fedmq.shared.settings import FedmqSettings
 
 
 def test_failed_wal_append_is_cut_off_so_later_records_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

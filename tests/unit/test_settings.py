@@ -1,4 +1,4 @@
-"""shared.settings: env beats TOML beats defaults; invalid values name their field."""
+"""fedmq.shared.settings: env beats TOML beats defaults; invalid values name their field."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.codec import DEFAULT_MAX_MESSAGE_BYTES
-from shared.errors import ConfigError
-from shared.settings import FedmqSettings, load_settings
+from fedmq.shared.codec import DEFAULT_MAX_MESSAGE_BYTES
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.settings import FedmqSettings, load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.settings_doc import render
+from fedmq.shared.settings_doc import render
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_settings_reference_is_current():
     assert (ROOT / "docs" / "settings.md").read_text() == render(), (
-        "docs/settings.md is stale: run `python -m shared.settings_doc > docs/settings.md`"
+        "docs/settings.md is stale: run `python -m fedmq.shared.settings_doc > docs/settings.md`"
     )
 
 
 def test_every_setting_is_documented():
-    from aggregator.settings import AggregatorSettings
-    from site_agent.settings import SiteSettings
+    from fedmq.aggregator.settings import AggregatorSettings
+    from fedmq.site_agent.settings import SiteSettings
 
     text = render()
     for cls in (AggregatorSettings, SiteSettings):

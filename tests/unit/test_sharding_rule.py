@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.sharding import block_shard, owned_blocks, shard_block_range
+from fedmq.shared.sharding import block_shard, owned_blocks, shard_block_range
 
 
 @pytest.mark.parametrize("total", [1, 2, 3, 7, 10, 64, 101])

@@ -1,4 +1,4 @@
-"""shared.signing: hybrid Ed25519 + ML-DSA-65 over each chunk; forged, altered, half-signed or
+"""fedmq.shared.signing: hybrid Ed25519 + ML-DSA-65 over each chunk; forged, altered, half-signed or
 unknown-site chunks are refused."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import stat
 import msgpack
 import pytest
 
-from shared.codec import decode_update_chunk, encode
-from shared.errors import ConfigError, SignatureInvalid, UnknownSite
-from shared.schema import EncryptedBlock, UpdateChunk
-from shared.signing import (
+from fedmq.shared.codec import decode_update_chunk, encode
+from fedmq.shared.errors import ConfigError, SignatureInvalid, UnknownSite
+from fedmq.shared.schema import EncryptedBlock, UpdateChunk
+from fedmq.shared.signing import (
     generate_aggregator_key,
     generate_site_key,
     load_pinned_keys,

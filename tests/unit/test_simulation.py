@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.simulation import (
+from fedmq.experiments.simulation import (
     FederationData,
     FederationSettings,
     LocalSettings,
@@ -44,10 +44,10 @@ def test_simulation_versions_are_the_shipped_engines() -> None:
     """The simulated federation's model is what the AggregatorEngine committed, applied by the
     site's own receiver: decrypting the engine's checkpoint gives the same x_v bit for bit, and
     every contributor's weight is the engine policy's."""
-    from aggregator import checkpoint as cpmod
-    from aggregator.engine import AggregatorEngine
-    from shared.ckks import decrypt_block
-    from site_agent.model_state import FederatedModel, model_vector
+    from fedmq.aggregator import checkpoint as cpmod
+    from fedmq.aggregator.engine import AggregatorEngine
+    from fedmq.shared.ckks import decrypt_block
+    from fedmq.site_agent.model_state import FederatedModel, model_vector
 
     seen = {}
 
@@ -70,7 +70,7 @@ def test_simulation_versions_are_the_shipped_engines() -> None:
     np.testing.assert_array_equal(seen["held"], seen["from_checkpoint"].astype(seen["held"].dtype))
     # the model scored last is the engine's version 2
     model = FederatedModel.create("small_cnn", 0)
-    from experiments.simulation import _Tracker as T
+    from fedmq.experiments.simulation import _Tracker as T
     assert T(data, model, 0.0)._eval(seen["held"])[3] == pytest.approx(r.history[-1].test_auc)
     assert [v["version"] for v in r.versions] == [1, 2]
     for v in r.versions:
@@ -148,7 +148,7 @@ def test_ema_of_versions_is_scored_and_competes_in_the_selection() -> None:
 
 
 def test_ema_recurrence() -> None:
-    from site_agent.model_state import FederatedModel
+    from fedmq.site_agent.model_state import FederatedModel
 
     fm = FederatedModel.create("small_cnn", 0)
     tr = _Tracker(_tiny_data(), fm, 0.0, ema_beta=0.5)
@@ -160,7 +160,7 @@ def test_ema_recurrence() -> None:
 
 
 def test_evaluator_keeps_the_same_ema() -> None:
-    from experiments.evaluator import Evaluator, VersionScore
+    from fedmq.experiments.evaluator import Evaluator, VersionScore
 
     ev = Evaluator.__new__(Evaluator)  # no broker: only the EMA bookkeeping
     ev.ema_beta, ev._ema = 0.5, None
@@ -174,7 +174,7 @@ def test_evaluator_keeps_the_same_ema() -> None:
 
 
 def test_one_threshold_rule_balanced_accuracy_on_validation() -> None:
-    from experiments.scoring import accuracy_at, balanced_accuracy_at, select_threshold
+    from fedmq.experiments.scoring import accuracy_at, balanced_accuracy_at, select_threshold
 
     y = np.array([0, 0, 1, 1, 1])
     p = np.array([0.1, 0.7, 0.8, 0.9, 0.95])
@@ -191,8 +191,8 @@ def test_one_threshold_rule_balanced_accuracy_on_validation() -> None:
 
 
 def test_no_second_threshold_function() -> None:
-    import experiments.evaluator as ev
-    import experiments.simulation as sim
+    import fedmq.experiments.evaluator as ev
+    import fedmq.experiments.simulation as sim
 
     assert not hasattr(ev, "best_threshold") and not hasattr(sim, "best_threshold")
 

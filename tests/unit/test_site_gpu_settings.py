@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared.errors import ConfigError
-from shared.settings import load_settings
-from site_agent.runtime import training_config
-from site_agent.settings import SiteSettings
-from site_agent.training.rng import SecureRandom, chacha20_words_openssl, chacha20_words_torch
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.settings import load_settings
+from fedmq.site_agent.runtime import training_config
+from fedmq.site_agent.settings import SiteSettings
+from fedmq.site_agent.training.rng import SecureRandom, chacha20_words_openssl, chacha20_words_torch
 
 REQUIRED = 'site_id = "h1"\nsecret_context = "s.ckks"\nsigning_key = "k"\naggregator_public_key = "a.pub"\nmanifest = "m.csv"\nstate_dir = "st"\n'
 
@@ -100,7 +100,7 @@ def test_secure_random_draws_are_fresh_and_gaussian() -> None:
 def test_site_with_cuda_but_no_gpu_stops_before_keys_data_or_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``device = "cuda"`` on a machine without one: refused first thing at start (the key and
     manifest paths here do not exist, so any later step would fail differently), no state written."""
-    from site_agent.runtime import SiteRuntime
+    from fedmq.site_agent.runtime import SiteRuntime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     s = _load(tmp_path, 'device = "cuda"\n')

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.consumer import AggregatorService
-from broker import topology
-from broker.transport import StubBroker
+from fedmq.aggregator.consumer import AggregatorService
+from fedmq.broker import topology
+from fedmq.broker.transport import StubBroker
 from integration.aggregator_helpers import make_federation, random_delta
 from integration.site_kit import make_site_kit
-from shared.codec import decode
-from shared.schema import SnapshotRequest
-from shared.signing import AGGREGATOR_KEY_NAME, private_key_path, public_key_path
-from site_agent.model_state import FederatedModel
-from site_agent.runtime import SiteRuntime
-from site_agent.service import SiteAgent
+from fedmq.shared.codec import decode
+from fedmq.shared.schema import SnapshotRequest
+from fedmq.shared.signing import AGGREGATOR_KEY_NAME, private_key_path, public_key_path
+from fedmq.site_agent.model_state import FederatedModel
+from fedmq.site_agent.runtime import SiteRuntime
+from fedmq.site_agent.service import SiteAgent
 from testkit.polling import wait_until
 
 
@@ -110,6 +110,6 @@ def test_a_late_joiner_trains_only_from_the_snapshot(tmp_path: Path) -> None:
 
 
 def topology_message(body: bytes):  # noqa: ANN201
-    from broker.transport import Message
+    from fedmq.broker.transport import Message
 
     return Message(topology.UPDATES_EXCHANGE, topology.shard_key(0), body, kind="update-chunk")

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from broker import topology
-from broker.transport import StubBroker
-from experiments.federation import FederationSpec
+from fedmq.broker import topology
+from fedmq.broker.transport import StubBroker
+from fedmq.experiments.federation import FederationSpec
 from integration.site_kit import make_site_kit
-from shared.codec import decode_update_chunk
-from site_agent.runtime import SiteRuntime
-from site_agent.service import SiteAgent
+from fedmq.shared.codec import decode_update_chunk
+from fedmq.site_agent.runtime import SiteRuntime
+from fedmq.site_agent.service import SiteAgent
 from testkit.polling import wait_until
 
 
@@ -56,7 +56,7 @@ def test_continuous_rounds_are_refused_for_sync_federations(tmp_path: Path) -> N
 
 
 def test_local_steps_fix_the_compute_of_a_round_whatever_the_image_count(tmp_path: Path) -> None:
-    from site_agent.runtime import training_config
+    from fedmq.site_agent.runtime import training_config
 
     kit = make_site_kit(tmp_path / "kit")
     by_steps = training_config(kit.settings(local_steps=5, batch_size=8))

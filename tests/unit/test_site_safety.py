@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 from integration.site_kit import make_site_kit
-from shared.errors import ConfigError
-from shared.statelock import StateDirLocked, lock_state_dir
-from site_agent.guard import DivergenceGuard
-from site_agent.runtime import LEDGER_FILE, SiteRuntime
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.statelock import StateDirLocked, lock_state_dir
+from fedmq.site_agent.guard import DivergenceGuard
+from fedmq.site_agent.runtime import LEDGER_FILE, SiteRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
 
 HOLD = (
-    "import sys, time; from shared.statelock import lock_state_dir; "
+    "import sys, time; from fedmq.shared.statelock import lock_state_dir; "
     "lock_state_dir(sys.argv[1], 'test'); print('held', flush=True); time.sleep(120)"
 )
 
@@ -45,8 +45,8 @@ def _hold(state_dir: Path) -> subprocess.Popen:
 
 @pytest.mark.slow  # runs the CLI in a subprocess
 def test_second_process_on_a_state_dir_is_refused_with_a_clear_message(kit, tmp_path):
-    from aggregator.engine import AggregatorEngine
-    from aggregator.settings import AggregatorSettings
+    from fedmq.aggregator.engine import AggregatorEngine
+    from fedmq.aggregator.settings import AggregatorSettings
 
     state = tmp_path / "state"
     holder = _hold(state)
@@ -64,7 +64,7 @@ def test_second_process_on_a_state_dir_is_refused_with_a_clear_message(kit, tmp_
         cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
             ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key), ("aggregator_public_key", s.aggregator_public_key),
             ("manifest", s.manifest), ("state_dir", state))) + "\n")
-        proc = subprocess.run([sys.executable, "-m", "shared.cli", "site", "run", "--config", str(cfg)],
+        proc = subprocess.run([sys.executable, "-m", "fedmq.shared.cli", "site", "run", "--config", str(cfg)],
                               capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert proc.returncode == 2 and "in use by another fedmq process" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
@@ -139,15 +139,15 @@ def test_long_rounds_log_a_progress_line_every_n_steps(kit, tmp_path, caplog):
     settings = kit.settings(state_dir=tmp_path / "s", dp_enabled=False, batch_size=2, local_epochs=2,
                             progress_every_steps=5)
     rt = SiteRuntime.open(settings)
-    with caplog.at_level("INFO", logger="site_agent.training.trainer"):
+    with caplog.at_level("INFO", logger="fedmq.site_agent.training.trainer"):
         assert rt.train_and_build(0) is True
     lines = [r.getMessage() for r in caplog.records if "step" in r.getMessage() and "of" in r.getMessage()]
     assert lines and lines[0].startswith("round 1: step 5 of ")
 
 
 def test_fedmq_site_resume_lifts_a_pause(kit, tmp_path, capsys):
-    from shared.cli import main
-    from site_agent.guard import PauseFile
+    from fedmq.shared.cli import main
+    from fedmq.site_agent.guard import PauseFile
 
     settings = kit.settings(state_dir=tmp_path / "s")
     cfg = tmp_path / "site.toml"

@@ -1,4 +1,4 @@
-"""shared.sparsify: block top-k with error feedback loses nothing, only delays it."""
+"""fedmq.shared.sparsify: block top-k with error feedback loses nothing, only delays it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from shared.sparsify import block_view, blocks_to_keep, densify, n_blocks, sparsify
+from fedmq.shared.sparsify import block_view, blocks_to_keep, densify, n_blocks, sparsify
 
 values = st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False, width=64)
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments.sparsity import pick_default, summarize, write_plot
+from fedmq.experiments.sparsity import pick_default, summarize, write_plot
 
 PARAMS = 1000
 
@@ -55,7 +55,7 @@ def test_pick_reads_validation_never_test():
 
 
 def test_seed_interval_is_a_t_interval_around_the_mean():
-    from experiments.reproduce import seed_t_interval
+    from fedmq.experiments.reproduce import seed_t_interval
 
     lo, hi = seed_t_interval([0.90, 0.91, 0.92, 0.93, 0.94])
     assert (lo + hi) / 2 == pytest.approx(0.92)

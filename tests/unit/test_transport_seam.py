@@ -38,7 +38,7 @@ def test_pika_is_imported_under_broker_only() -> None:
                 seen_in_broker |= bool(hits)
             elif hits:
                 offenders.append(f"{path.relative_to(ROOT)}:{hits}")
-    assert offenders == [], f"pika imported outside broker/ (use broker.transport): {offenders}"
+    assert offenders == [], f"pika imported outside broker/ (use fedmq.broker.transport): {offenders}"
     assert seen_in_broker, "the check found pika nowhere, not even in broker/: it would pass on anything"
 
 
@@ -48,5 +48,5 @@ def test_the_check_sees_each_way_of_importing(tmp_path: Path) -> None:
         f = tmp_path / "m.py"
         f.write_text(source)
         assert _imports_pika(f), source
-    f.write_text("from broker.transport import Message  # pika in a comment\n")
+    f.write_text("from fedmq.broker.transport import Message  # pika in a comment\n")
     assert _imports_pika(f) == []

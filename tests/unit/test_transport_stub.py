@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.consumer import AggregatorService
-from aggregator.engine import Intent
-from aggregator.publisher import route
-from broker import topology
-from broker.connection import AuthRefusals, Backoff, BrokerAuthenticationError
-from broker.transport import Message, QueueMissing, StubBroker, run_reconnecting
+from fedmq.aggregator.consumer import AggregatorService
+from fedmq.aggregator.engine import Intent
+from fedmq.aggregator.publisher import route
+from fedmq.broker import topology
+from fedmq.broker.connection import AuthRefusals, Backoff, BrokerAuthenticationError
+from fedmq.broker.transport import Message, QueueMissing, StubBroker, run_reconnecting
 from integration.aggregator_helpers import PlainReplay, make_federation, random_delta
-from shared.codec import decode_global_version
-from shared.errors import BrokerConnectionError
+from fedmq.shared.codec import decode_global_version
+from fedmq.shared.errors import BrokerConnectionError
 from testkit.polling import wait_until
 
 OBSERVER = topology.QueueSpec("observer", bindings=((topology.GLOBAL_EXCHANGE, ""),))

@@ -1,4 +1,4 @@
-"""The update-id rule and the bounds on incomplete updates (aggregator.update_guard)."""
+"""The update-id rule and the bounds on incomplete updates (fedmq.aggregator.update_guard)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from aggregator.update_guard import PendingLimit, check_pending_room, check_update_id
-from shared.errors import IdentityMismatch
-from shared.schema import EncryptedBlock, UpdateChunk
-from shared.update_ids import expected_update_id
-from site_agent.update_builder import UpdateIdentity, shard_update_id
+from fedmq.aggregator.update_guard import PendingLimit, check_pending_room, check_update_id
+from fedmq.shared.errors import IdentityMismatch
+from fedmq.shared.schema import EncryptedBlock, UpdateChunk
+from fedmq.shared.update_ids import expected_update_id
+from fedmq.site_agent.update_builder import UpdateIdentity, shard_update_id
 
 
 def _chunk(site: str = "hospital_1", seq: int = 3, uid: str | None = None, shard: tuple[int, int] = (0, 1)) -> UpdateChunk:
