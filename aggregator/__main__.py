@@ -1,4 +1,4 @@
-"""``python -m aggregator [run options]``: same as ``fedmq aggregator run``."""
+"""``python -m fedmq.aggregator [run options]``: same as ``fedmq aggregator run``."""
 
 from __future__ import annotations
 

@@ -198,12 +198,12 @@ class AggThread:
 
 
 def spawn_shard(keys: UpdateKit, url: str, state: Path, index: int, count: int, K: int) -> subprocess.Popen:
-    """An aggregator *process* (``python -m aggregator``) for shard ``index`` of ``count``."""
+    """An aggregator *process* (``python -m fedmq.aggregator``) for shard ``index`` of ``count``."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_CHECK_USER_ID="false", FEDMQ_LOG_JSON="false",
                FEDMQ_MAX_STALENESS="1000", FEDMQ_SNAPSHOT_EVERY="0", FEDMQ_HOUSEKEEPING_S="0.5",
                FEDMQ_LOG_LEVEL="WARNING")
     state.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "aggregator", "--state-dir", str(state), "--amqp-url", url,
+    cmd = [sys.executable, "-m", "fedmq.aggregator", "--state-dir", str(state), "--amqp-url", url,
            "--public-context", str(keys.public_path), "--site-keys", str(keys.site_keys_dir),
            "--signing-key", str(keys.aggregator_key_path),
            "--buffer-size", str(K), "--shard-index", str(index), "--shard-count", str(count)]

@@ -5,7 +5,7 @@
   with the CPU seconds of the site process and of the encryption workers beside the wall time
   (on a shared machine the wall time depends on the other jobs; CPU seconds much less);
 * floor: deserialize + fold of the same ciphertexts alone, in this process (weight 1);
-* aggregator end to end: a real aggregator *process* (``python -m aggregator``), consuming and
+* aggregator end to end: a real aggregator *process* (``python -m fedmq.aggregator``), consuming and
   then SIGSTOPped while the update is published, timed from SIGCONT until its status says the
   update is folded (K = 2: no commit) and, in a second run, until version 1 is committed,
   checkpointed and published (K = 1); its peak RSS (VmHWM) is read before it is stopped.

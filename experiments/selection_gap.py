@@ -5,7 +5,7 @@ Reads the ``results.json`` of ``fedmq experiment reproduce`` (nothing is re-run)
 ``selection_gap.json`` and ``selection_gap.png`` beside it. The best test AUC is computed here
 only to *explain* a miss; it is never a selection rule (that would be selecting on test).
 
-    python -m experiments.selection_gap reports/reproduce/results.json
+    python -m fedmq.experiments.selection_gap reports/reproduce/results.json
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``tenseal.sealapi`` keeps the GIL while SEAL encodes and encrypts, so threads do not help
 (two threads: 0.98x of one, measured on this project's 2-core machine); processes do.
 
-The workers are plain subprocesses (``python -m shared.ckks_pool KEYFILE``) speaking a tiny
+The workers are plain subprocesses (``python -m fedmq.shared.ckks_pool KEYFILE``) speaking a tiny
 length-prefixed protocol over their pipes, not ``multiprocessing``: spawn and forkserver
 re-import the caller's ``__main__`` in every worker (a script without a main guard would
 recurse), and fork would copy a site agent's training and broker threads mid-flight. Each

@@ -30,6 +30,9 @@ def test_no_module_imports_an_old_top_level_name() -> None:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
+            if isinstance(node, ast.List):  # [sys.executable, "-m", "<module>", ...]
+                items = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+                names = [m for flag, m in zip(items, items[1:]) if flag == "-m" and isinstance(m, str)]
             offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in fedmq.PARTS]
     assert offenders == [], f"import fedmq.<part>, not <part>: {offenders}"
 
