@@ -49,6 +49,8 @@ from fedmq.aggregator.settings import AggregatorSettings
 from fedmq.broker.connection import AuthRefusals, Backoff
 from fedmq.broker.topology import EXCHANGES, METRICS_QUEUE, SNAPSHOT_REQUESTS_QUEUE, aggregator_queue_specs, updates_queue
 from fedmq.broker.transport import BrokerConnectionError, Connect, Delivery, Link, amqp_connect, run_reconnecting
+from fedmq.shared.ckks import wire_params
+from fedmq.shared.ckks_pool import AddPool, default_workers
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +138,11 @@ def _one_malloc_arena() -> None:
         pass  # not glibc: nothing to tune
 
 
+def commit_workers(setting: int | None) -> int:
+    """The ``commit_workers`` setting, None resolved: one per core beyond the engine's, at most 2."""
+    return min(2, default_workers() - 1) if setting is None else setting
+
+
 class AggregatorService:
     def __init__(self, settings: AggregatorSettings, engine: AggregatorEngine | None = None, *,
                  connect: Connect | None = None) -> None:
@@ -172,12 +179,18 @@ class AggregatorService:
             signal.signal(signal.SIGINT, self.stop)
         _one_malloc_arena()  # before the metrics and engine threads allocate
         self.engine.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
+        workers = commit_workers(self.settings.commit_workers)
+        if workers:
+            self.engine.D.pool = AddPool(wire_params(self.engine.ctx), workers)
         self._worker = _EngineThread(on_idle=self._commit_batch)
         try:
             run_reconnecting(self._session, stop=self._stop, backoff=self._backoff, auth=self._auth,
                              what="aggregator", on_lost=self.ready.clear)
         finally:
             self._worker.stop()
+            if self.engine.D.pool is not None:
+                self.engine.D.pool.close()
+                self.engine.D.pool = None
             self.engine.write_status()
             self.engine.close()
             logger.info("aggregator stopped at version %d", self.engine.version)

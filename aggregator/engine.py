@@ -49,7 +49,7 @@ from fedmq.shared.ckks_wire import CiphertextError
 from fedmq.shared.codec import decode_site_metrics, decode_snapshot_request, decode_update_chunk
 from fedmq.shared.errors import CryptoError, WireError
 from fedmq.shared.schema import NO_VERSION_YET, Contributor, EncryptedBlock, GlobalVersionChunk, UpdateChunk
-from fedmq.shared.signing import SigningKey, load_pinned_keys, load_private_key, sign_version
+from fedmq.shared.signing import SigningKey, load_pinned_keys, load_private_key
 from fedmq.shared.statelock import lock_state_dir
 
 logger = logging.getLogger(__name__)
@@ -520,10 +520,11 @@ class AggregatorEngine:
             target_site=target_site, contributors=contributors,
             weight_units_sum=sum(c.weight_units for c in contributors), created_at=time.time(), audit=audit,
         )
-        chunks = [sign_version(c, self.signing_key) for c in chunk_blocks(template, blocks, self.settings.max_message_bytes)]
+        chunks = chunk_blocks(template, blocks, self.settings.max_message_bytes)
+        key = self.signing_key  # each chunk is signed when it is published (VersionMessage)
         if target_site is None:
-            return [VersionMessage(Intent.VERSION_TO_ALL, None, c, mode) for c in chunks]
-        return [VersionMessage(Intent.TO_SITE, target_site, c, mode) for c in chunks]
+            return [VersionMessage(Intent.VERSION_TO_ALL, None, c, mode, signing_key=key) for c in chunks]
+        return [VersionMessage(Intent.TO_SITE, target_site, c, mode, signing_key=key) for c in chunks]
 
     def snapshot(self, target_site: str | None = None, since: int | None = None) -> list[Outgoing]:
         """Every block of the current version, with the audit records a site needs to reach it
@@ -614,7 +615,8 @@ class AggregatorEngine:
         }
 
     def write_status(self) -> None:
-        atomic_write_json(self.state_dir / STATUS_FILE, self.status())
+        # a view of the checkpointed state, rewritten at every commit and housekeeping: no fsync
+        atomic_write_json(self.state_dir / STATUS_FILE, self.status(), durable=False)
 
     def close(self) -> None:
         self.durable.close()

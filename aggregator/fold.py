@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 
 import numpy as np
 
+from fedmq.aggregator.blockstore import CiphertextStore
 from fedmq.shared.ckks import HeVector, accumulate, add_inplace
 
 
@@ -58,6 +59,9 @@ def commit(state: MutableMapping[int, HeVector], buffer: MutableMapping[int, HeV
     """D[b] += buffer[b] for touched blocks; empties the buffer (block by block, so a large buffer's
     memory is given back while D is written); returns changed indices (sorted)."""
     changed = sorted(buffer)
+    if isinstance(state, CiphertextStore):  # D as wire bytes: added there, on two cores if it can
+        state.add_all((index, buffer.pop(index)) for index in changed)
+        return changed
     for index in changed:
         vec = buffer.pop(index)
         current = state.get(index)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from fedmq.broker.topology import DETAIL_HEADER, REASON_HEADER
 from fedmq.shared.codec import encode, encode_rejection
 from fedmq.shared.schema import GlobalVersionChunk, Rejection
+from fedmq.shared.signing import SigningKey, sign_version
 
 
 class Intent(enum.Enum):
@@ -30,14 +31,23 @@ class Outgoing:
 
 
 class VersionMessage(Outgoing):
-    """A version chunk encoded when it is published, not when it is committed: a ResNet-50-size
-    version is ~290 MB of messages, which would otherwise sit in memory beside D until sent. The
-    chunk holds the block bytes of its own commit, so a later commit cannot change it."""
+    """A version chunk signed and encoded when it is published, not when it is committed: a
+    ResNet-50-size version is ~290 MB of messages, which would otherwise sit in memory beside D
+    until sent, and the signature (a SHA-512 of up to 4 MB, then Ed25519 + ML-DSA-65) is then
+    computed on the connection thread while the engine folds on. The chunk holds the block
+    bytes of its own commit, so a later commit cannot change what is signed."""
 
     def __init__(self, intent: Intent, site_id: str | None, chunk: GlobalVersionChunk,
-                 kind: Literal["delta", "snapshot"]) -> None:
+                 kind: Literal["delta", "snapshot"], *, signing_key: SigningKey | None = None) -> None:
         self.intent, self.site_id, self.kind, self.headers = intent, site_id, kind, None
-        self.chunk = chunk
+        self._chunk, self._signing_key = chunk, signing_key
+
+    @property
+    def chunk(self) -> GlobalVersionChunk:
+        """The chunk, signed (on first use, once) when a signing key came with it."""
+        if self._signing_key is not None:
+            self._chunk, self._signing_key = sign_version(self._chunk, self._signing_key), None
+        return self._chunk
 
     @property  # type: ignore[override]
     def body(self) -> bytes:

@@ -69,6 +69,10 @@ class AggregatorSettings(FedmqSettings):
     max_pending_bytes_per_site: int = Field(256 << 20, ge=1 << 20)
     #: committed update ids remembered per version, for duplicate detection, this many versions back
     remember_versions: int = Field(64, ge=1)
+    #: commit worker processes beside the engine's thread (D_v + buffer on other cores, see
+    #: shared/ckks_pool.py); None: one per further core, at most 2 (two keep up with the
+    #: engine's saves); 0: every commit in the engine's thread
+    commit_workers: int | None = Field(None, ge=0, le=64)
 
     @model_validator(mode="after")
     def _shard(self) -> "AggregatorSettings":

@@ -11,7 +11,8 @@ Sections (each a function taking a :class:`Sizes`, so the unit tests run them ti
   RabbitMQ node (``broker.local_node.LocalRabbitNode``) -> the real ``AggregatorService``
   consumer (decode, verify, WAL fsync, ack, deserialize, fold, commit + checkpoint, publish the
   version) -> folded into the global model; beside it the *floor* (deserialize + homomorphic add
-  of the same ciphertexts, alone) and plaintext float32 summation of the same values.
+  of the same ciphertexts, alone, right after each end-to-end run; the ratio is the median of
+  the pairs) and plaintext float32 summation of the same values.
 - ``wire_bytes``: bytes on the wire per update / dense float32 bytes, default site settings,
   and a table over top-k levels x CKKS presets with the AUC cost of each (short runs of the
   in-process simulation ``experiments.simulation``: the real trainer, sparsifier and fold).
@@ -68,6 +69,8 @@ class Sizes:
     """How big each benchmark runs. ``full()`` for ``make bench``; ``tiny()`` for unit tests."""
 
     repeats: int = 3
+    #: end-to-end fold runs, each paired with its floor runs (the ratio is their median)
+    fold_repeats: int = 5
     # fold end to end / floor
     fold_params: int = 400_000
     fold_updates: int = 6
@@ -105,7 +108,7 @@ class Sizes:
     @classmethod
     def tiny(cls) -> "Sizes":
         return cls(
-            repeats=1, fold_params=4 * SLOTS, fold_updates=2, fold_buffer=2, site_counts=(1, 2), site_params=2 * SLOTS,
+            repeats=1, fold_repeats=1, fold_params=4 * SLOTS, fold_updates=2, fold_buffer=2, site_counts=(1, 2), site_params=2 * SLOTS,
             model_presets=("small_cnn",), memory_budget_bytes=1 << 30, shard_params=4 * SLOTS, shard_updates=2,
             overhead_rounds=1, overhead_train_samples=64, auc_levels=(1.0, 0.5), auc_presets=(DEFAULT_PRESET,),
             auc_rounds=1, auc_train_per_site=48, avs_time_limit_s=30.0, resnet50_params=160 * SLOTS,
@@ -128,21 +131,8 @@ def fold_end_to_end(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, 
     n_up, P, K = sz.fold_updates, sz.fold_params, sz.fold_buffer
     updates = [build(keys, f"site-{i % 8}", i // 8 + 1, rng.uniform(-0.5, 0.5, P))[0] for i in range(n_up)]
     values = n_up * (-(-P // SLOTS)) * SLOTS  # encrypted values (full blocks) folded
-    e2e, pub = [], []
-    for r in range(sz.repeats):
-        url = urls()
-        declare_all(url)
-        pub.append(publish(url, [b for u in updates for b in u]))
-        settings = agg_settings(keys, tmp / f"fold-state-{r}", amqp_url=url, buffer_size=K)
-        with AggThread(settings) as agg:
-            t0 = time.perf_counter()
-            wait_for(lambda: agg.service.engine.updates_folded_total >= n_up and agg.service.engine.version >= n_up // K,
-                  600, "fold end to end")
-            e2e.append(time.perf_counter() - t0)
-            units = agg.service.engine.sites and max(
-                int(i.last_weight_units or 1) for i in agg.service.engine.sites.values())
-    # floor: deserialize + homomorphic add of the same ciphertexts, alone (m = 1) and with the
-    # weight units the aggregator used (double-and-add)
+    # the floor: deserialize + homomorphic add of the same ciphertexts, alone (m = 1) and with
+    # the weight units the aggregator used (double-and-add)
     cts = [[b.ciphertext for c in (decode_update_chunk(x, max_bytes=MAX_MESSAGE_BYTES) for x in u) for b in c.blocks]
            for u in updates]
     idx = [[b.index for c in (decode_update_chunk(x, max_bytes=MAX_MESSAGE_BYTES) for x in u) for b in c.blocks]
@@ -155,8 +145,24 @@ def fold_end_to_end(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, 
             foldmod.fold_into(buf, [(i, load_ciphertext(keys.public, ct)) for i, ct in zip(ix, u)], m)
         return time.perf_counter() - t
 
-    floor1 = [floor_once(1) for _ in range(sz.repeats)]
-    floor_m = [floor_once(int(units or 1)) for _ in range(sz.repeats)]
+    # each end-to-end run is followed at once by its floor runs, and the ratio is the median of
+    # these pairs: this machine's speed drifts by up to 1.5x within a minute (other tenants),
+    # which made a ratio of two medians taken a minute apart swing by 0.1
+    e2e, pub, floor1, floor_m = [], [], [], []
+    units = 1
+    for r in range(sz.fold_repeats):
+        url = urls()
+        declare_all(url)
+        pub.append(publish(url, [b for u in updates for b in u]))
+        settings = agg_settings(keys, tmp / f"fold-state-{r}", amqp_url=url, buffer_size=K)
+        with AggThread(settings) as agg:
+            t0 = time.perf_counter()
+            wait_for(lambda: agg.service.engine.updates_folded_total >= n_up and agg.service.engine.version >= n_up // K,
+                  600, "fold end to end")
+            e2e.append(time.perf_counter() - t0)
+            units = max([int(i.last_weight_units or 1) for i in agg.service.engine.sites.values()] or [1])
+        floor1.append(floor_once(1))
+        floor_m.append(floor_once(units))
     # plaintext float32 summation of the same number of values
     plain = [rng.uniform(-0.5, 0.5, values // n_up).astype(np.float32) for _ in range(n_up)]
 
@@ -177,11 +183,11 @@ def fold_end_to_end(sz: Sizes, urls: Callable[[], str], tmp: Path) -> dict[str, 
         "aggregator_floor_values_per_s": floor_rate,
         "aggregator_floor_same_units_values_per_s": values / median(floor_m),
         "plaintext_fp32_sum_values_per_s": values / median(fp32),
-        "aggregator_vs_floor": e2e_rate / floor_rate,
-        "aggregator_vs_floor_same_units": e2e_rate / (values / median(floor_m)),
+        "aggregator_vs_floor": median([f / e for f, e in zip(floor1, e2e)]),
+        "aggregator_vs_floor_same_units": median([f / e for f, e in zip(floor_m, e2e)]),
         "fp32_sum_vs_aggregator": (values / median(fp32)) / e2e_rate,
         "fold_workload": {"updates": n_up, "params_per_update": P, "encrypted_values": values, "buffer_size": K,
-                          "weight_units": int(units or 1), "bytes_published": sum(len(b) for u in updates for b in u),
+                          "weight_units": units, "bytes_published": sum(len(b) for u in updates for b in u),
                           "end_to_end_seconds": e2e, "publish_seconds": pub, "floor_seconds": floor1,
                           "floor_same_units_seconds": floor_m},
     }

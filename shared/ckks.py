@@ -505,6 +505,24 @@ def serialize(vec: HeVector) -> bytes:
     return wire.seal_to_wire(_save(vec._ct, "ct"), vec._ctx._wire)
 
 
+def save_for_add(vec: HeVector) -> bytes:
+    """``vec`` as SEAL saves it: what ``add_to_wire`` adds onto a block's wire bytes, in this
+    process or in a commit worker (``ckks_pool.AddPool``, which never loads SEAL)."""
+    return _save(vec._ct, "ct")
+
+
+def add_to_wire(ctx: LoadedContext, data: bytes | None, saved: bytes) -> bytes:
+    """The wire bytes of ``data`` (full-kind bytes this process made or checked; None: zero)
+    plus the ciphertext ``save_for_add`` gave; ``ckks_wire.add_full`` says why this equals
+    SEAL's own addition, word for word."""
+    return wire.add_full(data, saved, ctx._wire)
+
+
+def wire_params(ctx: LoadedContext) -> wire.WireParams:
+    """What the key's parameters imply about every ciphertext (a commit worker needs no more)."""
+    return ctx._wire
+
+
 def decrypt_block(ctx: LoadedContext, data: bytes | HeVector) -> np.ndarray:
     """A full block of ``block_size`` values (sums of weighted values, for folded blocks)."""
     if ctx._decryptor is None:
@@ -566,6 +584,9 @@ def sum_vectors(vectors: Sequence[HeVector]) -> HeVector:
 
 
 __all__ = [
+    "add_to_wire",
+    "save_for_add",
+    "wire_params",
     "AGGREGATION_ERROR_BUDGET", "DEFAULT_PRESET", "PRESETS", "PUBLIC_CONTEXT_FILE", "SECRET_CONTEXT_FILE",
     "CkksPreset", "HeVector", "KeyFiles", "LoadedContext", "WireError", "accumulate", "add_inplace",
     "check_ciphertext", "decrypt_block", "encrypt_block", "encrypt_blocks", "get_preset", "init_keys",

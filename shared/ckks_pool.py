@@ -14,26 +14,39 @@ thread per worker in the caller writes a batch and reads its ciphertexts, so the
 deadlock. Workers range-check each batch as the serial path does; a refused batch leaves the
 worker running. Small updates stay in the calling process,
 where a round trip would cost more than it saves.
+
+The same workers serve the aggregator's commit (``python -m fedmq.shared.ckks_pool --add
+PARAMS``, ``AddPool``): D_v + buffer, block by block, is SEAL's save of the buffer's
+ciphertext (which keeps the GIL, so it stays on the engine's thread) and then decompression,
+a modular addition onto D's bytes, bit-packing and a checksum (``ckks_wire.add_full``, numpy
+only). The workers do the second half on the other cores while the engine saves the next
+blocks; they hold no key at all (the parameters travel as JSON) and never import TenSEAL.
 """
 
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
 import queue
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from fedmq.shared.ckks import LoadedContext, encrypt_blocks, load_context
+from fedmq.shared import ckks_wire as wire
 from fedmq.shared.errors import CryptoError
+
+if TYPE_CHECKING:
+    from fedmq.shared.ckks import LoadedContext
 
 #: below this many blocks an update is encrypted in the calling process
 MIN_PARALLEL_BLOCKS = 64
@@ -63,35 +76,38 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
 
 
 class _Worker:
-    def __init__(self, key_path: str) -> None:
+    def __init__(self, args: Sequence[str]) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fedmq.shared.ckks_pool", key_path],
+            [sys.executable, "-m", "fedmq.shared.ckks_pool", *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
 
-    def encrypt(self, batch: np.ndarray) -> list[bytes]:
+    def call(self, parts: Sequence[bytes | memoryview], *, inline: bool = True) -> tuple[int, int, bytes]:
+        """Write one batch, read its answer: (count, size of each, the ciphertexts back to back;
+        ``inline=False``: they are in the worker's shared buffer instead, and this is b"")."""
         stdin, stdout = self.proc.stdin, self.proc.stdout
         if stdin is None or stdout is None:
-            raise CryptoError("encryption worker has no pipes")
+            raise CryptoError("ciphertext worker has no pipes")
         try:
-            rows, cols = batch.shape
-            stdin.write(_BATCH_HEAD.pack(rows, cols))
-            stdin.write(memoryview(np.ascontiguousarray(batch, dtype="<f8")).cast("B"))  # no copy
+            for part in parts:
+                stdin.write(part)
             stdin.flush()
             (status,) = _LEN.unpack(_read_exact(stdout, _LEN.size))
             if status == 0xFFFFFFFF:  # the worker refused the batch: its message follows
                 (n,) = _LEN.unpack(_read_exact(stdout, _LEN.size))
                 raise _Refused(_read_exact(stdout, n).decode(errors="replace"))
             (size,) = _LEN.unpack(_read_exact(stdout, _LEN.size))
-            data = _read_exact(stdout, status * size)  # the ciphertexts, all of one size, back to back
-            return [data[i * size : (i + 1) * size] for i in range(status)]
+            return status, size, _read_exact(stdout, status * size) if inline else b""
         except (OSError, EOFError, ValueError) as exc:
-            raise CryptoError(f"encryption worker {self.proc.pid} failed ({exc})") from None
+            raise CryptoError(f"ciphertext worker {self.proc.pid} failed ({exc})") from None
 
     def close(self) -> None:
         if self.proc.stdin:
-            self.proc.stdin.close()
+            try:
+                self.proc.stdin.close()
+            except OSError:  # a worker that died leaves a broken pipe: nothing left to flush
+                pass
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -101,23 +117,122 @@ class _Worker:
             self.proc.stdout.close()
 
 
-class EncryptionPool:
+class _Pool:
+    """``workers`` processes started with ``args``; each batch goes to the next idle one."""
+
+    def __init__(self, args: Sequence[Sequence[str]], name: str) -> None:
+        self.workers = [_Worker(a) for a in args]
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        for w in self.workers:
+            self._idle.put(w)
+        self._threads = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix=name)
+
+    def _run(self, parts: Sequence[bytes | memoryview]) -> list[bytes]:
+        worker = self._idle.get()
+        try:
+            count, size, data = worker.call(parts)
+            return [data[i * size : (i + 1) * size] for i in range(count)]
+        finally:
+            self._idle.put(worker)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True)
+        for w in self.workers:
+            w.close()
+
+
+#: the most (D block, buffer ciphertext) pairs one commit batch may carry
+ADD_MAX_PAIRS = 32
+
+
+class _Exchange:
+    """A commit worker's shared buffer: a file on tmpfs (0600, in a 0700 directory) that both
+    processes map, unlinked as soon as both have. The pairs go in and the sums come out through
+    it; only their lengths travel over the pipe, which moved 300-400 MB/s here and so cost a
+    commit as much as its additions."""
+
+    def __init__(self, path: str, size: int, *, create: bool) -> None:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+
+
+def _add_sizes(params: wire.WireParams) -> tuple[int, int]:
+    """(bytes for one pair in, bytes for one sum out): a full ciphertext's wire size, and a SEAL
+    stream's at most (its uncompressed size and headers: zstd never grows it by more)."""
+    full = params.size(wire.KIND_FULL)
+    return full + 16 * params.n + 1024, full
+
+
+class AddPool(_Pool):
+    """Commit workers: ``submit`` sends (D's bytes or None, the buffer's SEAL stream) pairs and
+    answers, in order, the wire bytes of each sum (``ckks_wire.add_full``)."""
+
+    def __init__(self, params: wire.WireParams, workers: int) -> None:
+        per_in, per_out = _add_sizes(params)
+        self._in_size, self._size = ADD_MAX_PAIRS * per_in, ADD_MAX_PAIRS * per_in + ADD_MAX_PAIRS * per_out
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self._dir = tempfile.mkdtemp(prefix="fedmq-commit-", dir=base)
+        paths = [os.path.join(self._dir, f"worker-{i}") for i in range(workers)]
+        self._exchanges = {p: _Exchange(p, self._size, create=True) for p in paths}
+        super().__init__([["--add", wire.params_to_json(params), p, str(self._size)] for p in paths], "fedmq-commit")
+        self._by_worker = dict(zip(self.workers, self._exchanges.values(), strict=True))
+        try:
+            for w in self.workers:  # each says it has mapped its file: then no name is needed
+                if w.proc.stdout is None or w.proc.stdout.read(1) != b"R":
+                    raise CryptoError(f"commit worker {w.proc.pid} did not start")
+        except BaseException:
+            self.close()
+            raise
+        finally:  # a SIGKILLed aggregator leaves nothing on /dev/shm: the mappings die with it
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def submit(self, pairs: Sequence[tuple[bytes | None, bytes]]) -> Future[list[bytes]]:
+        if len(pairs) > ADD_MAX_PAIRS:
+            raise ValueError(f"at most {ADD_MAX_PAIRS} pairs a batch")
+        return self._threads.submit(self._add, pairs)
+
+    def _add(self, pairs: Sequence[tuple[bytes | None, bytes]]) -> list[bytes]:
+        worker = self._idle.get()
+        try:
+            mm = self._by_worker[worker].map
+            off, lengths = 0, []
+            for data, stream in pairs:
+                for part in (data or b"", stream):
+                    if off + len(part) > self._in_size:
+                        raise CryptoError("commit batch larger than the workers' shared buffer")
+                    mm[off : off + len(part)] = part
+                    off += len(part)
+                    lengths.append(len(part))
+            count, size, _ = worker.call([_LEN.pack(len(pairs)), struct.pack(f"<{len(lengths)}I", *lengths)], inline=False)
+            if count != len(pairs) or self._in_size + count * size > self._size:
+                raise CryptoError(f"commit worker {worker.proc.pid} answered {count} sums of {size} bytes")
+            base = self._in_size
+            return [mm[base + i * size : base + (i + 1) * size] for i in range(count)]
+        finally:
+            self._idle.put(worker)
+
+    def close(self) -> None:
+        super().close()
+        for ex in self._exchanges.values():
+            ex.map.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class EncryptionPool(_Pool):
     """``workers`` key-holding processes; ``encrypt`` keeps the blocks' order."""
 
     def __init__(self, key_path: str | Path, workers: int) -> None:
         self.key_path = str(key_path)
-        self.workers = [_Worker(self.key_path) for _ in range(workers)]
-        self._idle: queue.Queue[_Worker] = queue.Queue()
-        for w in self.workers:
-            self._idle.put(w)
-        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmq-encrypt")
+        super().__init__([[self.key_path]] * workers, "fedmq-encrypt")
 
-    def _run(self, batch: np.ndarray) -> list[bytes]:
-        worker = self._idle.get()
-        try:
-            return worker.encrypt(batch)
-        finally:
-            self._idle.put(worker)
+    def _encrypt(self, batch: np.ndarray) -> list[bytes]:
+        rows, cols = batch.shape
+        return self._run([_BATCH_HEAD.pack(rows, cols), memoryview(np.ascontiguousarray(batch, dtype="<f8")).cast("B")])
 
     def encrypt(self, blocks: np.ndarray) -> list[bytes]:
         """``blocks``: (n, <= block_size) float64, one row a block."""
@@ -127,7 +242,7 @@ class EncryptionPool:
         """The ciphertexts of ``blocks`` batch by batch, in order, each as soon as it is ready
         (the caller chunks and signs the first ones while the workers encrypt the rest). The
         work starts at this call, not at the first ``next``."""
-        futures = [self._threads.submit(self._run, blocks[start : start + BATCH_BLOCKS])
+        futures = [self._threads.submit(self._encrypt, blocks[start : start + BATCH_BLOCKS])
                    for start in range(0, len(blocks), BATCH_BLOCKS)]
         return self._results(futures)
 
@@ -139,11 +254,6 @@ class EncryptionPool:
         finally:
             for f in futures:  # a caller that stops early leaves no batch queued
                 f.cancel()
-
-    def close(self) -> None:
-        self._threads.shutdown(wait=True)
-        for w in self.workers:
-            w.close()
 
 
 _pools: dict[tuple[str, int], EncryptionPool] = {}
@@ -171,6 +281,8 @@ def iter_encrypt_blocks(ctx: LoadedContext, blocks: np.ndarray, *, workers: int 
     """``encrypt_blocks_parallel`` batch by batch: lists of ciphertexts, in order, each yielded
     as soon as it is ready. The workers start at this call, so the caller can prepare while they
     run; small updates are encrypted in this process, batch by batch as they are taken."""
+    from fedmq.shared.ckks import encrypt_blocks
+
     blocks = np.asarray(blocks, dtype=np.float64)
     n = default_workers() if workers is None else max(1, workers)
     pool = _pool_for(ctx, n) if n > 1 and len(blocks) >= MIN_PARALLEL_BLOCKS else None
@@ -221,8 +333,16 @@ def shutdown_pools() -> None:
 atexit.register(shutdown_pools)
 
 
-def _serve(key_path: str) -> int:
-    """Worker main loop: batches in on stdin, ciphertexts out on stdout, until stdin closes."""
+def _refuse(stdout: BinaryIO, exc: Exception) -> None:
+    msg = str(exc).encode()
+    stdout.write(_LEN.pack(0xFFFFFFFF) + _LEN.pack(len(msg)) + msg)
+    stdout.flush()
+
+
+def _serve_encrypt(key_path: str) -> int:
+    """Encryption worker: batches of float64 rows in on stdin, ciphertexts out, until stdin closes."""
+    from fedmq.shared.ckks import encrypt_blocks, load_context
+
     ctx = load_context(key_path, require_secret=True)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
@@ -234,14 +354,52 @@ def _serve(key_path: str) -> int:
         try:
             cts = encrypt_blocks(ctx, batch)
         except (CryptoError, ValueError) as exc:
-            msg = str(exc).encode()
-            stdout.write(_LEN.pack(0xFFFFFFFF) + _LEN.pack(len(msg)) + msg)
-            stdout.flush()
+            _refuse(stdout, exc)
             continue
         stdout.write(_LEN.pack(cts.shape[0]) + _LEN.pack(cts.shape[1]))
         stdout.write(memoryview(cts).cast("B"))
         stdout.flush()
 
 
+def _serve_add(params_json: str, path: str, size: int) -> int:
+    """Commit worker: the lengths of a batch's (D bytes, SEAL stream) pairs in on stdin, the
+    pairs themselves and then the sums' wire bytes in the shared buffer at ``path``."""
+    params = wire.params_from_json(params_json)
+    per_in, _ = _add_sizes(params)
+    in_size = ADD_MAX_PAIRS * per_in
+    mm = _Exchange(path, size, create=False).map
+    view = memoryview(mm)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdout.write(b"R")  # mapped: the caller may unlink the file now
+    stdout.flush()
+    while True:
+        head = stdin.read(_LEN.size)
+        if not head:
+            return 0
+        (count,) = _LEN.unpack(head)
+        lengths = struct.unpack(f"<{2 * count}I", _read_exact(stdin, 8 * count))
+        try:
+            if sum(lengths) > in_size or count > ADD_MAX_PAIRS:
+                raise CryptoError("commit batch larger than the shared buffer")
+            sums, off = [], 0
+            for i in range(count):
+                dn, sn = lengths[2 * i], lengths[2 * i + 1]
+                data = view[off : off + dn] if dn else None
+                sums.append(wire.add_full(data, view[off + dn : off + dn + sn], params))
+                off += dn + sn
+            if len({len(x) for x in sums}) > 1:
+                raise CryptoError("sums of different kinds in one batch")
+        except CryptoError as exc:
+            _refuse(stdout, exc)
+            continue
+        width = len(sums[0]) if sums else 0
+        for i, x in enumerate(sums):
+            mm[in_size + i * width : in_size + (i + 1) * width] = x
+        stdout.write(_LEN.pack(len(sums)) + _LEN.pack(width))
+        stdout.flush()
+
+
 if __name__ == "__main__":
-    sys.exit(_serve(sys.argv[1]))
+    if sys.argv[1] == "--add":
+        sys.exit(_serve_add(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    sys.exit(_serve_encrypt(sys.argv[1]))

@@ -29,7 +29,9 @@ Nothing here imports TenSEAL; ``shared.ckks`` is the seam that does.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -146,14 +148,15 @@ def _unpack_poly(data: memoryview, n: int, bits: int) -> np.ndarray:
 # --------------------------------------------------------------------- SEAL's stream
 
 
-def seal_to_wire(seal_file_bytes: bytes, params: WireParams) -> bytes:
-    """A ciphertext as SEAL saved it (header + zstd stream) -> fedmq's packed bytes."""
+def _parse_seal(seal_file_bytes: bytes, params: WireParams) -> tuple[int, list[np.ndarray], bytes]:
+    """A ciphertext as SEAL saved it (header + zstd or raw stream) -> (kind, its polynomials,
+    the seed fields of a seeded one); every field is checked against the key's parameters."""
     magic, hsize, _major, _minor, compr, _res, size = _SEAL_HEADER.unpack_from(seal_file_bytes)
     if magic != _SEAL_MAGIC or hsize != _SEAL_HEADER.size or size != len(seal_file_bytes):
         raise CryptoError("SEAL wrote a stream this module does not understand (header)")
     payload = seal_file_bytes[_SEAL_HEADER.size :]
     if compr == _COMPR_ZSTD:
-        body = zstandard.ZstdDecompressor().decompress(payload, max_output_size=64 + 16 * params.n * 2 + 256)
+        body = _decompressor().decompress(payload, max_output_size=64 + 16 * params.n * 2 + 256)
     elif compr == _COMPR_NONE:
         body = payload
     else:
@@ -183,11 +186,73 @@ def seal_to_wire(seal_file_bytes: bytes, params: WireParams) -> bytes:
         raise CryptoError(f"SEAL ciphertext with {count} coefficients; expected {params.n} or {2 * params.n}")
     if off != len(body):
         raise CryptoError("SEAL ciphertext stream has trailing bytes")
-    bits = params.bits
-    rest = extra + b"".join(_pack_poly(p, bits) for p in polys)
+    return kind, polys, extra
+
+
+def _to_wire(kind: int, polys: Sequence[np.ndarray], extra: bytes, params: WireParams) -> bytes:
+    rest = extra + b"".join(_pack_poly(p, params.bits) for p in polys)
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, params.preset_id, kind, params.key_id, b"\0\0\0\0")
     checksum = _checksum(head[:13], rest)
     return head[:13] + checksum + rest
+
+
+def seal_to_wire(seal_file_bytes: bytes, params: WireParams) -> bytes:
+    """A ciphertext as SEAL saved it (header + zstd stream) -> fedmq's packed bytes."""
+    return _to_wire(*_parse_seal(seal_file_bytes, params), params)
+
+
+def add_full(data: bytes | None, seal_file_bytes: bytes, params: WireParams) -> bytes:
+    """``data`` (full-kind wire bytes this process made or checked, or None for zero) plus a
+    full ciphertext as SEAL saved it -> the wire bytes of their sum, with numpy only.
+
+    Adding two CKKS ciphertexts at the same level and scale is adding their polynomials
+    coefficient by coefficient modulo the prime (SEAL's ``add_inplace`` does exactly that, in
+    the NTT form both are in). ``_parse_seal`` checks the other's parameters id, NTT form and
+    scale against the key's, and the wire format implies the same for ``data``, so the sum is
+    the one SEAL computes, word for word (tests/unit/test_ckks.py compares them). Needing no
+    SEAL, it runs in the aggregator's commit workers (``shared.ckks_pool``), which take this
+    half of a commit off the engine's core."""
+    kind, other, extra = _parse_seal(seal_file_bytes, params)
+    if data is None:
+        return _to_wire(kind, other, extra, params)
+    if kind != KIND_FULL or check_wire(data, params, checksum=False) != KIND_FULL:
+        raise CryptoError("add_full adds full ciphertexts, not seeded ones")
+    n, bits, pb = params.n, params.bits, params.poly_bytes()
+    mv = memoryview(data)[_HEAD.size :]
+    q = np.uint64(params.modulus)
+    out = []
+    for i in range(2):
+        if int(other[i].max()) >= params.modulus:
+            raise CryptoError("SEAL ciphertext coefficient not reduced modulo the prime")
+        total = _unpack_poly(mv[i * pb : (i + 1) * pb], n, bits) + other[i]  # < 2q < 2^64
+        np.subtract(total, q, out=total, where=total >= q)
+        out.append(total)
+    return _to_wire(KIND_FULL, out, b"", params)
+
+
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """One zstd decompression context per thread (a context is not thread-safe)."""
+    d = getattr(_local, "zstd", None)
+    if d is None:
+        d = _local.zstd = zstandard.ZstdDecompressor()
+    return d
+
+
+def params_to_json(params: WireParams) -> str:
+    """The parameters as JSON, for a worker process that needs no key (``shared.ckks_pool``)."""
+    return json.dumps({"preset_id": params.preset_id, "key_id": params.key_id.hex(), "n": params.n,
+                       "modulus": params.modulus, "scale": params.scale, "parms_id": list(params.parms_id),
+                       "seal_version": list(params.seal_version)})
+
+
+def params_from_json(text: str) -> WireParams:
+    d = json.loads(text)
+    return WireParams(preset_id=int(d["preset_id"]), key_id=bytes.fromhex(d["key_id"]), n=int(d["n"]),
+                      modulus=int(d["modulus"]), scale=float(d["scale"]), parms_id=tuple(d["parms_id"]),
+                      seal_version=tuple(d["seal_version"]))
 
 
 def seeded_streams_to_wire(streams: Sequence[bytes], params: WireParams) -> np.ndarray:

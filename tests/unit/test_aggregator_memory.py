@@ -14,6 +14,7 @@ from fedmq.aggregator.engine import AggregatorEngine
 from integration.aggregator_helpers import make_federation, random_delta
 from fedmq.shared.ckks import decrypt_block, encrypt_block, load_ciphertext, load_context, serialize
 from fedmq.shared.codec import decode_global_version, encode
+from fedmq.shared.signing import load_public_key, verify_version
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,11 @@ def test_version_messages_carry_their_own_commit(fed, tmp_path):
         again = {blk.index: blk.ciphertext for o in outs1 for blk in decode_global_version(o.body).blocks}
         assert again == first and any(first[i] != eng._D_bytes[i] for i in first)
         assert all(o.body == encode(o.chunk) for o in outs1)
+        # signed when published (on the connection thread), by the aggregator's key, over the
+        # blocks of its own commit
+        key = load_public_key(fed.keys_dir / "aggregator.hybrid.pub")
+        for o in outs1:
+            verify_version(decode_global_version(o.body), key)
         # D in memory is bytes only; reading it decrypts to the stored sum
         i = next(iter(eng.D))
         np.testing.assert_allclose(decrypt_block(fed.secret, eng.D[i]), decrypt_block(fed.secret, eng._D_bytes[i]))

@@ -407,3 +407,57 @@ def test_pipelined_build_chunks_as_the_plain_chunker_would(tmp_path: Path) -> No
                 start = b.index * secret.block_size
                 want = ckks.pad_block(delta[start : start + secret.block_size], secret.block_size)
                 np.testing.assert_allclose(decrypt_block(secret, b.ciphertext), want, atol=AGGREGATION_ERROR_BUDGET)
+
+
+def test_adding_on_the_wire_bytes_is_seals_addition_word_for_word(keys: tuple[LoadedContext, LoadedContext]) -> None:
+    """ckks_wire.add_full (numpy, no SEAL: what the aggregator's commit workers run) gives the
+    very bytes SEAL's add + serialize give, including the modular wrap of every coefficient."""
+    secret, public = keys
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-1, 1, (3, secret.block_size))
+    a, b = (ckks.load_ciphertext(public, encrypt_block(secret, row)) for row in x[:2])
+    d_bytes = ckks.serialize(a)  # a full ciphertext, as D holds it
+    expected = ckks.serialize(ckks.add_inplace(ckks.load_ciphertext(public, d_bytes, checked=True), b))
+    assert ckks.add_to_wire(public, d_bytes, ckks.save_for_add(b)) == expected
+    assert ckks.add_to_wire(public, None, ckks.save_for_add(b)) == ckks.serialize(b)  # a block D does not have yet
+    np.testing.assert_allclose(decrypt_block(secret, expected), x[0] + x[1], atol=1e-6)
+    # a seeded (fresh) ciphertext is not what D holds: refused, not silently mis-added
+    with pytest.raises(CryptoError, match="full ciphertexts"):
+        ckks.add_to_wire(public, encrypt_block(secret, x[2]), ckks.save_for_add(b))
+
+
+def test_commit_workers_give_the_engines_bytes_and_a_dead_worker_loses_nothing(keys: tuple[LoadedContext, LoadedContext]) -> None:
+    from fedmq.aggregator import fold
+    from fedmq.aggregator.blockstore import ADD_BATCH, CiphertextStore
+    from fedmq.shared.ckks_pool import AddPool
+
+    secret, public = keys
+    rng = np.random.default_rng(3)
+    n_blocks = 3 * ADD_BATCH + 1  # several batches in flight, and a short last one
+    x = rng.uniform(-1, 1, (2, n_blocks, secret.block_size))
+
+    def buffer(i: int) -> dict[int, ckks.HeVector]:
+        return {b: ckks.load_ciphertext(public, encrypt_block(secret, x[i][b])) for b in range(n_blocks)}
+
+    first, second = buffer(0), buffer(1)
+    alone = CiphertextStore(public, {})
+    fold.commit(alone, dict(first))
+    base = dict(alone.data)
+    fold.commit(alone, dict(second))
+    pool = AddPool(ckks.wire_params(public), 1)
+    try:
+        pooled = CiphertextStore(public, {}, pool)
+        fold.commit(pooled, dict(first))
+        assert pooled.data == base
+        fold.commit(pooled, dict(second))
+        assert pooled.data == alone.data and pooled.pool is pool
+        # the worker dies: the commit finishes in the engine's thread, same bytes, and the
+        # store stops using the broken pool
+        pool.workers[0].proc.kill()
+        pool.workers[0].proc.wait()
+        after_kill = CiphertextStore(public, dict(base), pool)
+        fold.commit(after_kill, dict(second))
+        assert after_kill.data == alone.data and after_kill.pool is None
+    finally:
+        pool.close()
+    np.testing.assert_allclose(decrypt_block(secret, alone.data[n_blocks - 1]), x[0][-1] + x[1][-1], atol=1e-6)
