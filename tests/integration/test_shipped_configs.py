@@ -5,8 +5,10 @@ FEDMQ_AMQP_URL as compose's env files do), and deploy/config/site.example.toml (
 example) beside the same aggregator. Only what names this machine's files is rewritten (key,
 data and state paths) and the metrics port (9100 may be taken); every other setting is exactly
 as shipped. The key material comes from README's commands (``fedmq keys init``, ``fedmq keys
-site``) and the broker users from provisioning (as ``fedmq broker provision``), so sites connect
-as their own least-privilege user and the aggregator checks user_id.
+site``) and the broker users from the definitions file compose loads (``fedmq broker
+definitions``, one rabbitmqctl call; ``fedmq broker provision``'s rabbitmqctl path is tested in
+tests/security), so sites connect as their own least-privilege user and the aggregator checks
+user_id.
 
 "One round": the aggregator commits version 1 and every site applies it.
 """
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -25,7 +29,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from fedmq.broker import provision
+from fedmq.broker import definitions, provision
 from integration.site_kit import write_pngs
 from fedmq.shared.cli import main
 
@@ -59,7 +63,17 @@ class Deployment:
         }
         passwords: dict[str, str] = {}
         grants = provision.plan(list(self.sites), lambda u: passwords.setdefault(u, provision.generate_password()))
-        provision.apply_with_rabbitmqctl(broker.rabbitmqctl, namespace.vhost, grants)
+        self.users = [g.user for g in grants]
+        # as compose provisions them: one definitions file (``fedmq broker definitions``), one
+        # rabbitmqctl call (the file must be readable by the node's own user)
+        defs_dir = Path(tempfile.mkdtemp(prefix="fedmq-defs-"))
+        try:
+            defs_dir.chmod(0o755)
+            path = definitions.write_definitions(defs_dir / "definitions.json",
+                                                 definitions.definitions(namespace.vhost, grants, sites=list(self.sites)))
+            broker.rabbitmqctl("import_definitions", str(path))
+        finally:
+            shutil.rmtree(defs_dir, ignore_errors=True)
         params = pika.URLParameters(namespace.url)
         self.urls = {g.user: provision.amqp_url(g.user, g.password, namespace.vhost, params.host, params.port)
                      for g in grants}
@@ -139,11 +153,7 @@ def deployment(broker_ctl, broker_namespace, tmp_path):  # noqa: ANN001
         yield dep
     finally:
         dep.stop()
-        for user in dep.sites:
-            try:
-                broker_ctl.rabbitmqctl("delete_user", user)
-            except Exception:  # noqa: BLE001 - cleanup only
-                pass
+        broker_ctl.retire_users(dep.users)
 
 
 def test_compose_configs_run_one_round(deployment):

@@ -47,12 +47,8 @@ def federation(broker: Broker) -> Iterator[ProvisionedVhost]:
     try:
         yield ProvisionedVhost(namespace, namespace.url, site_a, site_b, urls)
     finally:
-        broker.drop_namespace(namespace)
-        for user in (site_a, site_b):
-            try:
-                broker.rabbitmqctl("delete_user", user)
-            except Exception:  # noqa: BLE001 - cleanup only
-                pass
+        broker.retire_namespace(namespace)
+        broker.retire_users([site_a, site_b])
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ import re
 import secrets
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -135,6 +135,7 @@ class Broker:
         self._restart = restart
         self._close = close
         self._retired: list[Namespace] = []
+        self._retired_users: list[str] = []
 
     def __repr__(self) -> str:
         return f"Broker(source={self.source!r}, url={self.url!r})"
@@ -192,15 +193,29 @@ class Broker:
         if namespace.isolation == "vhost":
             self._retired.append(namespace)
 
+    def retire_users(self, users: Iterable[str]) -> None:
+        """Users a test created and is done with: deleted when the broker closes, all in one
+        ``rabbitmqctl`` call, or not at all on a private node, which is deleted whole (a
+        ``delete_user`` each cost a test about a second of Erlang VM start)."""
+        self._retired_users.extend(users)
+
     def _drop_retired(self) -> None:
         retired, self._retired = self._retired, []
-        if not retired or self.source == "local" or self._ctl is None:
+        users, self._retired_users = self._retired_users, []
+        if self.source == "local" or self._ctl is None:
             return
-        names = ", ".join(_erl_binary(ns.vhost) for ns in retired)
-        try:
-            self._ctl("eval", f"[rabbit_vhost:delete(V, {_erl_binary(_ACTING_USER)}) || V <- [{names}]], ok.")
-        except BrokerHarnessError as exc:  # cleanup only: the broker is going away or someone else's
-            logger.warning("could not delete %d test vhosts: %s", len(retired), exc)
+        acting = _erl_binary(_ACTING_USER)
+        for what, names, call in (
+            ("vhosts", [ns.vhost for ns in retired], f"rabbit_vhost:delete(V, {acting})"),
+            ("users", users, f"rabbit_auth_backend_internal:delete_user(V, {acting})"),
+        ):
+            if not names:
+                continue
+            listed = ", ".join(_erl_binary(n) for n in names)
+            try:
+                self._ctl("eval", f"[{call} || V <- [{listed}]], ok.")
+            except BrokerHarnessError as exc:  # cleanup only: the broker is going away or someone else's
+                logger.warning("could not delete %d test %s: %s", len(names), what, exc)
 
     def close(self) -> None:
         """Delete retired namespaces and stop whatever the harness started; idempotent."""

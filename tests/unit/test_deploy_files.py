@@ -24,6 +24,7 @@ from fedmq.broker import definitions as defs
 from fedmq.broker import provision, topology
 from fedmq.shared.cli import build_parser, main
 from fedmq.shared.settings import load_settings
+from testkit.broker import Namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -282,11 +283,8 @@ def test_definitions_load_into_a_real_broker(broker_ctl, tmp_path: Path) -> None
                 conn.close()
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-        for cmd in (("delete_vhost", vhost), *(("delete_user", u) for u in (*sites, provision.ADMIN_USER))):
-            try:
-                broker_ctl.rabbitmqctl(*cmd)
-            except Exception:  # noqa: BLE001 - cleanup only
-                pass
+        broker_ctl.retire_namespace(Namespace(url=broker_ctl.url, vhost=vhost, prefix="", isolation="vhost"))
+        broker_ctl.retire_users([*sites, provision.ADMIN_USER, provision.AGGREGATOR_USER])
 
 
 def test_definitions_name_no_guest_and_cap_the_dead_letter_queue() -> None:
