@@ -9,9 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +16,12 @@ import pytest
 from PIL import Image
 
 from integration.site_kit import make_site_kit, write_pngs
+from fedmq.shared.cli import main
 from fedmq.shared.errors import ConfigError
 from fedmq.site_agent.data.check import check_data
 from fedmq.site_agent.runtime import SiteRuntime
 from unit.test_image_formats import write_dicom
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mixed_folder(root: Path) -> Path:
@@ -69,17 +66,17 @@ def test_site_refuses_to_train_when_most_of_the_manifest_is_unreadable(tmp_path)
     assert not (tmp_path / "s" / "privacy-ledger.json").exists()
 
 
-@pytest.mark.slow  # runs the CLI in a subprocess
-def test_check_data_command(tmp_path):
+def test_check_data_command(tmp_path, capsys):
+    """``fedmq site check-data`` through the CLI's own main (in this process: a subprocess only
+    added a torch + MONAI import; test_cli.py runs the entry point itself as a process)."""
     kit = make_site_kit(tmp_path / "kit")
     cfg = tmp_path / "site.toml"
     s = kit.settings()
     cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
         ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key), ("aggregator_public_key", s.aggregator_public_key),
         ("manifest", s.manifest), ("state_dir", tmp_path / "state"))) + "\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "fedmq.shared.cli", "site", "check-data", "--config", str(cfg),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "usable images: 36" in proc.stdout and "OK: the site agent can train" in proc.stdout
+    code = main(["site", "check-data", "--config", str(cfg), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    assert "usable images: 36" in out.out and "OK: the site agent can train" in out.out
     assert (tmp_path / "out" / "contact-sheet.png").exists()
