@@ -162,11 +162,40 @@ def _scratch_path(tag: str) -> str:
     with _scratch_lock:
         d = _scratch_dir.get(pid)
         if d is None:
-            base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-            d = tempfile.mkdtemp(prefix="fedmq-he-", dir=base)
+            base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+            _sweep_scratch(base)
+            d = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{pid}-", dir=base)
             _scratch_dir[pid] = d
             atexit.register(shutil.rmtree, d, True)
     return os.path.join(d, f"{tag}-{threading.get_ident()}")
+
+
+_SCRATCH_PREFIX = "fedmq-he-"
+
+
+def _sweep_scratch(base: str) -> None:
+    """Remove the scratch directories of this user's processes that are gone: a SIGKILLed
+    aggregator or site leaves its last ciphertext on tmpfs, which is memory, and a service that
+    restarts after crashes would otherwise collect them. A directory names its process's pid;
+    a live pid (or one reused since) is left alone."""
+    uid = os.getuid()
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(_SCRATCH_PREFIX):
+            continue
+        pid_text = name[len(_SCRATCH_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid_text.isdigit() or entry.stat(follow_symlinks=False).st_uid != uid:
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except (OSError, ValueError):  # alive under another user, or gone meanwhile
+            continue
 
 
 def _save(obj: object, tag: str) -> bytes:

@@ -461,3 +461,25 @@ def test_commit_workers_give_the_engines_bytes_and_a_dead_worker_loses_nothing(k
     finally:
         pool.close()
     np.testing.assert_allclose(decrypt_block(secret, alone.data[n_blocks - 1]), x[0][-1] + x[1][-1], atol=1e-6)
+
+
+def test_a_killed_process_leaves_no_ciphertext_on_tmpfs(tmp_path: Path) -> None:
+    """The scratch directory of a SIGKILLed process (no atexit) is removed by the next process
+    that needs one; a live process's directory is kept."""
+    import os
+    import subprocess
+    import sys
+
+    base = ckks._scratch_path("probe").rsplit("/", 2)[0]
+    code = ("import os, signal, numpy as np, sys; from fedmq.shared import ckks; "
+            "k = ckks.init_keys(sys.argv[1]); c = ckks.load_context(k.secret_context); "
+            "ckks.encrypt_block(c, np.zeros(4)); print(ckks._scratch_path('ct'), flush=True); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "k")], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+    left = Path(proc.stdout.strip()).parent
+    assert proc.returncode == -9 and left.is_dir() and str(left).startswith(base)
+    mine = Path(ckks._scratch_path("probe")).parent
+    ckks._sweep_scratch(base)
+    assert not left.exists() and mine.is_dir()
+    assert mine.name.startswith(f"fedmq-he-{os.getpid()}-")
