@@ -63,6 +63,15 @@ GOALS: tuple[Goal, ...] = (
 
 BY_KEY: dict[str, Goal] = {g.key: g for g in GOALS}
 
+#: issue 12's goals for DP training of resnet50_224 on a CUDA GPU, judged by ``benchmarks.gpu``
+#: (a separate command, run where a GPU is lent): DP / plain images per second, peak GPU memory
+#: at the default physical batch (GiB), DP round / plain round
+GPU_GOALS: dict[str, float] = {
+    "dp_over_plain_images_per_s": 0.7,
+    "dp_peak_gib_at_default_physical_batch": 16.0,
+    "dp_round_over_plain_round": 1.3,
+}
+
 
 def goal_texts() -> dict[str, str]:
     """key -> goal text of every judged goal (latest.json's ``goals``)."""

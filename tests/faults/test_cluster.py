@@ -93,7 +93,7 @@ def test_node_loss_mid_run_loses_nothing(cluster, tmp_path: Path) -> None:
         for _, sent in updates:
             for i, v in sent.items():
                 expect[i] = expect.get(i, 0.0) + v
-        assert kit.decrypt_max_error(svc.engine._D_bytes, expect, 64) < 1e-3
+        assert kit.decrypt_max_error(svc.engine.D.data, expect, 64) < 1e-3
     finally:
         svc.stop()
         th.join(30)

@@ -188,7 +188,7 @@ def test_two_shards_fold_to_the_plaintext_replay(tmp_path, amqp_url):
                                                           reference_sample_weight=1.0)
                     plain.fold(sent_by_uid[c.update_id], c.weight_units)
             assert any(c.staleness > 0 for cs in deltas.values() for c in cs)
-            got = fed.model({i: ct for agg in (agg0, agg1) for i, ct in agg.engine._D_bytes.items()}, scale)
+            got = fed.model({i: ct for agg in (agg0, agg1) for i, ct in agg.engine.D.data.items()}, scale)
             expected = plain.model(fed.n_params, scale)
             np.testing.assert_allclose(got, expected, atol=1e-6)
             # the site-side receiver (deltas + periodic snapshots per shard) holds the same model

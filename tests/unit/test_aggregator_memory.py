@@ -69,7 +69,7 @@ def test_version_messages_carry_their_own_commit(fed, tmp_path):
             eng.handle_chunk(b)
         assert eng.version == 2
         again = {blk.index: blk.ciphertext for o in outs1 for blk in decode_global_version(o.body).blocks}
-        assert again == first and any(first[i] != eng._D_bytes[i] for i in first)
+        assert again == first and any(first[i] != eng.D.data[i] for i in first)
         assert all(o.body == encode(o.chunk) for o in outs1)
         # signed when published (on the connection thread), by the aggregator's key, over the
         # blocks of its own commit
@@ -78,8 +78,8 @@ def test_version_messages_carry_their_own_commit(fed, tmp_path):
             verify_version(decode_global_version(o.body), key)
         # D in memory is bytes only; reading it decrypts to the stored sum
         i = next(iter(eng.D))
-        np.testing.assert_allclose(decrypt_block(fed.secret, eng.D[i]), decrypt_block(fed.secret, eng._D_bytes[i]))
-        assert serialize(eng.D[i]) == eng._D_bytes[i]
+        np.testing.assert_allclose(decrypt_block(fed.secret, eng.D[i]), decrypt_block(fed.secret, eng.D.data[i]))
+        assert serialize(eng.D[i]) == eng.D.data[i]
     finally:
         eng.close()
 

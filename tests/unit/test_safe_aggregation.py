@@ -39,7 +39,7 @@ def test_server_step_is_a_weighted_mean_with_hospital_sized_weights(fed, tmp_pat
             out += eng.handle_chunk(b)[1]
     assert eng.version == 1
     head = decode_global_version(out[0].body, max_bytes=1 << 30)
-    model = fed.model({i: eng._D_bytes[i] for i in eng._D_bytes}, head.value_scale)
+    model = fed.model({i: eng.D.data[i] for i in eng.D.data}, head.value_scale)
     expected = sum(weights[s] * value[s] for s in fed.sites) / sum(weights.values())
     # w_ref is the running mean of the weights reported so far (order-dependent by a few percent),
     # weight units are rounded integers (Q = 64): the step is the weighted mean within 10%

@@ -82,7 +82,7 @@ def test_aggregator_over_stub_broker_survives_a_dropped_link(tmp_path: Path) -> 
     dead = stub.messages(topology.DEAD_LETTER_QUEUE)[0]
     assert dead.headers and dead.headers[topology.REASON_HEADER] and dead.body == b"\x00not msgpack"
     # the folded ciphertexts equal the plaintext replay (exactly once, after the reconnect)
-    model = fed.model(svc.engine._D_bytes, svc.engine.value_scale)
+    model = fed.model(svc.engine.D.data, svc.engine.value_scale)
     assert np.max(np.abs(model - replay.model(fed.n_params, svc.engine.value_scale))) < 1e-3
 
 
