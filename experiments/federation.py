@@ -17,11 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -62,6 +62,11 @@ class SiteTraining(BaseModel):
     max_grad_norm: float = 1.0
     sparsity_mode: Literal["dense", "topk"] = "topk"
     topk_fraction: float = DEFAULT_TOPK_FRACTION
+
+
+#: (argv, env, log file) -> a process driven like ``subprocess.Popen`` (poll, wait, send_signal,
+#: terminate, kill, pid, returncode)
+Spawner = Callable[[Sequence[str], Mapping[str, str], IO[bytes]], Any]
 
 
 class FederationSpec(BaseModel):
@@ -183,13 +188,17 @@ def _toml(values: dict) -> str:
 class Federation:
     """Owns every process of one run; ``close`` always tears everything down."""
 
-    def __init__(self, spec: FederationSpec, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, spec: FederationSpec, progress: Callable[[str], None] | None = None, *,
+                 spawner: Spawner | None = None) -> None:
         self.spec = spec
         self.progress = progress or (lambda msg: None)
         self.dir = spec.workdir.resolve()
         self.sites = site_ids(spec.n_sites)
         self._stack = ExitStack()
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        #: how a process is started: None = a fresh interpreter (``subprocess.Popen``); a test
+        #: may inject one that forks from a pre-imported interpreter (tests/testkit/zygote.py)
+        self.spawner = spawner
+        self.procs: dict[str, Any] = {}
         self.node: LocalRabbitNode | None = None
 
     # -- set-up ----------------------------------------------------------------------------
@@ -315,6 +324,9 @@ class Federation:
         self._stack.callback(log.close)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         argv = self.command(name, args, env)
+        if self.spawner is not None:
+            self.procs[name] = self.spawner(argv, env, log)
+            return
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     # -- run -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import NoReturn
 import pytest
 
 from testkit.broker import Broker, BrokerUnavailableError, Namespace, open_test_broker
+from testkit.zygote import Zygote
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,17 @@ def broker() -> Iterator[Broker]:
     logger.info("broker %r ready in %.2fs", session_broker, time.monotonic() - started)
     with session_broker:
         yield session_broker
+
+
+@pytest.fixture(scope="session")
+def zygote() -> Iterator[Zygote]:
+    """Forks federation tests' site agents (and their test launcher) from one interpreter that
+    imported torch, MONAI and Opacus once (``testkit.zygote``): each is still its own process."""
+    z = Zygote()
+    try:
+        yield z
+    finally:
+        z.close()
 
 
 @pytest.fixture

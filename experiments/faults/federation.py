@@ -24,7 +24,7 @@ from typing import Any
 from fedmq.broker import topology
 from fedmq.broker.transport import AmqpLink, connect_link
 from fedmq.experiments.faults.plan import FaultCheckFailed
-from fedmq.experiments.federation import VHOST, Federation, FederationSpec
+from fedmq.experiments.federation import VHOST, Federation, FederationSpec, Spawner
 from fedmq.shared.errors import ConfigError
 
 OBSERVER_QUEUE = "fedmq.faults.observer"
@@ -38,8 +38,9 @@ class FaultFederation(Federation):
     every site records its plaintext updates; ``extra_hooks[site]`` adds launcher options for
     that site's next start (a kill mid-publish)."""
 
-    def __init__(self, spec: FederationSpec, progress: Callable[[str], None] | None = None) -> None:
-        super().__init__(spec, progress)
+    def __init__(self, spec: FederationSpec, progress: Callable[[str], None] | None = None, *,
+                 spawner: Spawner | None = None) -> None:
+        super().__init__(spec, progress, spawner=spawner)
         self.extra_hooks: dict[str, list[str]] = {}
         if not (REPO_ROOT / "tests" / "launcher.py").is_file():
             raise ConfigError(f"fault injection needs a fedmq checkout (it starts sites through the test launcher): "

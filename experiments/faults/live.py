@@ -36,7 +36,7 @@ import numpy as np
 from fedmq.broker.provision import AGGREGATOR_USER
 from fedmq.experiments.faults.federation import FaultFederation, declare_observer, drain_dead_letters, drain_observer
 from fedmq.experiments.faults.plan import FaultCheckFailed, FaultPlan, LiveResult
-from fedmq.experiments.federation import FederationSpec, SiteTraining
+from fedmq.experiments.federation import FederationSpec, SiteTraining, Spawner
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def _wal_size(state_dir: Path) -> int:
 
 
 class LiveRun:
-    def __init__(self, plan: FaultPlan, workdir: Path, data_npz: Path, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, plan: FaultPlan, workdir: Path, data_npz: Path, progress: Callable[[str], None] | None = None,
+                 *, spawner: Spawner | None = None) -> None:
         self.plan = plan
         self.rng = random.Random(plan.seed)
         self.progress = progress or (lambda m: None)
@@ -69,7 +70,7 @@ class LiveRun:
             training=SiteTraining(lr=0.05, batch_size=32, local_epochs=1), amqp_url=None,
             time_limit_s=plan.time_limit_s,
         )
-        self.fed = FaultFederation(spec, self.progress)
+        self.fed = FaultFederation(spec, self.progress, spawner=spawner)
         self.recovery: dict[str, list[float]] = {"aggregator_restart": [], "broker_restart": [], "connection_close": [], "site_restart": []}
         self.first_accept: list[float] = []
         self.events: list[dict[str, Any]] = []
@@ -393,8 +394,11 @@ class LiveRun:
         self.fed.close()
 
 
-def run_live(plan: FaultPlan, workdir: Path, data_npz: Path, progress: Callable[[str], None] | None = None) -> LiveResult:
-    run = LiveRun(plan, workdir, data_npz, progress)
+def run_live(plan: FaultPlan, workdir: Path, data_npz: Path, progress: Callable[[str], None] | None = None, *,
+             spawner: Spawner | None = None) -> LiveResult:
+    """``spawner``: how the federation starts its processes (None: fresh interpreters; the
+    tests inject one that forks the site agents from a pre-imported one)."""
+    run = LiveRun(plan, workdir, data_npz, progress, spawner=spawner)
     try:
         return run.run()
     finally:

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from fedmq.experiments.faults import FaultPlan, run_live
+from testkit.zygote import Zygote
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow]
 
 
 @pytest.mark.timeout(420)
-def test_live_federation_survives_faults_exactly_once(faults_npz: Path) -> None:
+def test_live_federation_survives_faults_exactly_once(faults_npz: Path, zygote: Zygote) -> None:
     # The federation starts its own private node (least-privilege users, restartable, rabbitmqctl)
     # and closes it afterwards: it needs the rabbitmq-server binaries, not the session broker.
     from fedmq.broker.local_node import find_rabbitmq_install
@@ -42,7 +43,7 @@ def test_live_federation_survives_faults_exactly_once(faults_npz: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix="fedmq-faults-"))
     work.chmod(0o755)
     try:
-        res = run_live(plan, work / "fed", faults_npz, print)
+        res = run_live(plan, work / "fed", faults_npz, print, spawner=zygote)
     except BaseException:
         print(f"logs kept in {work / 'fed' / 'logs'}")
         raise

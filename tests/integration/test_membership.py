@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from testkit.zygote import Zygote
+
 from fedmq.experiments.federation import Federation, FederationSpec, SiteTraining
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -82,8 +84,8 @@ def _purge(url: str, site: str) -> None:
 
 
 def test_async_late_joiner_catches_up_and_a_site_down_does_not_stall(tmp_path: Path, small_npz: Path,
-                                                                     amqp_url: str) -> None:
-    with Federation(_spec(tmp_path, small_npz, amqp_url), print) as fed:
+                                                                     amqp_url: str, zygote: Zygote) -> None:
+    with Federation(_spec(tmp_path, small_npz, amqp_url), print, spawner=zygote) as fed:
         fed.prepare()
         first, second, late = fed.sites
         evaluator = fed.start(sites=[first, second])
@@ -134,12 +136,12 @@ def test_async_late_joiner_catches_up_and_a_site_down_does_not_stall(tmp_path: P
         assert "## Membership timeline" in table and late in table
 
 
-def test_sync_round_waits_for_a_missing_member(tmp_path: Path, small_npz: Path, amqp_url: str) -> None:
+def test_sync_round_waits_for_a_missing_member(tmp_path: Path, small_npz: Path, amqp_url: str, zygote: Zygote) -> None:
     """Sync policy: wait. Two of three pinned sites send their round; the aggregator folds both
     and commits nothing; the third arrives and the round commits with all three."""
     # one round is the whole proof: the pinned round that waits, then commits with all three
     spec = _spec(tmp_path, small_npz, amqp_url, mode="sync", planned_rounds=1, retrain_after_s=600.0)
-    with Federation(spec, print) as fed:
+    with Federation(spec, print, spawner=zygote) as fed:
         fed.prepare()
         first, second, missing = fed.sites
         evaluator = fed.start(sites=[first, second])

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from testkit.zygote import Zygote
+
 from fedmq.experiments.federation import Federation, FederationSpec, SiteTraining
 from fedmq.site_agent.runtime import LEDGER_FILE
 from fedmq.site_agent.training import PrivacyLedger
@@ -64,10 +66,10 @@ def _epsilon(fed: Federation, site: str) -> float:
     return PrivacyLedger.load(path).epsilon_spent() if path.exists() else 0.0
 
 
-def test_three_sites_end_with_identical_global_model(tmp_path: Path, small_npz: Path, amqp_url: str) -> None:
+def test_three_sites_end_with_identical_global_model(tmp_path: Path, small_npz: Path, amqp_url: str, zygote: Zygote) -> None:
     # DP off here so the learning check below is deterministic enough to assert on; the
     # privacy budget is exercised in the kill test.
-    with Federation(_spec(tmp_path, small_npz, amqp_url, dp_enabled=False), print) as fed:
+    with Federation(_spec(tmp_path, small_npz, amqp_url, dp_enabled=False), print, spawner=zygote) as fed:
         fed.prepare()
         evaluator = fed.start()
         # K = 3 and 3 rounds each: exactly three versions, each folding one update per site.
@@ -95,14 +97,14 @@ def test_three_sites_end_with_identical_global_model(tmp_path: Path, small_npz: 
             assert all(f"{s}:{seq}" in report for seq in (1, 2, 3)), report
 
 
-def test_site_killed_mid_round_resumes_and_keeps_its_budget(tmp_path: Path, small_npz: Path, amqp_url: str) -> None:
+def test_site_killed_mid_round_resumes_and_keeps_its_budget(tmp_path: Path, small_npz: Path, amqp_url: str, zygote: Zygote) -> None:
     # two rounds: the victim is killed in (or after) its first and must finish the second from
     # its saved sequence and ledger; more rounds would only repeat the second. The victim's
     # slowdown stretches its round so the kill tends to land while it trains.
     rounds = 2
     spec = _spec(tmp_path, small_npz, amqp_url, planned_rounds=rounds, buffer_size=2, slowdown={"hospital_1": 3.0},
                  retrain_after_s=5.0)
-    with Federation(spec, print) as fed:
+    with Federation(spec, print, spawner=zygote) as fed:
         fed.prepare()
         fed.start()
         victim = "hospital_1"
