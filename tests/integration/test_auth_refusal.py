@@ -14,6 +14,7 @@ import pytest
 
 from integration.aggregator_helpers import make_federation
 from integration.site_kit import make_site_kit
+from testkit.zygote import Zygote
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,11 +25,14 @@ def _wrong_password(url: str) -> str:
     return url.replace(f":{p.credentials.password}@", ":not-the-password@", 1)
 
 
-def _run(argv: list[str], url: str) -> subprocess.CompletedProcess:
+def _run(argv: list[str], url: str, zygote: Zygote | None = None) -> subprocess.CompletedProcess:
+    """``fedmq ARGV`` as a process (a site agent forked from the warm ``zygote`` when given)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_AMQP_URL=url, FEDMQ_LOG_JSON="false",
                FEDMQ_RECONNECT_INITIAL_S="0.1", FEDMQ_RECONNECT_MAX_S="0.5", FEDMQ_CHECK_USER_ID="false")
-    return subprocess.run([sys.executable, "-m", "fedmq.shared.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=180)
+    cmd = [sys.executable, "-m", "fedmq.shared.cli", *argv]
+    if zygote is not None:
+        return zygote.run(cmd, env, timeout=180)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
 
 
 def test_aggregator_exits_after_repeated_403(tmp_path, amqp_url):
@@ -43,14 +47,14 @@ def test_aggregator_exits_after_repeated_403(tmp_path, amqp_url):
     assert "Traceback" not in proc.stderr
 
 
-def test_site_exits_after_repeated_403(tmp_path, amqp_url):
+def test_site_exits_after_repeated_403(tmp_path, amqp_url, zygote):
     kit = make_site_kit(tmp_path / "kit")
     s = kit.settings(state_dir=tmp_path / "state")
     cfg = tmp_path / "site.toml"
     cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
         ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key), ("aggregator_public_key", s.aggregator_public_key),
         ("manifest", s.manifest), ("state_dir", s.state_dir))) + "\n")
-    proc = _run(["site", "run", "--config", str(cfg)], _wrong_password(amqp_url))
+    proc = _run(["site", "run", "--config", str(cfg)], _wrong_password(amqp_url), zygote)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("fedmq: error: giving up after 3 refusals in a row") and "refused user" in last, last

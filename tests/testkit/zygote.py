@@ -26,6 +26,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -122,17 +123,21 @@ class Zygote:
             self._dead = True
             self._cond.notify_all()
 
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str], log: IO[bytes]) -> ProcessLike:
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], log: IO[bytes], *, err: str | None = None) -> ProcessLike:
         """``argv`` as ``[python, "-m", MODULE, *args]`` (MODULE one of ``MODULES``) is forked
-        from the zygote; anything else is started as a fresh process."""
+        from the zygote; anything else is started as a fresh process. stdout and stderr go to
+        ``log``; ``err``: stderr to that file instead."""
         argv = list(argv)
         if len(argv) < 3 or argv[1] != "-m" or argv[2] not in MODULES or self._dead:
-            return popen_spawner(argv, env, log)
+            if err is None:
+                return popen_spawner(argv, env, log)
+            with open(err, "ab") as err_file:
+                return subprocess.Popen(argv, stdout=log, stderr=err_file, env=dict(env), start_new_session=True)
         assert self._proc.stdin is not None
         with self._cond:
             req_id = self._next_id = self._next_id + 1
             req = {"id": req_id, "module": argv[2], "argv": argv[3:], "env": dict(env), "cwd": os.getcwd(),
-                   "log": log.name}
+                   "log": log.name, "err": err or log.name}
             self._proc.stdin.write((json.dumps(req) + "\n").encode())
             self._proc.stdin.flush()
             while req_id not in self._answers and not self._dead:
@@ -143,6 +148,22 @@ class Zygote:
         return ZygoteProcess(self, int(answer["pid"]))
 
     __call__ = spawn
+
+    def run(self, argv: Sequence[str], env: Mapping[str, str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+        """``subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)``,
+        the child forked from the zygote (stdout and stderr each to a file, read back)."""
+        with tempfile.TemporaryDirectory(prefix="fedmq-zygote-") as d:
+            out, err = Path(d) / "stdout", Path(d) / "stderr"
+            with open(out, "ab") as log:
+                proc = self.spawn(argv, env, log, err=str(err))
+                try:
+                    code = proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(30)
+                    raise
+            text = (lambda p: p.read_text(errors="replace") if p.exists() else "")
+            return subprocess.CompletedProcess(list(argv), code, text(out), text(err))
 
     def exit_code(self, pid: int) -> int | None:
         with self._cond:
@@ -185,11 +206,12 @@ def _child(req: dict[str, Any], own_fds: Sequence[int]) -> None:
         signal.set_wakeup_fd(-1)
         null = os.open(os.devnull, os.O_RDONLY)
         log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        err = os.open(req["err"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(null, 0)
         os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(null)
-        os.close(log)
+        os.dup2(err, 2)
+        for fd in (null, log, err):
+            os.close(fd)
         sys.stdin = open(0, closefd=False)  # noqa: SIM115 - fresh objects: none of the zygote's buffers
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115

@@ -44,7 +44,7 @@ def _hold(state_dir: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow  # runs the CLI in a subprocess
-def test_second_process_on_a_state_dir_is_refused_with_a_clear_message(kit, tmp_path):
+def test_second_process_on_a_state_dir_is_refused_with_a_clear_message(kit, tmp_path, zygote):
     from fedmq.aggregator.engine import AggregatorEngine
     from fedmq.aggregator.settings import AggregatorSettings
 
@@ -64,8 +64,9 @@ def test_second_process_on_a_state_dir_is_refused_with_a_clear_message(kit, tmp_
         cfg.write_text("\n".join(f'{k} = "{v}"' for k, v in (
             ("site_id", s.site_id), ("secret_context", s.secret_context), ("signing_key", s.signing_key), ("aggregator_public_key", s.aggregator_public_key),
             ("manifest", s.manifest), ("state_dir", state))) + "\n")
-        proc = subprocess.run([sys.executable, "-m", "fedmq.shared.cli", "site", "run", "--config", str(cfg)],
-                              capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        # a second process (forked from the tests' warm interpreter: the same CLI, its own pid)
+        proc = zygote.run([sys.executable, "-m", "fedmq.shared.cli", "site", "run", "--config", str(cfg)],
+                          dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
         assert proc.returncode == 2 and "in use by another fedmq process" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
     finally:
