@@ -64,12 +64,13 @@ def run(npz: Path, seed: int, args: argparse.Namespace) -> dict:
         w = np.array(sizes, dtype=float) / sum(sizes)
         s = np.array(list(sigmas.values()))
         sigma_eff = float(np.sqrt((w ** 2 * s ** 2).sum() / (w ** 2).sum()))
-        rule_lr = args.step_noise * args.batch / (sigma_eff * CLIP_NORM)
+        rule_lr = args.step_noise * args.batch / (sigma_eff * args.clip)
     else:
-        rule_lr = next(iter(federation_learning_rate(sigmas, batch_size=args.batch, step_noise=args.step_noise).values()))
+        rule_lr = next(iter(federation_learning_rate(sigmas, batch_size=args.batch, step_noise=args.step_noise,
+                                                        max_grad_norm=args.clip).values()))
     lr = args.lr or rule_lr
     local = LocalSettings(lr=lr, optimizer="sgd", momentum=args.momentum, batch_size=args.batch,
-                          local_steps=args.local_steps, dp=True, target_epsilon=1.2, max_grad_norm=CLIP_NORM)
+                          local_steps=args.local_steps, dp=True, target_epsilon=1.2, max_grad_norm=args.clip)
     beta = args.ema if args.ema is not None else ema_beta(args.rounds)
     fed = FederationSettings(preset=args.preset, n_sites=N_SITES, alpha=ALPHA, mode="sync", rounds=args.rounds,
                              server_lr=args.server_lr, ema_beta=beta, clock="steps")
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--local-steps", type=int, default=None)
     ap.add_argument("--cap-epoch", action="store_true", help="local steps at most one epoch of each site")
+    ap.add_argument("--clip", type=float, default=CLIP_NORM, help="clip norm C (the lr rule scales with 1 / C)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--lr", type=float, default=None, help="None: the federation lr rule")
