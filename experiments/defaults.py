@@ -66,7 +66,8 @@ def local_steps(n_train: int, *, batch_size: int, most: int = LOCAL_STEPS) -> in
     passed over its data several times per round would pay for every pass (237 images, 8 steps
     instead of 2 per round: noise multiplier 26 instead of 13 at the same epsilon), and the
     federation's learning rate follows the noisiest site. Measured on the demo's partitions
-    (docs/results.md, "The demo").
+    (docs/results.md, "The demo"): over seeds 0-4 it raises the worst seed's validation AUC
+    (0.902 against 0.879 for one-epoch rounds), not the mean (0.923 against 0.924).
     """
     if n_train < 1 or batch_size < 1 or most < 1:
         raise ValueError("images, batch size and S must be positive")
