@@ -10,18 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-from fedmq.experiments.defaults import async_buffer_size, clip_norm, planned_rounds
+from fedmq.experiments.defaults import LOCAL_STEPS, async_buffer_size, clip_norm, planned_rounds
 from fedmq.experiments.federation import FederationResult, FederationSpec, SiteTraining, run_federation
 
 logger = logging.getLogger(__name__)
 
 #: Demo settings, every number from a rule in experiments/defaults.py: SGD with momentum 0.9
-#: on Poisson-sampled batches of 128, one local epoch per round, clip norm C = clip_norm(), the
-#: learning rate from the noise multipliers the sites' accountants compute (lr None), R =
-#: planned_rounds() updates per site, K = async_buffer_size, the EMA beta from the versions.
+#: on Poisson-sampled batches of 128, rounds of one local epoch but at most S = LOCAL_STEPS
+#: steps at each site (``local_steps``), clip norm C = clip_norm(), the learning rate from the
+#: noise multipliers the sites' accountants compute for those steps (lr None), R =
+#: planned_rounds(short=True) updates per site, K = async_buffer_size, the EMA beta from the versions.
 DEMO_TRAINING = SiteTraining(optimizer="sgd", lr=None, momentum=0.9, batch_size=128, local_epochs=1,
-                             max_grad_norm=clip_norm())
-DEMO_ROUNDS = planned_rounds()
+                             most_local_steps=LOCAL_STEPS, max_grad_norm=clip_norm())
+DEMO_ROUNDS = planned_rounds(short=True)
 DEMO_SITES = 3
 #: ``--no-dp`` only (the demo's bar is the DP run): SGD with momentum at the lr the DP rule gives
 #: the demo's hospitals at seed 0; without noise the step is limited by the loss surface instead
@@ -105,6 +106,7 @@ def rules_applied(result: FederationResult, spec: FederationSpec) -> dict:
     """What each rule of experiments/defaults.py gave this run (the report's "Settings" table)."""
     return {
         "planned_rounds": spec.planned_rounds,
+        "local_steps": result.local_steps,
         "clip_norm": spec.training.max_grad_norm,
         "buffer_size": spec.buffer_size,
         "noise_multipliers": {k: round(v, 4) for k, v in result.noise_multipliers.items()},
@@ -153,6 +155,9 @@ def write_report(result: FederationResult, spec: FederationSpec, out: Path) -> N
         "| setting | value | rule |",
         "|---|---|---|",
         f"| rounds per site R | {spec.planned_rounds} | `planned_rounds` |",
+        "| local steps per round | " + (", ".join(f"{k}: {v}" for k, v in result.local_steps.items() if v is not None)
+                                        or f"{spec.training.local_epochs} epoch(s)")
+        + " | `local_steps` (one epoch, at most S) |",
         f"| clip norm C | {spec.training.max_grad_norm} | `clip_norm` |",
         f"| K (updates per version) | {spec.buffer_size} | `async_buffer_size` |",
         "| noise multiplier per site | "

@@ -59,6 +59,10 @@ class SiteTraining(BaseModel):
     local_epochs: int = 1
     #: steps per round instead of epochs (the site setting ``local_steps``)
     local_steps: int | None = None
+    #: rounds of at most this many steps and at most one epoch at each site: each site's
+    #: ``local_steps`` from its training-set size (the rule experiments.defaults.local_steps);
+    #: None: ``local_steps`` / ``local_epochs`` as set, the same for every site
+    most_local_steps: int | None = Field(None, ge=1)
     max_grad_norm: float = 1.0
     sparsity_mode: Literal["dense", "topk"] = "topk"
     topk_fraction: float = DEFAULT_TOPK_FRACTION
@@ -136,6 +140,8 @@ class FederationResult:
     #: multiplier (as its accountant computes it), and the evaluator's EMA coefficient
     learning_rates: dict[str, float] = field(default_factory=dict)
     noise_multipliers: dict[str, float] = field(default_factory=dict)
+    #: each site's steps per round (None: epochs), as its config says
+    local_steps: dict[str, int | None] = field(default_factory=dict)
     ema_beta: float | None = None
     #: wall-clock (epoch) time of the moment the processes started: the zero of every ``wall_s``
     started_at: float | None = None
@@ -254,6 +260,17 @@ class Federation:
         finally:
             link.close()
 
+    def site_local_steps(self) -> dict[str, int | None]:
+        """Each site's ``local_steps``: the rule of experiments/defaults.py for its training-set
+        size when ``most_local_steps`` is set, else the configured value (None: epochs)."""
+        from fedmq.experiments.defaults import local_steps
+
+        t = self.spec.training
+        if t.most_local_steps is None:
+            return {site: t.local_steps for site in self.sites}
+        return {site: local_steps(sum(v["train"].values()), batch_size=t.batch_size, most=t.most_local_steps)
+                for site, v in self.summary["sites"].items()}
+
     def site_learning_rates(self) -> dict[str, float]:
         """Each site's lr: the configured one, or under DP (lr None) the rule of
         experiments/defaults.py applied to the noise multipliers the sites will compute."""
@@ -265,8 +282,10 @@ class Federation:
         if not s.dp_enabled:
             raise ValueError("lr None means the DP learning-rate rule; set lr when DP is off")
         train_counts = {site: sum(v["train"].values()) for site, v in self.summary["sites"].items()}
+        steps = self.site_local_steps()
         sigmas = {site: dp_noise_multiplier(n, batch_size=t.batch_size, rounds=s.planned_rounds, epsilon=s.target_epsilon,
-                                            local_epochs=t.local_epochs) for site, n in train_counts.items()}
+                                            local_epochs=t.local_epochs, local_steps=steps[site])
+                  for site, n in train_counts.items()}
         self.noise_multipliers = sigmas
         return federation_learning_rate(sigmas, batch_size=t.batch_size, max_grad_norm=t.max_grad_norm)
 
@@ -275,6 +294,7 @@ class Federation:
         train_counts = [sum(v["train"].values()) for v in self.summary["sites"].values()]
         reference = sum(train_counts) / len(train_counts)
         self.learning_rates = self.site_learning_rates()
+        self.local_steps = self.site_local_steps()
         agg = {
             "amqp_url": self.urls[AGGREGATOR_USER],
             "public_context": self.keys.public_context,
@@ -308,7 +328,8 @@ class Federation:
                 "train_continuously": s.train_continuously,
                 "progress_bars": False,
                 "log_json": True,
-                **t.model_dump(),
+                **t.model_dump(exclude={"most_local_steps"}),
+                "local_steps": self.local_steps[site],
                 "lr": self.learning_rates[site],
             }
             (self.dir / "config" / f"{site}.toml").write_text(_toml(cfg))
@@ -457,6 +478,7 @@ class Federation:
             audit=self.audit_summary(self.sites[0]),
             learning_rates=dict(getattr(self, "learning_rates", {})),
             noise_multipliers=dict(getattr(self, "noise_multipliers", {})),
+            local_steps=dict(getattr(self, "local_steps", {})),
             ema_beta=evaluator.ema_beta,
             started_at=getattr(self, "started_at", None),
         )

@@ -43,6 +43,7 @@ from fedmq.shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
 from fedmq.experiments.scoring import accuracy_at, auc_of, select_threshold
 from fedmq.site_agent.data.demo_data import dirichlet_partition, load_npz_split, load_official_split
 from fedmq.site_agent.model_state import FederatedModel
+from fedmq.site_agent.models import Preset
 from fedmq.site_agent.runtime import training_seed
 from fedmq.site_agent.settings import DEFAULT_TOPK_FRACTION
 from fedmq.site_agent.training import DPConfig, LocalTrainer, TrainingConfig, predict_proba
@@ -64,6 +65,8 @@ class LocalSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(64, ge=1)
     local_epochs: int = Field(1, ge=1)
+    #: optimizer steps per round instead of local_epochs (the site setting ``local_steps``)
+    local_steps: int | None = Field(None, ge=1)
     dp: bool = False
     target_epsilon: float = Field(1.2, gt=0)
     #: None = 1/(10 n), the site agent's default (always <= 1/n)
@@ -76,7 +79,7 @@ class FederationSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    preset: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    preset: Preset = "small_cnn"
     init_seed: int = 0
     n_sites: int = Field(3, ge=1)
     alpha: float = Field(0.5, gt=0)
@@ -310,6 +313,9 @@ class _Tracker:
 
 def training_config(local: LocalSettings, *, preset: str, seed: int, planned_rounds: int,
                     local_steps: int | None = None) -> TrainingConfig:
+    """``local_steps`` (the centralized arm's matched compute) overrides ``local.local_steps``."""
+    if local_steps is None:
+        local_steps = local.local_steps
     return TrainingConfig(
         model=preset, lr=local.lr, batch_size=local.batch_size, local_epochs=local.local_epochs,
         local_steps=local_steps, optimizer=local.optimizer, momentum=local.momentum,
@@ -333,7 +339,8 @@ def run_centralized(
     ``fed.rounds`` rounds match the FL arms' compute; the model is scored after each.
     """
     X, y = data.pooled_train
-    per_round = sum(local.local_epochs * max(1, math.ceil(len(s.X_train) / local.batch_size)) for s in data.sites)
+    per_round = sum(local.local_steps or local.local_epochs * max(1, math.ceil(len(s.X_train) / local.batch_size))
+                    for s in data.sites)
     cfg = training_config(local, preset=fed.preset, seed=training_seed("central", seed),
                           planned_rounds=fed.rounds, local_steps=per_round)
     fm = FederatedModel.create(fed.preset, fed.init_seed)
@@ -493,13 +500,15 @@ class _Site:
 def run_federation_sim(
     data: FederationData, local: LocalSettings, fed: FederationSettings, *, seed: int, arm: str = "fl",
     on_engine: Callable[[EngineDriver], None] | None = None,
+    local_steps_by_site: dict[str, int] | None = None,
 ) -> RunResult:
     """Run the federation; returns the best-on-validation version's scores and the whole curve.
 
     The sites are the shipped trainer and update builder; the aggregator is the shipped engine
     (:class:`EngineDriver`). This function is only the discrete-event clock around them: it
     decides when each site's update arrives, never what the aggregator does with it.
-    ``on_engine`` (tests) sees the driver before its temporary state is removed.
+    ``on_engine`` (tests) sees the driver before its temporary state is removed;
+    ``local_steps_by_site`` sets a site's steps per round (the site setting ``local_steps``) by name.
     """
     from fedmq.shared.codec import DEFAULT_MAX_MESSAGE_BYTES, encode_update_chunk
     from fedmq.site_agent.update_builder import UpdateIdentity, build_update
@@ -514,7 +523,8 @@ def run_federation_sim(
         agg = EngineDriver(fed, fm, crypto, tmp, w_ref, n_receivers=n)
         sites = [
             _Site(sd, training_config(local, preset=fed.preset, seed=training_seed(sd.name, seed),
-                                      planned_rounds=fed.rounds),
+                                      planned_rounds=fed.rounds,
+                                      local_steps=(local_steps_by_site or {}).get(sd.name)),
                   tmp / f"{sd.name}-ledger.json", fed.slowdowns[i] if i < len(fed.slowdowns) else 1.0)
             for i, sd in enumerate(data.sites)
         ]

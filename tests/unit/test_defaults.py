@@ -85,9 +85,10 @@ def test_the_demo_reads_the_rules(tmp_path: Path) -> None:
     spec = demo_spec(_demo_args(), tmp_path / "x.npz")
     assert spec.training.lr is None  # the lr rule, per run, from the sites' noise multipliers
     assert spec.training.max_grad_norm == clip_norm()
-    assert spec.planned_rounds == planned_rounds()
+    assert spec.planned_rounds == planned_rounds(short=True) == 40  # rounds of at most S steps
+    assert spec.training.most_local_steps == defaults.LOCAL_STEPS and spec.training.local_steps is None
     assert spec.buffer_size == async_buffer_size(3, dp=True)
-    assert spec.resolved_ema_beta() == pytest.approx(ema_beta(planned_rounds()))
+    assert spec.resolved_ema_beta() == pytest.approx(ema_beta(planned_rounds(short=True)))
     assert demo_spec(_demo_args(no_dp=True), tmp_path / "x.npz").training.lr is not None
 
 
@@ -117,3 +118,40 @@ def test_the_federation_lr_from_site_sizes_is_the_noisiest_sites() -> None:
     lr = dp_federation_lr_for_sizes([237, 1958], batch_size=128, rounds=20, epsilon=1.2)
     assert lr == pytest.approx(dp_learning_rate(dp_noise_multiplier(237, batch_size=128, rounds=20, epsilon=1.2),
                                                 batch_size=128))
+
+
+def test_local_steps_are_one_epoch_capped_at_s() -> None:
+    from fedmq.experiments.defaults import LOCAL_STEPS, local_steps
+
+    assert local_steps(2748, batch_size=128) == LOCAL_STEPS == 8  # a large site: S steps, not 22
+    assert local_steps(237, batch_size=128) == 2  # a small site: one epoch, never several passes
+    assert local_steps(50, batch_size=128) == 1
+    assert local_steps(2748, batch_size=128, most=30) == 22
+    with pytest.raises(ValueError):
+        local_steps(0, batch_size=128)
+
+
+def test_the_federation_gives_each_site_its_local_steps(tmp_path: Path) -> None:
+    """Each site's steps per round, its noise multiplier and its config agree: the accountant
+    charges the steps the site will take."""
+    from fedmq.experiments.federation import Federation, FederationSpec, SiteTraining
+
+    spec = FederationSpec(workdir=tmp_path, data_npz=tmp_path / "x.npz", n_sites=2, planned_rounds=40,
+                          training=SiteTraining(lr=None, batch_size=128, most_local_steps=8))
+    fed = Federation(spec)
+    fed.summary = {"sites": {"hospital_1": {"train": {"0": 100, "1": 137}}, "hospital_2": {"train": {"0": 900, "1": 1058}}}}
+    assert fed.site_local_steps() == {"hospital_1": 2, "hospital_2": 8}
+    fed.site_learning_rates()
+    assert fed.noise_multipliers["hospital_1"] == pytest.approx(
+        dp_noise_multiplier(237, batch_size=128, rounds=40, epsilon=1.2, local_steps=2))
+    assert fed.noise_multipliers["hospital_2"] == pytest.approx(
+        dp_noise_multiplier(1958, batch_size=128, rounds=40, epsilon=1.2, local_steps=8))
+    from fedmq.site_agent.training.config import DPConfig, TrainingConfig
+    from fedmq.site_agent.training.trainer import LocalTrainer
+
+    site = TrainingConfig(batch_size=128, local_steps=8, dp=DPConfig(target_epsilon=1.2, planned_rounds=40))
+    assert LocalTrainer(site, None).open_ledger(1958).params.noise_multiplier == pytest.approx(
+        fed.noise_multipliers["hospital_2"])
+    uniform = Federation(spec.model_copy(update={"training": SiteTraining(lr=None, batch_size=128, local_steps=5)}))
+    uniform.summary = fed.summary
+    assert uniform.site_local_steps() == {"hospital_1": 5, "hospital_2": 5}

@@ -234,3 +234,17 @@ def test_no_rule_of_aggregation_in_experiments_or_benchmarks() -> None:
                 if (rel, m.group(0)) not in allowed:
                     found.append((rel, m.group(0)))
     assert found == []
+
+
+def test_local_steps_per_site_and_for_every_site() -> None:
+    """A site's steps per round: LocalSettings.local_steps for every site, local_steps_by_site by
+    name (the demo's rule gives each site its own); the centralized arm matches the total."""
+    data = _tiny_data()
+    fed = FederationSettings(mode="sync", rounds=2, clock="steps", seconds_per_step=0.1)
+    every = LOCAL.model_copy(update={"local_steps": 3})
+    r = run_federation_sim(data, every, fed, seed=0)
+    assert r.optimizer_steps == 3 * 3 * 2
+    assert run_centralized(data, every, fed, seed=0).optimizer_steps == r.optimizer_steps
+    by_site = run_federation_sim(data, LOCAL, fed, seed=0, local_steps_by_site={"hospital-c": 4})
+    assert by_site.optimizer_steps == (2 + 2 + 4) * 2  # 24 images at B = 16: 2 steps per epoch
+    assert by_site.history[1].sim_seconds == pytest.approx(4 * 0.1)  # the round waits for the 4 steps
