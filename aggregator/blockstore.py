@@ -53,7 +53,7 @@ class CiphertextStore(MutableMapping[int, HeVector]):
             for index, vec in items:
                 self[index] = vec if index not in self.data else add_inplace(self[index], vec)
             return
-        inflight: deque[tuple[_Pending, Future[list[bytes]]]] = deque()
+        inflight: deque[tuple[_Pending, Future[list[bytes]] | None]] = deque()
         batch: _Pending = []
         for index, vec in items:
             batch.append((index, self.data.get(index), save_for_add(vec)))
@@ -68,23 +68,23 @@ class CiphertextStore(MutableMapping[int, HeVector]):
         while inflight:
             self._collect(*inflight.popleft())
 
-    def _send(self, batch: _Pending) -> tuple[_Pending, Future[list[bytes]]]:
-        pool = self.pool
-        if pool is None:
-            done: Future[list[bytes]] = Future()
-            done.set_exception(CryptoError("no commit workers"))
-            return batch, done
-        return batch, pool.submit([(data, saved) for _, data, saved in batch])
+    def _send(self, batch: _Pending) -> tuple[_Pending, Future[list[bytes]] | None]:
+        """Hand ``batch`` to the workers; None once they have failed (added here instead)."""
+        if self.pool is None:
+            return batch, None
+        return batch, self.pool.submit([(data, saved) for _, data, saved in batch])
 
-    def _collect(self, batch: _Pending, future: Future[list[bytes]]) -> None:
+    def _collect(self, batch: _Pending, future: Future[list[bytes]] | None) -> None:
         try:
-            sums = future.result()
+            sums = future.result() if future is not None else None
         except CryptoError as exc:
             # a worker that died or broke its pipe: add here (same bytes, one core) from now on
             if self.pool is not None:
                 logger.warning("commit workers failed (%s); committing in the engine's thread", exc)
                 pool, self.pool = self.pool, None
                 pool.close()
+            sums = None
+        if sums is None:
             sums = [add_to_wire(self.ctx, data, saved) for _, data, saved in batch]
         for (index, _, _), wire_bytes in zip(batch, sums, strict=True):
             self.data[index] = wire_bytes
