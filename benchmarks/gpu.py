@@ -193,7 +193,7 @@ def one_round(preset: str, *, dp: bool, device: Any, ds: Any, load_s: float, key
     t = result.timings
     delta = layout.flatten(result.state_dict) - fm.x0
     t1 = time.perf_counter()
-    sparsify(delta, None, keys.preset.slots, "topk", 0.5)
+    sparsify(delta, None, keys.block_size, "topk", 0.5)
     sparsify_s = time.perf_counter() - t1
     t1 = time.perf_counter()
     built = build_update(delta, None, UpdateIdentity("bench-site", 1, 0, float(len(ds))), keys, layout.fingerprint,
