@@ -98,7 +98,9 @@ def _aggregator_run(keys: Any, url: str, state: Path, bodies: list[bytes], K: in
 
 
 def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int = RESNET50_PARAMS,
-                   encrypt_workers: int | None = None) -> dict[str, Any]:
+                   encrypt_workers: int | None = None, aggregator: bool = True) -> dict[str, Any]:
+    """``aggregator=False`` (``--site-only``): the site build and the floor alone, for a host with
+    no RabbitMQ (a GPU server measured for its cores); the aggregator keys are then None."""
     from fedmq.aggregator import fold as foldmod
     from benchmarks.harness import MAX_MESSAGE_BYTES, build, make_keys
     from fedmq.shared.ckks import load_ciphertext
@@ -132,10 +134,12 @@ def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int = RESNET50
     floor_s = time.perf_counter() - t
     del buf, cts
 
-    fold_s, rss_fold = _aggregator_run(keys, urls(), tmp / "r50-fold", bodies, 2,
-                                       lambda s: s.get("updates_folded_total", 0) >= 1, 900)
-    version_s, rss_version = _aggregator_run(keys, urls(), tmp / "r50-version", bodies, 1,
-                                             lambda s: s.get("version", 0) >= 1, 900)
+    fold_s = version_s = rss_fold = rss_version = None
+    if aggregator:
+        fold_s, rss_fold = _aggregator_run(keys, urls(), tmp / "r50-fold", bodies, 2,
+                                           lambda s: s.get("updates_folded_total", 0) >= 1, 900)
+        version_s, rss_version = _aggregator_run(keys, urls(), tmp / "r50-version", bodies, 1,
+                                                 lambda s: s.get("version", 0) >= 1, 900)
     peak = max(r for r in (rss_fold, rss_version) if r is not None) if (rss_fold or rss_version) else None
     return {
         "ckks_bytes_per_value": keys.public.preset.bytes_per_value,
@@ -144,11 +148,11 @@ def resnet50_scale(urls: Callable[[], str], tmp: Path, *, params: int = RESNET50
         "resnet50_fold_seconds": fold_s,
         "resnet50_version_seconds": version_s,
         "resnet50_floor_seconds": floor_s,
-        "resnet50_fold_vs_floor": floor_s / fold_s,
+        "resnet50_fold_vs_floor": floor_s / fold_s if fold_s else None,
         "aggregator_peak_rss_bytes": peak,
         "aggregator_peak_rss_vs_encrypted_model": (peak / folded_model_bytes) if peak else None,
         "resnet50": {
-            "params": params, "blocks": blocks, "dense_fp32_bytes": 4 * params,
+            "params": params, "blocks": blocks, "host_cpus": os.cpu_count(), "dense_fp32_bytes": 4 * params,
             "update_vs_dense_fp32": update_bytes / (4 * params), "encrypted_model_bytes": folded_model_bytes,
             "encrypt_workers": encrypt_workers or default_workers(), "encrypt_seconds": built.encrypt_seconds,
             "load_average_at_build": load, "load_average_after_build": load_after,
@@ -166,7 +170,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.resnet50", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=int, default=RESNET50_PARAMS)
+    ap.add_argument("--site-only", action="store_true",
+                    help="site build and floor only, no broker or aggregator (a host without RabbitMQ)")
     args = ap.parse_args(argv)
+    if args.site_only:
+        with tempfile.TemporaryDirectory(prefix="fedmq-r50-") as tmpdir:
+            out = resnet50_scale(lambda: "", Path(tmpdir), params=args.params, aggregator=False)
+        print(json.dumps(out, indent=2))
+        return 0
     with tempfile.TemporaryDirectory(prefix="fedmq-r50-") as tmpdir, private_broker() as node:
         os.chmod(tmpdir, 0o755)
         out = resnet50_scale(lambda: fresh_url(node), Path(tmpdir), params=args.params)
