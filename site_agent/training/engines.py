@@ -216,7 +216,10 @@ class BookKeepingEngine:
         if m.kernel_size == (1, 1) and m.padding == (0, 0):  # 1x1: the input itself, strided, is the unfolding
             u = a[:, :, :: m.stride[0], :: m.stride[1]].reshape(b, a.shape[1], -1)
         else:
-            u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (b, D, T)
+            # the batch folded into the channels: one im2col launch instead of one per sample
+            # (unfold orders rows channel-major, so (1, b*C*k*k, T) is (b, C*k*k, T) exactly)
+            u = F.unfold(a.reshape(1, b * a.shape[1], *a.shape[2:]), m.kernel_size, dilation=m.dilation,
+                         padding=m.padding, stride=m.stride).view(b, -1, g.shape[2] * g.shape[3])  # (b, D, T)
         gf = g.reshape(b, g.shape[1], -1)  # (b, C_out, T)
         positions, weights = u.shape[2], m.weight.numel()
         if weights <= 2 * positions * positions:
