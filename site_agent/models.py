@@ -49,7 +49,12 @@ class PresetInfo:
     n_params: int
     description: str
     #: DP-SGD micro-batch used when ``max_physical_batch`` is unset (bounds GPU memory; the
-    #: Poisson logical batch is split into chunks of at most this many images)
+    #: Poisson logical batch is split into chunks of at most this many images). Rule for the
+    #: 224 px presets: the largest power of two whose DP step (engine ``bk``) stays within 12 GiB,
+    #: three quarters of a 16 GiB card, the smallest hospital GPU we plan for. On an H200 a DP step
+    #: of resnet50_224 is bound by kernel launches, not by the GPU, so larger micro-batches are
+    #: nearly free: 128 (11.4 GiB) gives DP / plain 0.39 and a DP round 1.20x plain, against 0.31
+    #: and 1.72x at 32 (docs/benchmarks.md, "Site training on a GPU")
     physical_batch: int = 256
 
 
@@ -57,8 +62,8 @@ PRESETS: dict[str, PresetInfo] = {
     "small_cnn": PresetInfo(28, 24_569, "4 MONAI conv blocks (GroupNorm) + global pooling + linear; CPU-friendly", 512),
     "resnet18": PresetInfo(28, 11_169_089, "MONAI ResNet-18, 2D, 3x3 stem without max-pool (MedMNIST-style), GroupNorm", 256),
     "resnet50": PresetInfo(28, 23_505_089, "MONAI ResNet-50, 2D, 3x3 stem without max-pool (MedMNIST-style), GroupNorm", 256),
-    "resnet18_224": PresetInfo(224, 11_171_649, "MONAI ResNet-18, 2D, 7x7 stride-2 stem + max-pool, 224 px, 1 channel, GroupNorm", 32),
-    "resnet50_224": PresetInfo(224, 23_507_649, "MONAI ResNet-50, 2D, 7x7 stride-2 stem + max-pool, 224 px, 1 channel, GroupNorm", 32),
+    "resnet18_224": PresetInfo(224, 11_171_649, "MONAI ResNet-18, 2D, 7x7 stride-2 stem + max-pool, 224 px, 1 channel, GroupNorm", 128),
+    "resnet50_224": PresetInfo(224, 23_507_649, "MONAI ResNet-50, 2D, 7x7 stride-2 stem + max-pool, 224 px, 1 channel, GroupNorm", 128),
 }
 assert set(PRESETS) == set(get_args(Preset)), "Preset literal and PRESETS registry disagree"
 

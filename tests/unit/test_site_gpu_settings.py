@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedmq.site_agent.models import PRESETS
 from fedmq.shared.errors import ConfigError
 from fedmq.shared.settings import load_settings
 from fedmq.site_agent.runtime import training_config
@@ -40,7 +41,7 @@ def test_defaults_secure_noise_auto_device_and_preset_size(tmp_path: Path) -> No
     s = _load(tmp_path, 'model_preset = "resnet50_224"\n')
     assert s.image_size == 224 and s.device == "auto" and s.secure_noise is True and s.dp_engine == "bk"
     cfg = training_config(s)
-    assert cfg.dp.secure_noise and cfg.device == "auto" and cfg.physical_batch() == 32
+    assert cfg.dp.secure_noise and cfg.device == "auto" and cfg.physical_batch() == PRESETS["resnet50_224"].physical_batch == 128
 
 
 def test_device_and_batch_from_toml_env_and_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
