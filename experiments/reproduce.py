@@ -30,7 +30,7 @@ from fedmq.experiments.simulation import (
     run_federation_sim,
 )
 from fedmq.experiments.datasets import md5_of
-from fedmq.experiments.defaults import async_buffer_size
+from fedmq.experiments.defaults import async_buffer_size, dp_federation_lr_for_sizes, ema_beta, expected_versions
 from fedmq.shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
 from fedmq.site_agent.settings import DEFAULT_TOPK_FRACTION
 
@@ -78,17 +78,22 @@ class ReproduceConfig(BaseModel):
     topk_fraction: float = DEFAULT_TOPK_FRACTION
     ckks_preset: str = DEFAULT_CKKS_PRESET
     #: key-holder EMA of the global versions (post-processing, no privacy cost), all arms;
-    #: selection on validation picks between x_v and ema_v. None = off.
-    ema_beta: float | None = 0.7
+    #: selection on validation picks between x_v and ema_v. "rule" = ``defaults.ema_beta`` of the
+    #: arm's versions (0.667 at 20 rounds); a number overrides it; None = off.
+    ema_beta: float | Literal["rule"] | None = "rule"
 
     # non-DP arms (centralized, fl): local training and rounds (= FL updates per site)
     local: LocalSettings = LocalSettings(lr=2e-3, optimizer="adam", batch_size=64, local_epochs=1)
     rounds: int = 20
     # DP arms (centralized_dp, fl_dp): the same settings for both; epsilon per site over all rounds
+    #: ``lr`` here is only a placeholder when ``dp_lr`` is "rule" (the default): each seed's DP arms
+    #: then take ``defaults.dp_federation_lr_for_sizes`` of that seed's sites (FL + DP: the
+    #: noisiest site's noise multiplier; centralized DP: the one site holding all of them)
     local_dp: LocalSettings = LocalSettings(
         lr=0.02, optimizer="sgd", momentum=0.9, batch_size=128, local_epochs=1, dp=True, target_epsilon=1.2,
         max_grad_norm=1.0,
     )
+    dp_lr: float | Literal["rule"] = "rule"
     rounds_dp: int = 20
 
     # async vs sync: one hospital `slow_factor` x slower, time for the validation AUC to reach the target
@@ -108,12 +113,30 @@ class ReproduceConfig(BaseModel):
         base.update(overrides)
         return cls(**base)
 
+    def ema_for(self, rounds: int) -> float | None:
+        """The EMA coefficient of an arm of ``rounds`` rounds: the rule of its versions (the FL
+        arms are synchronous, one version per round; a centralized round is one version too)."""
+        if self.ema_beta != "rule":
+            return self.ema_beta
+        beta = ema_beta(expected_versions(rounds, self.n_sites, self.n_sites))
+        return beta if beta > 0 else None  # a run of 1-2 versions: nothing to average
+
+    def dp_settings(self, n_train: list[int]) -> LocalSettings:
+        """The DP arms' local settings for a federation whose sites hold ``n_train`` training
+        images (one entry: the centralized trainer holding them all)."""
+        if self.dp_lr != "rule":
+            return self.local_dp.model_copy(update={"lr": float(self.dp_lr)})
+        lr = dp_federation_lr_for_sizes(n_train, batch_size=self.local_dp.batch_size, rounds=self.rounds_dp,
+                                        epsilon=self.local_dp.target_epsilon, local_epochs=self.local_dp.local_epochs,
+                                        max_grad_norm=self.local_dp.max_grad_norm)
+        return self.local_dp.model_copy(update={"lr": lr})
+
     def federation(self, **kw) -> FederationSettings:
         base = dict(
             preset=self.preset, n_sites=self.n_sites, alpha=self.alpha, val_fraction=self.val_fraction,
             mode=self.fl_mode, buffer_size=self.buffer_size, server_lr=self.server_lr,
             weight_quantum=self.weight_quantum, topk_fraction=self.topk_fraction,
-            ckks_preset=self.ckks_preset, ema_beta=self.ema_beta,
+            ckks_preset=self.ckks_preset, ema_beta=self.ema_for(kw.get("rounds", self.rounds)),
         )
         base.update(kw)
         return FederationSettings(**base)
@@ -244,15 +267,22 @@ def _run_seed(cfg: ReproduceConfig, npz: Path, seed: int, log) -> dict[str, RunR
     data = load_federation_data(npz, n_sites=cfg.n_sites, alpha=cfg.alpha, val_fraction=cfg.val_fraction, seed=seed)
     fed = cfg.federation(rounds=cfg.rounds)
     fed_dp = cfg.federation(rounds=cfg.rounds_dp)
+    sizes = [len(site.X_train) for site in data.sites]
+    local_fl_dp, local_c_dp = cfg.dp_settings(sizes), cfg.dp_settings([sum(sizes)])
+    if log is not None:
+        log(f"seed {seed}: training images per site {sizes}; DP lr (rule) FL + DP {local_fl_dp.lr:.4f}, "
+            f"centralized DP {local_c_dp.lr:.4f}; EMA beta {fed.ema_beta}")
     plan = [
-        ("centralized", lambda: run_centralized(data, cfg.local, fed, seed=seed, arm="centralized")),
-        ("centralized_dp", lambda: run_centralized(data, cfg.local_dp, fed_dp, seed=seed, arm="centralized_dp")),
-        ("fl", lambda: run_federation_sim(data, cfg.local, fed, seed=seed, arm="fl")),
-        ("fl_dp", lambda: run_federation_sim(data, cfg.local_dp, fed_dp, seed=seed, arm="fl_dp")),
+        ("centralized", cfg.local, lambda: run_centralized(data, cfg.local, fed, seed=seed, arm="centralized")),
+        ("centralized_dp", local_c_dp,
+         lambda: run_centralized(data, local_c_dp, fed_dp, seed=seed, arm="centralized_dp")),
+        ("fl", cfg.local, lambda: run_federation_sim(data, cfg.local, fed, seed=seed, arm="fl")),
+        ("fl_dp", local_fl_dp, lambda: run_federation_sim(data, local_fl_dp, fed_dp, seed=seed, arm="fl_dp")),
     ]
     out = {}
-    for arm, fn in plan:
+    for arm, local, fn in plan:
         out[arm] = r = fn()
+        r.lr = local.lr
         if log is not None:
             log(_line(seed, arm, r))
     return out

@@ -232,6 +232,8 @@ class RunResult:
     #: which candidate the validation selection picked: "raw" (x_v) or "ema" (ema_v)
     selected_model: str = "raw"
     ema_beta: float | None = None
+    #: the local learning rate the sites (or the centralized trainer) used
+    lr: float | None = None
     #: per committed version: who contributed (site, update, base version, staleness, weight units)
     versions: list[dict] = field(default_factory=list)
     #: updates' chunks the engine refused, by reason (e.g. too-stale)
@@ -255,7 +257,7 @@ class RunResult:
             "bytes_sent": self.bytes_sent, "bytes_estimated": self.bytes_estimated,
             "optimizer_steps": self.optimizer_steps, "updates": self.updates, "epsilon_spent": self.epsilon_spent,
             "noise_multiplier": self.noise_multiplier, "timings": self.timings,
-            "selected_model": self.selected_model, "ema_beta": self.ema_beta,
+            "selected_model": self.selected_model, "ema_beta": self.ema_beta, "lr": self.lr,
             "versions": self.versions, "refused": self.refused,
             "history": [vars(p) for p in self.history],
         }

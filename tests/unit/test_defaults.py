@@ -155,3 +155,22 @@ def test_the_federation_gives_each_site_its_local_steps(tmp_path: Path) -> None:
     uniform = Federation(spec.model_copy(update={"training": SiteTraining(lr=None, batch_size=128, local_steps=5)}))
     uniform.summary = fed.summary
     assert uniform.site_local_steps() == {"hospital_1": 5, "hospital_2": 5}
+
+
+def test_reproduction_defaults_are_the_rules() -> None:
+    """The reproduction carries no tuned number for the DP learning rate or the EMA: each seed's
+    DP arms take the rule for that seed's sites, and the EMA the rule for the arm's versions."""
+    from fedmq.experiments.defaults import dp_federation_lr_for_sizes
+    from fedmq.experiments.reproduce import ReproduceConfig
+
+    cfg = ReproduceConfig()
+    sizes = [237, 1_640, 2_831]
+    fl_dp, central = cfg.dp_settings(sizes), cfg.dp_settings([sum(sizes)])
+    assert fl_dp.lr == pytest.approx(dp_federation_lr_for_sizes(sizes, batch_size=128, rounds=20, epsilon=1.2))
+    assert central.lr == pytest.approx(dp_federation_lr_for_sizes([sum(sizes)], batch_size=128, rounds=20, epsilon=1.2))
+    assert central.lr > fl_dp.lr  # one site holding all images needs less noise: a larger step
+    assert fl_dp.dp and fl_dp.optimizer == "sgd" and fl_dp.batch_size == 128  # only the lr is the rule's
+    assert cfg.federation(rounds=20).ema_beta == pytest.approx(ema_beta(20))
+    assert ReproduceConfig.quick_config().federation(rounds=3).ema_beta is None  # 3 versions: nothing to average
+    fixed = ReproduceConfig(dp_lr=0.05, ema_beta=0.7)
+    assert fixed.dp_settings(sizes).lr == 0.05 and fixed.federation(rounds=20).ema_beta == 0.7
