@@ -51,12 +51,14 @@ def planned_rounds(short: bool = False) -> int:
 
     Short rounds: the privacy accountant charges DP-SGD steps, not rounds, so how a large site's
     steps are cut into rounds does not change its noise multiplier; T = 320 is what a large
-    site of the anchor runs took (20 one-epoch rounds of 15-16 steps, docs/reproduction.md c1),
+    site of the anchor runs took, about (20 one-epoch rounds of 15-16 steps, docs/reproduction.md c1),
     and R = T / S keeps it whatever S is (S = 4: R = 80; the former S = 8: R = 40). A site
     with fewer than S steps in an epoch takes one epoch per round and R of them. Over T the
     signal-to-noise of a large site's summed steps, sqrt(T) x B / sigma, hardly depends on how T
     is cut into batches or rounds (1,500 images: 461-482 for B 128-512, R 20-40), so rounds
-    are set for drift and wall time, not for privacy.
+    are set for drift and wall time, not for privacy. T = 480 (R = 120 at S = 4) was no better
+    on validation at the demo's seeds 1 and 4 (docs/results.md, "The demo"): the larger sigma
+    lowers the lr the rule gives, and the extra steps buy little.
 
     The accountant charges every step, so at a fixed epsilon the noise multiplier grows about
     as sqrt(T); together with :func:`dp_learning_rate` the per-step noise stays fixed and more
