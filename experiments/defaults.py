@@ -50,9 +50,9 @@ def planned_rounds(short: bool = False) -> int:
     most S steps (``short``, :func:`local_steps`) R = T / S = 80 with T = 320 steps.
 
     Short rounds: the privacy accountant charges DP-SGD steps, not rounds, so how a large site's
-    steps are cut into rounds does not change its noise multiplier; T = 320 is what a large
-    site of the anchor runs took, about (20 one-epoch rounds of 15-16 steps, docs/reproduction.md c1),
-    and R = T / S keeps it whatever S is (S = 4: R = 80; the former S = 8: R = 40). A site
+    steps are cut into rounds does not change its noise multiplier; T = 320 is about what a
+    large site of the anchor runs took (20 one-epoch rounds of 15-16 steps, docs/reproduction.md
+    c1), and R = T / S keeps it whatever S is (S = 4: R = 80; the former S = 8: R = 40). A site
     with fewer than S steps in an epoch takes one epoch per round and R of them. Over T the
     signal-to-noise of a large site's summed steps, sqrt(T) x B / sigma, hardly depends on how T
     is cut into batches or rounds (1,500 images: 461-482 for B 128-512, R 20-40), so rounds
@@ -79,7 +79,7 @@ def local_steps(n_train: int, *, batch_size: int, most: int = LOCAL_STEPS) -> in
     site of 2,750 images took 22 momentum steps toward its own class mix (86 % pneumonia at the
     demo's seed 1) and the next version swung with it; at S = 8 the same seed became unstable
     (validation AUC 0.4-0.8) as soon as the lr was doubled, at S = 4 it was not. S = 4 is half
-    an epoch or less of every site above 512 images at B = 128; the run keeps T steps
+    an epoch or less of every site of 1,024 images or more at B = 128; the run keeps T steps
     (:func:`planned_rounds`), and the momentum that restarts every round is corrected for in
     the lr (:func:`momentum_gain`). Never more than one epoch: a small site that passed over
     its data several times per round would pay for every pass (237 images, 8 steps instead of 2
