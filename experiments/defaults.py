@@ -10,7 +10,8 @@ is in docs/reproduction.md.
 - clip norm C: :func:`clip_norm`
 - the DP noise multiplier: never chosen, computed from the budget (:func:`dp_noise_multiplier`,
   the site's own accountant)
-- the DP learning rate: :func:`dp_learning_rate` (from the noise multiplier, per site)
+- the DP learning rate: :func:`dp_learning_rate` (from the noise multiplier, per site; for rounds of
+  at most S steps corrected for momentum that restarts every round, :func:`momentum_gain`)
 - K for async mode: :func:`async_buffer_size`
 - EMA of the global versions: :func:`ema_beta` (from the number of versions)
 - the decision threshold: :func:`experiments.scoring.select_threshold` (highest balanced accuracy
@@ -29,45 +30,62 @@ CLIP_NORM = 1.0
 #: the per-coordinate standard deviation of the noise one DP-SGD step adds to the weights,
 #: lr x sigma x C / B, that :func:`dp_learning_rate` holds fixed
 DP_STEP_NOISE = 1.5e-3
-#: R for rounds of at most S steps (the demo's); see :func:`planned_rounds`
-ROUNDS_SHORT = 40
 #: S: the most DP-SGD steps a site takes in one round; see :func:`local_steps`
-LOCAL_STEPS = 8
+LOCAL_STEPS = 4
+#: T: the DP-SGD steps a large site takes over a run of short rounds (R x S); see :func:`planned_rounds`
+SHORT_RUN_STEPS = 320
+#: R for rounds of at most S steps (the demo's): T / S; see :func:`planned_rounds`
+ROUNDS_SHORT = SHORT_RUN_STEPS // LOCAL_STEPS
+#: heavy-ball momentum of the DP-SGD optimizer (the demo's and the reproduction's SGD)
+MOMENTUM = 0.9
+#: steps per round of the large sites in the runs :data:`DP_STEP_NOISE` was anchored on (c1: one-epoch
+#: rounds of 1,800-2,000 images at B = 128, docs/reproduction.md); see :func:`momentum_gain`
+ANCHOR_ROUND_STEPS = 16
 #: the SMA-equivalent window of the EMA, as a fraction of the versions; see :func:`ema_beta`
 EMA_WINDOW_FRACTION = 0.25
 
 
 def planned_rounds(short: bool = False) -> int:
-    """R = 20 rounds (updates per site) of one local epoch for every dataset; R = 40 for rounds
-    of at most S steps (``short``, :func:`local_steps`).
+    """R = 20 rounds (updates per site) of one local epoch for every dataset; for rounds of at
+    most S steps (``short``, :func:`local_steps`) R = T / S = 80 with T = 320 steps.
 
-    Short rounds: a round of at most S = 8 steps is about half an epoch of a large site (12-22
-    steps per epoch at 1,500-2,750 images and B = 128), so twice the rounds keep the large sites'
-    DP-SGD steps (and with them their noise multipliers) near those of 20 one-epoch rounds; the
-    federation's total steps stay within 5 % of them on the demo's partitions. 60 short rounds
-    gave no better validation AUC than 40 (docs/results.md, "The demo").
+    Short rounds: the privacy accountant charges DP-SGD steps, not rounds, so how a large site's
+    steps are cut into rounds does not change its noise multiplier; T = 320 is about what a
+    large site of the anchor runs took (20 one-epoch rounds of 15-16 steps, docs/reproduction.md
+    c1), and R = T / S keeps it whatever S is (S = 4: R = 80; the former S = 8: R = 40). A site
+    with fewer than S steps in an epoch takes one epoch per round and R of them. Over T the
+    signal-to-noise of a large site's summed steps, sqrt(T) x B / sigma, hardly depends on how T
+    is cut into batches or rounds (1,500 images: 461-482 for B 128-512, R 20-40), so rounds
+    are set for drift and wall time, not for privacy. T = 480 (R = 120 at S = 4) was no better
+    on validation at the demo's seeds 1 and 4 (docs/results.md, "The demo"): the larger sigma
+    lowers the lr the rule gives, and the extra steps buy little.
 
-    The accountant charges every round, so at a fixed epsilon the noise multiplier grows about
-    as sqrt(R); together with :func:`dp_learning_rate` the per-step noise stays fixed and more
-    rounds buy more, smaller steps. 20 is the fewest at which every DP setting tried stopped
-    losing validation AUC between rounds 10 and 20 (docs/reproduction.md, runs B/K, J/L). The
-    non-DP arms use the same R so both get the same compute.
+    The accountant charges every step, so at a fixed epsilon the noise multiplier grows about
+    as sqrt(T); together with :func:`dp_learning_rate` the per-step noise stays fixed and more
+    steps buy more, smaller steps. 20 one-epoch rounds is the fewest at which every DP setting
+    tried stopped losing validation AUC between rounds 10 and 20 (docs/reproduction.md, runs
+    B/K, J/L). The non-DP arms use the same R so both get the same compute.
     """
     return ROUNDS_SHORT if short else ROUNDS
 
 
 def local_steps(n_train: int, *, batch_size: int, most: int = LOCAL_STEPS) -> int:
-    """A site's DP-SGD steps per round: one epoch (ceil(n / B)), but at most S = 8.
+    """A site's DP-SGD steps per round: one epoch (ceil(n / B)), but at most S = 4.
 
-    Bounds client drift under label skew: with one epoch per round, a site of 2,750 images took
-    22 momentum steps from each version toward its own class mix (86 % pneumonia at the demo's
-    seed 1) and the next version swung with it. Capped at S steps, a round moves every large
-    site about equally far, whatever its size. Never more than one epoch: a small site that
-    passed over its data several times per round would pay for every pass (237 images, 8 steps
-    instead of 2 per round: noise multiplier 26 instead of 13 at the same epsilon), and the
-    federation's learning rate follows the noisiest site. Measured on the demo's partitions
-    (docs/results.md, "The demo"): over seeds 0-4 it raises the worst seed's validation AUC
-    (0.902 against 0.879 for one-epoch rounds), not the mean (0.923 against 0.924).
+    Bounds client drift under label skew. Drift grows with how far a site travels from a
+    version before the next average, lr x (steps of the round) (local-SGD / FedAvg analyses,
+    e.g. Karimireddy et al. 2020, SCAFFOLD), and under DP the lr is set by the noise
+    (:func:`dp_learning_rate`), so S is the one knob left for drift. With one epoch per round a
+    site of 2,750 images took 22 momentum steps toward its own class mix (86 % pneumonia at the
+    demo's seed 1) and the next version swung with it; at S = 8 the same seed became unstable
+    (validation AUC 0.4-0.8) as soon as the lr was doubled, at S = 4 it was not. S = 4 is half
+    an epoch or less of every site of 1,024 images or more at B = 128; the run keeps T steps
+    (:func:`planned_rounds`), and the momentum that restarts every round is corrected for in
+    the lr (:func:`momentum_gain`). Never more than one epoch: a small site that passed over
+    its data several times per round would pay for every pass (237 images, 8 steps instead of 2
+    per round: noise multiplier 26 instead of 13 at the same epsilon), and the federation's
+    learning rate follows the noisiest site. Measured on the demo's partitions: docs/results.md,
+    "The demo".
     """
     if n_train < 1 or batch_size < 1 or most < 1:
         raise ValueError("images, batch size and S must be positive")
@@ -82,7 +100,8 @@ def clip_norm() -> float:
     That holds while every example is clipped: at the demo's final version at seed 0, 75 % of
     the per-example gradients are below 1 (median 0.48). C = 0.1, which clips them all, was tried on
     the demo's partitions and gave lower validation AUC (0.901 against 0.911, docs/results.md,
-    "The demo"), so C = 1 stays.
+    "The demo"), so C = 1 stays. C = 0.5, about that late median, was level with C = 1 at
+    S = 4 (validation 0.927 / 0.953 against 0.927 / 0.950 at the demo's seeds 1 / 4).
     """
     return CLIP_NORM
 
@@ -105,9 +124,27 @@ def dp_noise_multiplier(n_train: int, *, batch_size: int, rounds: int, epsilon: 
     return float(ledger_params_for(cfg, n_train).noise_multiplier)
 
 
+def momentum_gain(steps: int, momentum: float = MOMENTUM) -> float:
+    """How much farther heavy-ball SGD moves, per step, than plain SGD over a round of ``steps``
+    steps that starts from zero momentum (the site builds a new optimizer every round):
+    g(s) = (1/s) sum_{k=1..s} (1 - m^k) / (1 - m).
+
+    A gradient (or noise draw) taken at step k of the round has moved the weights by
+    lr (1 - m^j) / (1 - m) after j more steps; averaged over the round that is g(s): 1.45 at
+    s = 2, 2.26 at s = 4, 3.59 at s = 8, 5.42 at s = 16, and 1 / (1 - m) = 10 only in the limit.
+    """
+    if steps < 1 or not 0.0 <= momentum < 1.0:
+        raise ValueError("steps must be positive and momentum in [0, 1)")
+    if momentum == 0.0:
+        return 1.0
+    return sum((1.0 - momentum ** k) / (1.0 - momentum) for k in range(1, steps + 1)) / steps
+
+
 def dp_learning_rate(noise_multiplier: float, *, batch_size: int, max_grad_norm: float = CLIP_NORM,
-                     step_noise: float = DP_STEP_NOISE) -> float:
-    """SGD learning rate under DP: lr = step_noise x B / (sigma x C).
+                     step_noise: float = DP_STEP_NOISE, round_steps: int | None = None,
+                     momentum: float = MOMENTUM) -> float:
+    """SGD learning rate under DP: lr = step_noise x B / (sigma x C), and for rounds of at most
+    ``round_steps`` = S steps lr x g(16) / g(S) (:func:`momentum_gain`).
 
     Under DP the noise, not the gradient, limits a step: each step adds Gaussian noise of
     per-coordinate size lr x sigma x C / B to the weights. Holding that size fixed (1.5e-3)
@@ -115,10 +152,22 @@ def dp_learning_rate(noise_multiplier: float, *, batch_size: int, max_grad_norm:
     smaller steps, a large one (small sigma) larger ones, instead of every site using the step
     size that suits the noisiest one. 1.5e-3 is what lr 0.02 gives at sigma 9.3 and B = 128,
     the setting the validation search chose (docs/reproduction.md, c1).
+
+    That anchor was set with one-epoch rounds, in which the large sites (which carry nearly all
+    of a version's sample weight) took about 16 momentum steps per round; momentum 0.9 restarts
+    every round, so a step moved the weights g(16) = 5.4 lr on average. In rounds of S steps it
+    moves g(S) lr (2.26 lr at S = 4): the same lr would travel less than half as far, with
+    the same total steps and privacy. ``round_steps`` = S holds the momentum-effective step,
+    lr x g(S) x sigma x C / B = 1.5e-3 x g(16), at the anchor's level (x 2.39 at S = 4, x 1.51
+    at S = 8); None (one-epoch rounds, the reproduction) leaves the anchor as it is. Derived,
+    not searched: docs/results.md ("The demo") lists what it gave, and what 2 x did.
     """
     if noise_multiplier <= 0 or batch_size < 1 or max_grad_norm <= 0:
         raise ValueError("noise multiplier, batch size and clip norm must be positive")
-    return step_noise * batch_size / (noise_multiplier * max_grad_norm)
+    lr = step_noise * batch_size / (noise_multiplier * max_grad_norm)
+    if round_steps is not None:
+        lr *= momentum_gain(ANCHOR_ROUND_STEPS, momentum) / momentum_gain(round_steps, momentum)
+    return lr
 
 
 def async_buffer_size(n_sites: int, *, dp: bool) -> int:
@@ -156,8 +205,10 @@ def ema_beta(versions: int) -> float:
 
 
 def federation_learning_rate(noise_multipliers: Mapping[str, float], *, batch_size: int,
-                             max_grad_norm: float = CLIP_NORM, step_noise: float = DP_STEP_NOISE) -> dict[str, float]:
-    """One lr for every site: :func:`dp_learning_rate` at the largest noise multiplier.
+                             max_grad_norm: float = CLIP_NORM, step_noise: float = DP_STEP_NOISE,
+                             round_steps: int | None = None, momentum: float = MOMENTUM) -> dict[str, float]:
+    """One lr for every site: :func:`dp_learning_rate` at the largest noise multiplier (with
+    ``round_steps`` = S for rounds of at most S steps).
 
     FedAvg averages site steps of one step size (a site with a larger lr would pull the mean
     toward its own optimum beyond its sample weight), and every version folds the noisiest
@@ -166,7 +217,7 @@ def federation_learning_rate(noise_multipliers: Mapping[str, float], *, batch_si
     if not noise_multipliers:
         raise ValueError("no sites")
     lr = dp_learning_rate(max(noise_multipliers.values()), batch_size=batch_size, max_grad_norm=max_grad_norm,
-                          step_noise=step_noise)
+                          step_noise=step_noise, round_steps=round_steps, momentum=momentum)
     return {site: lr for site in noise_multipliers}
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedmq.experiments.defaults import LOCAL_STEPS, async_buffer_size, clip_norm, planned_rounds
+from fedmq.experiments.defaults import LOCAL_STEPS, MOMENTUM, async_buffer_size, clip_norm, planned_rounds
 from fedmq.experiments.federation import FederationResult, FederationSpec, SiteTraining, run_federation
 
 logger = logging.getLogger(__name__)
@@ -18,14 +18,15 @@ logger = logging.getLogger(__name__)
 #: Demo settings, every number from a rule in experiments/defaults.py: SGD with momentum 0.9
 #: on Poisson-sampled batches of 128, rounds of one local epoch but at most S = LOCAL_STEPS
 #: steps at each site (``local_steps``), clip norm C = clip_norm(), the learning rate from the
-#: noise multipliers the sites' accountants compute for those steps (lr None), R =
+#: noise multipliers the sites' accountants compute for those steps, corrected for the momentum
+#: that restarts every round of S steps (lr None; ``dp_learning_rate``, ``momentum_gain``), R =
 #: planned_rounds(short=True) updates per site, K = async_buffer_size, the EMA beta from the versions.
-DEMO_TRAINING = SiteTraining(optimizer="sgd", lr=None, momentum=0.9, batch_size=128, local_epochs=1,
+DEMO_TRAINING = SiteTraining(optimizer="sgd", lr=None, momentum=MOMENTUM, batch_size=128, local_epochs=1,
                              most_local_steps=LOCAL_STEPS, max_grad_norm=clip_norm())
 DEMO_ROUNDS = planned_rounds(short=True)
 DEMO_SITES = 3
-#: ``--no-dp`` only (the demo's bar is the DP run): SGD with momentum at the lr the DP rule gives
-#: the demo's hospitals at seed 0; without noise the step is limited by the loss surface instead
+#: ``--no-dp`` only (the demo's bar is the DP run): SGD with momentum at the lr the DP rule gave
+#: the demo's hospitals at seed 0 with one-epoch rounds (0.0207); without noise the step is limited by the loss surface instead
 NO_DP_LR = 0.02
 
 
@@ -164,7 +165,7 @@ def write_report(result: FederationResult, spec: FederationSpec, out: Path) -> N
         + (", ".join(f"{k}: {v:.2f}" for k, v in result.noise_multipliers.items()) or "n/a")
         + " | computed by each site's accountant from epsilon, delta, q and R |",
         "| learning rate per site | " + ", ".join(f"{k}: {v:.4f}" for k, v in result.learning_rates.items())
-        + " | `federation_learning_rate` (lr x sigma x C / B held at the rule's level) |",
+        + " | `federation_learning_rate` (lr x g(S) x sigma x C / B held at the rule's level; g: `momentum_gain`) |",
         f"| EMA beta | {_f(result.ema_beta)} | `ema_beta` of the versions |",
         "| decision threshold | per version | highest balanced accuracy on validation |",
         "",

@@ -11,7 +11,7 @@ hospital once per version at staleness 0, which is what sync mode does here.
 The official test split is scored and recorded, never used to choose (docs/results.md, "The
 demo"). One JSON line per run is appended to ``--out``:
 
-    python -m fedmq.experiments.demo_search --seeds 0 1 2 3 4 --local-steps 8 --rounds 40 \
+    python -m fedmq.experiments.demo_search --seeds 0 1 2 3 4 --local-steps 4 --cap-epoch --rounds 80 \
         --out reports/demo_search.jsonl
 """
 
@@ -66,8 +66,11 @@ def run(npz: Path, seed: int, args: argparse.Namespace) -> dict:
         sigma_eff = float(np.sqrt((w ** 2 * s ** 2).sum() / (w ** 2).sum()))
         rule_lr = args.step_noise * args.batch / (sigma_eff * args.clip)
     else:
+        # rounds of at most S steps (--cap-epoch): the rule's momentum correction for S, as the demo does
+        round_steps = args.local_steps if (args.local_steps and args.cap_epoch and args.momentum_rule) else None
         rule_lr = next(iter(federation_learning_rate(sigmas, batch_size=args.batch, step_noise=args.step_noise,
-                                                        max_grad_norm=args.clip).values()))
+                                                        max_grad_norm=args.clip, round_steps=round_steps,
+                                                        momentum=args.momentum).values()))
     lr = args.lr or rule_lr
     local = LocalSettings(lr=lr, optimizer="sgd", momentum=args.momentum, batch_size=args.batch,
                           local_steps=args.local_steps, dp=True, target_epsilon=1.2, max_grad_norm=args.clip)
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="None: the federation lr rule")
     ap.add_argument("--lr-rule", choices=["max", "weighted"], default="max")
     ap.add_argument("--step-noise", type=float, default=DP_STEP_NOISE)
+    ap.add_argument("--no-momentum-rule", dest="momentum_rule", action="store_false",
+                    help="with --cap-epoch: leave out the lr rule's momentum correction for S (the rule before)")
     ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--ema", type=float, default=None, help="None: the EMA rule")
     ap.add_argument("--preset", default="small_cnn")

@@ -287,7 +287,9 @@ class Federation:
                                             local_epochs=t.local_epochs, local_steps=steps[site])
                   for site, n in train_counts.items()}
         self.noise_multipliers = sigmas
-        return federation_learning_rate(sigmas, batch_size=t.batch_size, max_grad_norm=t.max_grad_norm)
+        # rounds of at most S steps: the lr rule's momentum correction for S (experiments/defaults.py)
+        return federation_learning_rate(sigmas, batch_size=t.batch_size, max_grad_norm=t.max_grad_norm,
+                                        round_steps=t.most_local_steps, momentum=t.momentum)
 
     def _write_configs(self) -> None:
         s, t = self.spec, self.spec.training

@@ -33,6 +33,38 @@ def test_the_lr_rule_holds_the_per_step_noise_fixed() -> None:
         dp_learning_rate(0.0, batch_size=128)
 
 
+def test_momentum_gain_of_a_round_that_starts_from_rest() -> None:
+    from fedmq.experiments.defaults import momentum_gain
+
+    assert momentum_gain(1) == pytest.approx(1.0)
+    assert momentum_gain(2) == pytest.approx((1 + 1.9) / 2)
+    assert momentum_gain(4) == pytest.approx(2.26225)
+    assert momentum_gain(16) == pytest.approx(5.4173, abs=1e-4)
+    assert momentum_gain(10_000) == pytest.approx(10.0, rel=1e-2)  # 1 / (1 - m) only in the limit
+    assert momentum_gain(8, momentum=0.0) == 1.0
+    gains = [momentum_gain(s) for s in range(1, 40)]
+    assert gains == sorted(gains)
+    with pytest.raises(ValueError):
+        momentum_gain(0)
+
+
+def test_short_rounds_hold_the_momentum_effective_step_of_the_anchor() -> None:
+    """lr x g(S) x sigma x C / B = 1.5e-3 x g(16): rounds of S steps get the step the anchor's
+    16-step rounds had; one-epoch rounds (round_steps None) keep the anchor as it is."""
+    from fedmq.experiments.defaults import ANCHOR_ROUND_STEPS, momentum_gain
+
+    for sigma, s in ((6.68, 4), (14.9, 4), (9.3, 8), (9.3, 16)):
+        lr = dp_learning_rate(sigma, batch_size=128, round_steps=s)
+        assert lr * momentum_gain(s) * sigma / 128 == pytest.approx(defaults.DP_STEP_NOISE * momentum_gain(ANCHOR_ROUND_STEPS))
+    assert dp_learning_rate(9.3, batch_size=128, round_steps=ANCHOR_ROUND_STEPS) == pytest.approx(
+        dp_learning_rate(9.3, batch_size=128))
+    assert dp_learning_rate(6.68, batch_size=128, round_steps=4) == pytest.approx(0.0688, abs=1e-4)  # seed 4's
+    assert dp_learning_rate(9.3, batch_size=128, round_steps=4, momentum=0.0) == pytest.approx(
+        dp_learning_rate(9.3, batch_size=128))
+    lrs = federation_learning_rate({"a": 2.85, "b": 14.9}, batch_size=128, round_steps=4)
+    assert lrs["a"] == lrs["b"] == pytest.approx(dp_learning_rate(14.9, batch_size=128, round_steps=4))
+
+
 def test_one_federation_lr_set_by_the_noisiest_site() -> None:
     lrs = federation_learning_rate({"a": 3.8, "b": 9.3, "c": 4.0}, batch_size=128)
     assert set(lrs) == {"a", "b", "c"} and len(set(lrs.values())) == 1
@@ -85,7 +117,8 @@ def test_the_demo_reads_the_rules(tmp_path: Path) -> None:
     spec = demo_spec(_demo_args(), tmp_path / "x.npz")
     assert spec.training.lr is None  # the lr rule, per run, from the sites' noise multipliers
     assert spec.training.max_grad_norm == clip_norm()
-    assert spec.planned_rounds == planned_rounds(short=True) == 40  # rounds of at most S steps
+    # rounds of at most S steps: T = 320 steps of a large site cut into R = T / S rounds
+    assert spec.planned_rounds == planned_rounds(short=True) == defaults.SHORT_RUN_STEPS // defaults.LOCAL_STEPS == 80
     assert spec.training.most_local_steps == defaults.LOCAL_STEPS and spec.training.local_steps is None
     assert spec.buffer_size == async_buffer_size(3, dp=True)
     assert spec.resolved_ema_beta() == pytest.approx(ema_beta(planned_rounds(short=True)))
@@ -123,8 +156,9 @@ def test_the_federation_lr_from_site_sizes_is_the_noisiest_sites() -> None:
 def test_local_steps_are_one_epoch_capped_at_s() -> None:
     from fedmq.experiments.defaults import LOCAL_STEPS, local_steps
 
-    assert local_steps(2748, batch_size=128) == LOCAL_STEPS == 8  # a large site: S steps, not 22
+    assert local_steps(2748, batch_size=128) == LOCAL_STEPS == 4  # a large site: S steps, not 22
     assert local_steps(237, batch_size=128) == 2  # a small site: one epoch, never several passes
+    assert local_steps(433, batch_size=128) == 4
     assert local_steps(50, batch_size=128) == 1
     assert local_steps(2748, batch_size=128, most=30) == 22
     with pytest.raises(ValueError):
@@ -152,6 +186,10 @@ def test_the_federation_gives_each_site_its_local_steps(tmp_path: Path) -> None:
     site = TrainingConfig(batch_size=128, local_steps=8, dp=DPConfig(target_epsilon=1.2, planned_rounds=40))
     assert LocalTrainer(site, None).open_ledger(1958).params.noise_multiplier == pytest.approx(
         fed.noise_multipliers["hospital_2"])
+    # rounds of at most S = 8 steps: the lr rule with its momentum correction for S
+    sigma_max = max(fed.noise_multipliers.values())
+    assert fed.site_learning_rates()["hospital_2"] == pytest.approx(
+        dp_learning_rate(sigma_max, batch_size=128, round_steps=8))
     uniform = Federation(spec.model_copy(update={"training": SiteTraining(lr=None, batch_size=128, local_steps=5)}))
     uniform.summary = fed.summary
     assert uniform.site_local_steps() == {"hospital_1": 5, "hospital_2": 5}
