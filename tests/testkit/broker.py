@@ -136,6 +136,7 @@ class Broker:
         self._close = close
         self._retired: list[Namespace] = []
         self._retired_users: list[str] = []
+        self._spare: list[str] = []  # vhosts made ahead (new_namespace), not yet handed out
 
     def __repr__(self) -> str:
         return f"Broker(source={self.source!r}, url={self.url!r})"
@@ -163,22 +164,35 @@ class Broker:
             )
         return self._ctl(*args)
 
+    #: vhosts made ahead by one ``rabbitmqctl`` call: each call starts an Erlang VM (about half
+    #: a second of CPU, a second or two of wall on a busy machine), and a worker's tests ask for
+    #: some twenty vhosts, one each
+    VHOST_BATCH = 8
+
     def new_namespace(self, label: str = "ns") -> Namespace:
         """Create an isolated place for one test (see the module docstring for the two modes)."""
-        token = secrets.token_hex(4)
         if self._ctl is None:
-            prefix = f"{_VHOST_ROOT}.{_label(label)}.{token}."
+            prefix = f"{_VHOST_ROOT}.{_label(label)}.{secrets.token_hex(4)}."
             return Namespace(url=self.url, vhost=_vhost_of(self.url), prefix=prefix, isolation="prefix")
-        # The "/" forces percent-encoding to be right in every URL the harness hands out.
-        vhost = f"{_VHOST_ROOT}/{_label(label)}-{token}"
-        # One rabbitmqctl call (each starts an Erlang VM: about a second of CPU) instead of
-        # add_vhost + set_permissions; the same two internal calls those commands make.
-        acting, v = _erl_binary(_ACTING_USER), _erl_binary(vhost)
-        all_ = _erl_binary(".*")
-        self._ctl("eval", f"ok = rabbit_vhost:add({v}, {acting}), "
-                          f"ok = rabbit_auth_backend_internal:set_permissions({_erl_binary(_user_of(self.url))}, {v}, "
-                          f"{all_}, {all_}, {all_}, {acting}).")
+        if not self._spare:
+            self._spare = self._make_vhosts(self.VHOST_BATCH)
+        vhost = self._spare.pop(0)
+        logger.info("vhost %s for %s", vhost, label)
         return Namespace(url=url_with_vhost(self.url, vhost), vhost=vhost, prefix="", isolation="vhost")
+
+    def _make_vhosts(self, count: int) -> list[str]:
+        """``count`` fresh vhosts, each granted to the URL's user, in one ``rabbitmqctl`` call
+        (``eval``: the same internal calls ``add_vhost`` and ``set_permissions`` make). Nobody
+        else knows their names; one not handed out is deleted with the retired ones."""
+        token = secrets.token_hex(4)
+        # The "/" forces percent-encoding to be right in every URL the harness hands out.
+        vhosts = [f"{_VHOST_ROOT}/{token}-{i}" for i in range(count)]
+        acting, user, all_ = _erl_binary(_ACTING_USER), _erl_binary(_user_of(self.url)), _erl_binary(".*")
+        listed = ", ".join(_erl_binary(v) for v in vhosts)
+        self._ctl("eval", f"[begin ok = rabbit_vhost:add(V, {acting}), "
+                          f"ok = rabbit_auth_backend_internal:set_permissions({user}, V, {all_}, {all_}, {all_}, {acting}) "
+                          f"end || V <- [{listed}]], ok.")
+        return vhosts
 
     def drop_namespace(self, namespace: Namespace) -> None:
         """Delete a namespace's vhost and everything in it (nothing to do under prefix isolation)."""
@@ -202,11 +216,12 @@ class Broker:
     def _drop_retired(self) -> None:
         retired, self._retired = self._retired, []
         users, self._retired_users = self._retired_users, []
+        spare, self._spare = self._spare, []
         if self.source == "local" or self._ctl is None:
             return
         acting = _erl_binary(_ACTING_USER)
         for what, names, call in (
-            ("vhosts", [ns.vhost for ns in retired], f"rabbit_vhost:delete(V, {acting})"),
+            ("vhosts", [ns.vhost for ns in retired] + spare, f"rabbit_vhost:delete(V, {acting})"),
             ("users", users, f"rabbit_auth_backend_internal:delete_user(V, {acting})"),
         ):
             if not names:
