@@ -1,7 +1,7 @@
 """A cluster of private RabbitMQ nodes on 127.0.0.1 (tests and the fault-injection runs).
 
 Every node is a :class:`broker.local_node.LocalRabbitNode` with its own name, ports and data;
-they share one Erlang cookie and one epmd, and nodes 2..n join node 1
+they share one Erlang cookie and one epmd, boot at once, and nodes 2..n then join node 1
 (``rabbitmqctl stop_app; join_cluster; start_app``). Declare the topology *after*
 :meth:`LocalRabbitCluster.start` so every quorum queue gets a replica on each node (RabbitMQ's
 default initial group size is the cluster size, up to 5 here... we check ``members``).
@@ -20,6 +20,7 @@ import time
 from types import TracebackType
 
 from fedmq.broker.local_node import NODE_ADMIN_USER, LocalNodeError, LocalRabbitNode, free_port
+from testkit.broker import _ACTING_USER, _erl_binary
 
 logger = logging.getLogger(__name__)
 
@@ -45,30 +46,41 @@ class LocalRabbitCluster:
 
     # -------------------------------------------------------------------------- lifecycle
     def start(self) -> float:
-        """Start every node (node 1 first, then the others in parallel) and join them; returns seconds."""
-        t0 = time.monotonic()
-        first, rest = self.nodes[0], self.nodes[1:]
-        first.start()
-        errors: list[BaseException] = []
+        """Boot every node at once, then join nodes 2..n to node 1 one at a time; returns seconds.
 
-        join_lock = threading.Lock()  # concurrent joins race in mnesia's schema merge
+        A node boots alone (its own database) and joins afterwards, so node 1 need not be up
+        before the others boot; the joins are serial because concurrent joins race in mnesia's
+        schema merge."""
+        t0 = time.monotonic()
+        first = self.nodes[0]
+        errors: list[BaseException] = []
+        first_up = threading.Event()
+        join_lock = threading.Lock()
 
         def boot(node: LocalRabbitNode) -> None:
             try:
                 node.start()
+                if node is first:
+                    return
+                first_up.wait()
+                if errors:
+                    return
                 with join_lock:
                     node.rabbitmqctl("stop_app")
                     node.rabbitmqctl("join_cluster", first.node_name, timeout=120)
                     try:
+                        # synchronous: returns once the app runs again, now in the cluster
                         node.rabbitmqctl("start_app", timeout=120)
                     except Exception:  # one retry: a busy 2-core host can time mnesia out
                         time.sleep(2)
                         node.rabbitmqctl("start_app", timeout=120)
-                    node.rabbitmqctl("await_startup", "--timeout", "60", timeout=75)
             except BaseException as exc:  # re-raised below, in the caller's thread
                 errors.append(exc)
+            finally:
+                if node is first:
+                    first_up.set()
 
-        threads = [threading.Thread(target=boot, args=(n,), daemon=True) for n in rest]
+        threads = [threading.Thread(target=boot, args=(n,), daemon=True) for n in self.nodes]
         for t in threads:
             t.start()
         for t in threads:
@@ -129,8 +141,12 @@ class LocalRabbitCluster:
         return node.rabbitmqctl(*args, timeout=timeout)
 
     def add_vhost(self, name: str) -> None:
-        self.rabbitmqctl("add_vhost", name)
-        self.rabbitmqctl("set_permissions", "-p", name, self.username, ".*", ".*", ".*")
+        """``name`` with full rights for the administrator: one ``rabbitmqctl eval`` (the internal
+        calls ``add_vhost`` and ``set_permissions`` make) instead of an Erlang VM start for each."""
+        acting, vhost, all_ = _erl_binary(_ACTING_USER), _erl_binary(name), _erl_binary(".*")
+        self.rabbitmqctl("eval", f"ok = rabbit_vhost:add({vhost}, {acting}), "
+                                 f"ok = rabbit_auth_backend_internal:set_permissions({_erl_binary(self.username)}, "
+                                 f"{vhost}, {all_}, {all_}, {all_}, {acting}).")
 
     def urls(self, vhost: str = "/", *, username: str | None = None, password: str | None = None) -> list[str]:
         return [n.url_for_vhost(vhost, username=username, password=password) for n in self.nodes]
