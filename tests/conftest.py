@@ -58,8 +58,9 @@ def broker() -> Iterator[Broker]:
 
 @pytest.fixture(scope="session")
 def zygote() -> Iterator[Zygote]:
-    """Forks federation tests' site agents (and their test launcher) from one interpreter that
-    imported torch, MONAI and Opacus once (``testkit.zygote``): each is still its own process."""
+    """Forks the site agents and aggregators of federation and crash tests (and their test
+    launcher) from one interpreter that imported torch, MONAI, Opacus and the aggregator once
+    (``testkit.zygote``): each is still its own process."""
     z = Zygote()
     try:
         yield z

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,12 +15,15 @@ import pytest
 from fedmq.aggregator import checkpoint as cpmod
 from fedmq.aggregator.fold import weight_units
 from integration.aggregator_helpers import PlainReplay, declare_topology, make_federation, publish, random_delta
+from testkit.zygote import ProcessLike, Zygote
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _start(fed, state: Path, url: str, crash: str | None) -> subprocess.Popen:
+def _start(fed, state: Path, url: str, crash: str | None, zygote: Zygote) -> ProcessLike:
+    """The aggregator as its own process, forked from the zygote (``testkit.zygote``: the same
+    ``main`` a fresh interpreter runs, without its imports), so kill -9 really ends a process."""
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(ROOT), FEDMQ_CHECK_USER_ID="false", FEDMQ_LOG_JSON="false", FEDMQ_STALENESS_EXPONENT="0", FEDMQ_REFERENCE_SAMPLE_WEIGHT="1",
@@ -32,10 +34,11 @@ def _start(fed, state: Path, url: str, crash: str | None) -> subprocess.Popen:
            "--signing-key", str(fed.keys_dir / "aggregator.hybrid")]
     # the crash point is a hook the launcher injects; the product itself has no way to crash on purpose
     cmd = [sys.executable, "-m", "tests.launcher", "--crash-at", crash, "--", *run] if crash else [sys.executable, "-m", "fedmq.shared.cli", *run]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(state.parent / "agg.log", "ab"))
+    with open(state.parent / "agg.log", "ab") as log:
+        return zygote.spawn(cmd, env, log)
 
 
-def _wait_version(state: Path, version: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+def _wait_version(state: Path, version: int, proc: ProcessLike, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         cp = cpmod.load(state) if (state / cpmod.CHECKPOINT_FILE).exists() else None
@@ -53,7 +56,7 @@ def fed(tmp_path_factory):
 
 
 @pytest.mark.parametrize("crash", ["after-wal:5", "before-ack:7", "after-fold:3", "after-checkpoint:1"])
-def test_kill9_then_restart_folds_each_confirmed_update_once(crash, fed, tmp_path, amqp_url):
+def test_kill9_then_restart_folds_each_confirmed_update_once(crash, fed, tmp_path, amqp_url, zygote):
     declare_topology(amqp_url)
     state = tmp_path / "state"
     rng = np.random.default_rng(42)
@@ -66,11 +69,11 @@ def test_kill9_then_restart_folds_each_confirmed_update_once(crash, fed, tmp_pat
                                  max_message_bytes=40_000)
             bodies += b
             plain.fold(sent, weight_units(0, w, quantum=64, exponent=0.0, reference_sample_weight=1.0))
-    proc = _start(fed, state, amqp_url, crash)
+    proc = _start(fed, state, amqp_url, crash, zygote)
     try:
         publish(amqp_url, bodies)  # returns once the broker confirmed every chunk
         assert proc.wait(60) == -signal.SIGKILL, "the crash hook did not fire"
-        proc = _start(fed, state, amqp_url, None)
+        proc = _start(fed, state, amqp_url, None, zygote)
         _wait_version(state, 2, proc)
         time.sleep(0.5)  # any stray redelivery would be processed by now
         proc.send_signal(signal.SIGTERM)

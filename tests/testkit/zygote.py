@@ -1,4 +1,4 @@
-"""Site agent processes forked from one interpreter that has already imported them.
+"""Site agent and aggregator processes forked from one interpreter that has already imported them.
 
 A site agent process spends 4-7 s of CPU importing torch, MONAI and Opacus before it does
 anything; the federation tests start about twenty of them on two cores, which made those
@@ -236,8 +236,10 @@ def _child(req: dict[str, Any], own_fds: Sequence[int]) -> None:
 def _serve() -> int:
     import importlib
 
-    for module in ("fedmq.shared.cli", "fedmq.site_agent.service", "fedmq.experiments.testkit"):
-        importlib.import_module(module)  # torch, MONAI, Opacus, TenSEAL: once for every child
+    # torch, MONAI, Opacus, TenSEAL and the aggregator's modules: once for every child
+    for module in ("fedmq.shared.cli", "fedmq.site_agent.service", "fedmq.experiments.testkit",
+                   "fedmq.aggregator.cli", "fedmq.aggregator.consumer"):
+        importlib.import_module(module)
 
     rfd, wfd = os.pipe()
     os.set_blocking(wfd, False)
@@ -269,7 +271,12 @@ def _serve() -> int:
         if stdin_fd in ready:
             data = os.read(stdin_fd, 1 << 16)
             if not data:
-                return 0
+                # the test process is done with us: leave at once. An orderly exit of an
+                # interpreter holding torch, MONAI and TenSEAL took about 3 s, at the end of
+                # every xdist worker; the children run their own exits, and ours has nothing
+                # to write but the stdout just flushed.
+                out.flush()
+                os._exit(0)
             pending += data
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
