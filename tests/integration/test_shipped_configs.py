@@ -32,6 +32,7 @@ import pytest
 from fedmq.broker import definitions, provision
 from integration.site_kit import write_pngs
 from fedmq.shared.cli import main
+from testkit.zygote import Zygote
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -104,11 +105,17 @@ class Deployment:
         out.write_text(_toml(values))
         return out
 
-    def start(self, name: str, argv: list[str], user: str, **env: str) -> None:
-        log = (self.root / f"{name}.log").open("w")
+    def start(self, name: str, argv: list[str], user: str, *, zygote: Zygote | None = None, **env: str) -> None:
+        """``python -m fedmq.shared.cli ARGV`` as its own process: a fresh interpreter, or one
+        forked from ``zygote`` (the same command line, environment and working directory, the
+        same ``main``, without the interpreter start and the torch imports)."""
         full_env = dict(os.environ, PYTHONPATH=str(ROOT), FEDMQ_AMQP_URL=self.urls[user], **env)
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "fedmq.shared.cli", *argv], env=full_env,
-                                            stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        argv = [sys.executable, "-m", "fedmq.shared.cli", *argv]
+        with (self.root / f"{name}.log").open("wb") as log:
+            if zygote is not None:
+                self.procs[name] = zygote.spawn(argv, full_env, log, cwd=self.root)
+            else:
+                self.procs[name] = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text()
@@ -156,8 +163,11 @@ def deployment(broker_ctl, broker_namespace, tmp_path):  # noqa: ANN001
         broker_ctl.retire_users(dep.users)
 
 
-def test_compose_configs_run_one_round(deployment):
-    """aggregator.toml + hospital_1..3.toml, as compose runs them."""
+def test_compose_configs_run_one_round(deployment, zygote):
+    """aggregator.toml + hospital_1..3.toml, as compose runs them. The three sites are forked
+    from the zygote (each still its own process with its own environment and signals): a fresh
+    interpreter's start is proved by the aggregator here and by both services of the systemd
+    test below, and three more torch imports proved nothing about the configs."""
     dep = deployment
     agg = dep.config("aggregator.toml")
     dep.start("aggregator", ["aggregator", "run", "--config", str(agg)], provision.AGGREGATOR_USER,
@@ -165,7 +175,7 @@ def test_compose_configs_run_one_round(deployment):
     for s in dep.sites:
         cfg = dep.config(f"{s}.toml", s)
         assert main(["site", "check-data", "--config", str(cfg), "--out", str(dep.root / "check" / s)]) == 0
-        dep.start(s, ["site", "run", "--config", str(cfg)], s)
+        dep.start(s, ["site", "run", "--config", str(cfg)], s, zygote=zygote)
     dep.wait(lambda: all(dep.version(s) >= 1 for s in dep.sites), 300, "version 1 at every site")
     codes = dep.stop()
     assert set(codes.values()) == {0}, codes
@@ -179,7 +189,7 @@ def test_compose_configs_run_one_round(deployment):
 
 def test_systemd_examples_run_one_round(deployment):
     """aggregator.example.toml (K = 1 here: one site only) with site.example.toml (resnet18_224
-    under DP), as the systemd units run them."""
+    under DP), as the systemd units run them: each in a fresh interpreter."""
     dep = deployment
     agg = dep.config("aggregator.example.toml", buffer_size=1)
     dep.start("aggregator", ["aggregator", "run", "--config", str(agg)], provision.AGGREGATOR_USER,

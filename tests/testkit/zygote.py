@@ -123,20 +123,23 @@ class Zygote:
             self._dead = True
             self._cond.notify_all()
 
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str], log: IO[bytes], *, err: str | None = None) -> ProcessLike:
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], log: IO[bytes], *, err: str | None = None,
+              cwd: str | os.PathLike[str] | None = None) -> ProcessLike:
         """``argv`` as ``[python, "-m", MODULE, *args]`` (MODULE one of ``MODULES``) is forked
         from the zygote; anything else is started as a fresh process. stdout and stderr go to
-        ``log``; ``err``: stderr to that file instead."""
+        ``log``; ``err``: stderr to that file instead; ``cwd``: the working directory (ours
+        when None)."""
         argv = list(argv)
         if len(argv) < 3 or argv[1] != "-m" or argv[2] not in MODULES or self._dead:
-            if err is None:
+            if err is None and cwd is None:
                 return popen_spawner(argv, env, log)
-            with open(err, "ab") as err_file:
-                return subprocess.Popen(argv, stdout=log, stderr=err_file, env=dict(env), start_new_session=True)
+            with open(err or os.devnull, "ab") as err_file:
+                return subprocess.Popen(argv, stdout=log, stderr=err_file if err else subprocess.STDOUT, env=dict(env),
+                                        cwd=cwd, start_new_session=True)
         assert self._proc.stdin is not None
         with self._cond:
             req_id = self._next_id = self._next_id + 1
-            req = {"id": req_id, "module": argv[2], "argv": argv[3:], "env": dict(env), "cwd": os.getcwd(),
+            req = {"id": req_id, "module": argv[2], "argv": argv[3:], "env": dict(env), "cwd": os.fspath(cwd or os.getcwd()),
                    "log": log.name, "err": err or log.name}
             self._proc.stdin.write((json.dumps(req) + "\n").encode())
             self._proc.stdin.flush()
