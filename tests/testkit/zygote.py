@@ -194,8 +194,8 @@ class Zygote:
 
 
 def _child(req: dict[str, Any], own_fds: Sequence[int]) -> None:
-    """In the forked child: become the requested command; ends the process (SystemExit, so
-    atexit handlers and thread joins run as in a fresh interpreter)."""
+    """In the forked child: become the requested command; ends the process (thread joins and
+    atexit handlers run as in a fresh interpreter)."""
     code = 1
     try:
         for fd in own_fds:
@@ -233,7 +233,31 @@ def _child(req: dict[str, Any], own_fds: Sequence[int]) -> None:
 
         traceback.print_exc()
         code = 1
-    raise SystemExit(code)
+    _exit_like_a_fresh_interpreter(code)
+
+
+def _exit_like_a_fresh_interpreter(code: int) -> None:
+    """What a fresh interpreter does on its way out, in its order: wait for the threads that
+    are not daemons, run the atexit handlers (logging's flush, weakref finalizers, temporary
+    files), flush stdout and stderr; then leave without finalizing the modules the zygote
+    preloaded. Tearing down torch, MONAI and TenSEAL took about 1.5 s of CPU per child (a
+    forked ``--help`` took 1.5 s), some thirty times in a make test."""
+    import atexit
+    import threading
+
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx calls first
+    except BaseException:  # noqa: BLE001 - as at a fresh interpreter's exit: reported, not fatal
+        import traceback
+
+        traceback.print_exc()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _serve() -> int:
