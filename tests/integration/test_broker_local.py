@@ -46,19 +46,3 @@ def test_broker_local_honours_port_and_prints_rabbitmqctl_environment(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
 
-
-def test_pilot_rabbitmq_conf_is_accepted_by_rabbitmq(tmp_path):
-    """deploy/rabbitmq/rabbitmq.pilot.conf (the distribution broker's config in the pilot docs)
-    loads into a real node; only its listener line is replaced by the private node's own."""
-    from fedmq.broker.local_node import LocalRabbitNode
-
-    if find_rabbitmq_install() is None:
-        pytest.skip("rabbitmq-server is not installed")
-    lines = [ln for ln in (ROOT / "deploy" / "rabbitmq" / "rabbitmq.pilot.conf").read_text().splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#") and not ln.startswith("listeners.")
-             and not ln.startswith("log.")]
-    assert any(ln.startswith("max_message_size") for ln in lines)
-    with LocalRabbitNode(extra_config=lines) as node:
-        conn = pika.BlockingConnection(pika.URLParameters(node.amqp_url))
-        conn.close()
-        assert "134217728" in node.rabbitmqctl("eval", "application:get_env(rabbit, max_message_size).")

@@ -1,5 +1,7 @@
 """TLS with mandatory client certificates on a private node, and provisioning through the
-management HTTP API of the same node (one extra node start for both, about 15 s)."""
+management HTTP API of the same node, which also runs the pilot's broker config
+(deploy/rabbitmq/rabbitmq.pilot.conf, its TLS section switched on): one extra node start for
+the three."""
 
 from __future__ import annotations
 
@@ -21,6 +23,16 @@ from fedmq.broker.local_node import LocalRabbitNode, find_rabbitmq_install, free
 from tests.conftest import broker_unavailable
 
 pytestmark = [pytest.mark.security, pytest.mark.broker]
+ROOT = Path(__file__).resolve().parents[2]
+PILOT_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.pilot.conf"
+
+
+def _pilot_lines() -> list[str]:
+    """The pilot config's settings; its listener (5672) and log lines give way to the private
+    node's own, and its TLS section, commented out there, is the fixture's TLS config."""
+    return [ln for ln in PILOT_CONF.read_text().splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#") and not ln.startswith("listeners.")
+            and not ln.startswith("log.")]
 
 
 @dataclass
@@ -54,7 +66,8 @@ def tls_node() -> Iterator[TlsNode]:
         mgmt_port = free_port()
         node = LocalRabbitNode(
             management_port=mgmt_port,
-            extra_config=tls.rabbitmq_tls_config(files.ca_cert, files.server_cert, files.server_key, port=tls_port, host="127.0.0.1"),
+            extra_config=[*_pilot_lines(), *tls.rabbitmq_tls_config(files.ca_cert, files.server_cert, files.server_key,
+                                                                     port=tls_port, host="127.0.0.1")],
         )
         with node:
             yield TlsNode(node, files, tls_port, f"http://127.0.0.1:{mgmt_port}")
@@ -166,3 +179,12 @@ def test_provision_cli_never_creates_the_vhost_as_guest(tls_node: TlsNode, tmp_p
     assert actual[site] == provision.site_permissions(site)
     with pytest.raises(pika.exceptions.AMQPConnectionError):
         pika.BlockingConnection(pika.URLParameters(provision.amqp_url("guest", "guest", vhost, "127.0.0.1", tls_node.node.amqp_port)))
+
+
+def test_pilot_rabbitmq_conf_is_accepted_by_rabbitmq(tls_node: TlsNode) -> None:
+    """deploy/rabbitmq/rabbitmq.pilot.conf (the distribution broker's config in the pilot docs)
+    loads into a real node (this module's, TLS on as the pilot's TLS section describes); only
+    its listener and log lines are replaced by the private node's own."""
+    lines = _pilot_lines()
+    assert any(ln.startswith("max_message_size") for ln in lines)
+    assert "134217728" in tls_node.node.rabbitmqctl("eval", "application:get_env(rabbit, max_message_size).")
