@@ -485,14 +485,23 @@ class LocalRabbitNode:
         epmd = shutil.which("epmd") or shutil.which("epmd", path="/usr/lib/erlang/bin")
         if epmd is None:
             return
-        result = subprocess.run(  # noqa: S603
-            [epmd, "-port", str(self.epmd_port), "-kill"],
-            env={**self._env(), "ERL_EPMD_PORT": str(self.epmd_port)},
-            capture_output=True,
-            text=True,
-            timeout=15,
-            check=False,
-        )
+        env = {**self._env(), "ERL_EPMD_PORT": str(self.epmd_port)}
+
+        def epmd_says(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(  # noqa: S603
+                [epmd, "-port", str(self.epmd_port), *args], env=env, capture_output=True, text=True, timeout=15,
+                check=False,
+            )
+
+        # epmd refuses -kill while a node is registered; a SIGKILLed VM is unregistered only once
+        # epmd has seen its connection close, so wait (briefly) for our own name to go. Other
+        # names (a cluster's nodes share one epmd) stay: the last node's close stops it.
+        own = f"name {self.node_name.split('@', 1)[0]} "
+        for _ in range(50):
+            result = epmd_says("-kill")
+            if "living nodes" not in result.stdout + result.stderr or own not in epmd_says("-names").stdout:
+                break
+            time.sleep(0.1)
         # "Killed" on success; a refusal to connect means none was running: both are fine.
         if result.returncode != 0 and "Cannot connect" not in result.stdout + result.stderr:
             logger.warning("epmd on port %d: %s%s", self.epmd_port, result.stdout, result.stderr)
