@@ -30,7 +30,14 @@ from fedmq.experiments.simulation import (
     run_federation_sim,
 )
 from fedmq.experiments.datasets import md5_of
-from fedmq.experiments.defaults import async_buffer_size, dp_federation_lr_for_sizes, ema_beta, expected_versions
+from fedmq.experiments.defaults import (
+    CLIP_NORM,
+    MOMENTUM,
+    async_buffer_size,
+    dp_federation_lr_for_sizes,
+    ema_beta,
+    expected_versions,
+)
 from fedmq.shared.ckks import DEFAULT_PRESET as DEFAULT_CKKS_PRESET
 from fedmq.site_agent.settings import DEFAULT_TOPK_FRACTION
 
@@ -90,8 +97,8 @@ class ReproduceConfig(BaseModel):
     #: then take ``defaults.dp_federation_lr_for_sizes`` of that seed's sites (FL + DP: the
     #: noisiest site's noise multiplier; centralized DP: the one site holding all of them)
     local_dp: LocalSettings = LocalSettings(
-        lr=0.02, optimizer="sgd", momentum=0.9, batch_size=128, local_epochs=1, dp=True, target_epsilon=1.2,
-        max_grad_norm=1.0,
+        lr=0.02, optimizer="sgd", momentum=MOMENTUM, batch_size=128, local_epochs=1, dp=True, target_epsilon=1.2,
+        max_grad_norm=CLIP_NORM,
     )
     dp_lr: float | Literal["rule"] = "rule"
     rounds_dp: int = 20
