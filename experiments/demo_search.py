@@ -73,7 +73,8 @@ def run(npz: Path, seed: int, args: argparse.Namespace) -> dict:
                                                         momentum=args.momentum).values()))
     lr = args.lr or rule_lr
     local = LocalSettings(lr=lr, optimizer="sgd", momentum=args.momentum, batch_size=args.batch,
-                          local_steps=args.local_steps, dp=True, target_epsilon=1.2, max_grad_norm=args.clip)
+                          local_steps=args.local_steps, dp=True, target_epsilon=1.2, max_grad_norm=args.clip,
+                          augmentations=args.augmentations)
     beta = args.ema if args.ema is not None else ema_beta(args.rounds)
     fed = FederationSettings(preset=args.preset, n_sites=N_SITES, alpha=ALPHA, mode="sync", rounds=args.rounds,
                              server_lr=args.server_lr, ema_beta=beta, clock="steps")
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --cap-epoch: leave out the lr rule's momentum correction for S (the rule before)")
     ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--ema", type=float, default=None, help="None: the EMA rule")
+    ap.add_argument("--augmentations", type=int, default=0, help="K views per example (augmentation multiplicity)")
     ap.add_argument("--preset", default="small_cnn")
     ap.add_argument("--tag", default="")
     ap.add_argument("--data-root", default=None)

@@ -64,6 +64,8 @@ class SiteTraining(BaseModel):
     #: None: ``local_steps`` / ``local_epochs`` as set, the same for every site
     most_local_steps: int | None = Field(None, ge=1)
     max_grad_norm: float = 1.0
+    #: K views per image per step (the site setting ``augmentations``; 0: none)
+    augmentations: int = Field(0, ge=0, le=64)
     sparsity_mode: Literal["dense", "topk"] = "topk"
     topk_fraction: float = DEFAULT_TOPK_FRACTION
 

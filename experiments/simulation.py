@@ -72,6 +72,9 @@ class LocalSettings(BaseModel):
     #: None = 1/(10 n), the site agent's default (always <= 1/n)
     target_delta: float | None = None
     max_grad_norm: float = Field(1.0, gt=0)
+    #: K views of every example per step, gradients averaged before clipping (the site setting
+    #: ``augmentations``; 0: none)
+    augmentations: int = Field(0, ge=0, le=64)
 
 
 class FederationSettings(BaseModel):
@@ -321,7 +324,7 @@ def training_config(local: LocalSettings, *, preset: str, seed: int, planned_rou
     return TrainingConfig(
         model=preset, lr=local.lr, batch_size=local.batch_size, local_epochs=local.local_epochs,
         local_steps=local_steps, optimizer=local.optimizer, momentum=local.momentum,
-        weight_decay=local.weight_decay,
+        weight_decay=local.weight_decay, augmentations=local.augmentations,
         dp=DPConfig(enabled=local.dp, target_epsilon=local.target_epsilon, delta=local.target_delta,
                     max_grad_norm=local.max_grad_norm, planned_rounds=planned_rounds),
         seed=seed,

@@ -12,6 +12,10 @@ Every preset trains under DP-SGD:
   a backward hook returned is refused by autograd ("Output 0 of BackwardHookFunction is a view
   and is being modified inplace").
 
+``scatternet`` is a fixed wavelet scattering front end (site_agent/scattering.py, no trained
+weights) under a GroupNorm and a linear classifier: the preset for small datasets at a small
+privacy budget (Tramer & Boneh 2021), and the demo's.
+
 The ``*_224`` presets are the standard ImageNet-shaped ResNets (7x7 stride-2 stem, 3x3 max-pool)
 with one input channel, for full-resolution radiographs; the 28 px presets keep a 3x3 stride-1
 stem without max-pool (MedMNIST-style).
@@ -32,10 +36,11 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from fedmq.shared.errors import ConfigError
+from fedmq.site_agent.scattering import FrontendCache, Scattering2D
 
 logger = logging.getLogger(__name__)
 
-Preset = Literal["small_cnn", "resnet18", "resnet50", "resnet18_224", "resnet50_224"]
+Preset = Literal["small_cnn", "scatternet", "resnet18", "resnet50", "resnet18_224", "resnet50_224"]
 GROUPS = 32  # ResNet widths (64..2048) are all multiples of 32
 _NORM = ("group", {"num_groups": GROUPS})
 _ACT = ("relu", {"inplace": False})
@@ -60,6 +65,9 @@ class PresetInfo:
 
 PRESETS: dict[str, PresetInfo] = {
     "small_cnn": PresetInfo(28, 24_569, "4 MONAI conv blocks (GroupNorm) + global pooling + linear; CPU-friendly", 512),
+    "scatternet": PresetInfo(
+        28, 4_132, "fixed Morlet scattering (2 scales, 8 angles: 81 x 7 x 7, no trained weights) + GroupNorm + linear; "
+        "for small data under DP (Tramer & Boneh 2021)", 512),
     "resnet18": PresetInfo(28, 11_169_089, "MONAI ResNet-18, 2D, 3x3 stem without max-pool (MedMNIST-style), GroupNorm", 256),
     "resnet50": PresetInfo(28, 23_505_089, "MONAI ResNet-50, 2D, 3x3 stem without max-pool (MedMNIST-style), GroupNorm", 256),
     "resnet18_224": PresetInfo(224, 11_171_649, "MONAI ResNet-18, 2D, 7x7 stride-2 stem + max-pool, 224 px, 1 channel, GroupNorm", 128),
@@ -95,6 +103,40 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class ScatterNet(nn.Module):
+    """Scattering features (fixed) -> GroupNorm -> linear: only the last two are trained and sent.
+
+    GroupNorm normalises each image's features by itself (no statistics shared across images or
+    learned from data), as Tramer & Boneh do for scattering features under DP; 9 groups of 9 of
+    the 81 channels.
+    """
+
+    def __init__(self, size: int = 28, groups: int = 9) -> None:
+        super().__init__()
+        self.frontend = Scattering2D(size)
+        k = self.frontend.channels
+        self.classifier = nn.Sequential(nn.GroupNorm(groups, k), nn.Flatten(), nn.Linear(k * self.frontend.out_size**2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.frontend(x))
+
+
+#: a fixed front end's features of whole datasets, per process (site_agent/scattering.py)
+_FRONTEND_FEATURES = FrontendCache()
+
+
+def trained_part(model: nn.Module, X: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """What training and evaluation run for images ``X``: for a model with a fixed front end
+    (``frontend`` and ``classifier``), the classifier and the front end's features of X, computed
+    once per dataset; for any other model, the model and X. Same outputs as ``model(X)``."""
+    frontend, classifier = getattr(model, "frontend", None), getattr(model, "classifier", None)
+    if frontend is None or classifier is None:
+        return model, X
+    if any(True for _ in frontend.parameters()):
+        raise RuntimeError("a fixed front end must have no parameters")
+    return classifier, _FRONTEND_FEATURES.features(frontend, X)
 
 
 class _DPBasicBlock(ResNetBlock):
@@ -149,6 +191,8 @@ def _resnet(block: type[nn.Module], layers: list[int], full_resolution: bool) ->
 def _build(preset: Preset) -> nn.Module:
     if preset == "small_cnn":
         return SmallCNN()
+    if preset == "scatternet":
+        return ScatterNet(PRESETS[preset].input_size)
     depth, _, size = preset.partition("_")
     full = size == "224"
     if depth == "resnet18":

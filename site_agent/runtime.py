@@ -57,6 +57,7 @@ def training_config(settings: SiteSettings) -> TrainingConfig:
         local_steps=settings.local_steps,
         optimizer=settings.optimizer,
         momentum=settings.momentum,
+        augmentations=settings.augmentations,
         dp=DPConfig(
             enabled=settings.dp_enabled,
             target_epsilon=settings.target_epsilon,

@@ -65,6 +65,11 @@ class SiteSettings(FedmqSettings):
     #: DP-SGD steps per round instead of local_epochs: every site then does the same compute per
     #: round whatever its image count (FedBuff's fixed local steps); unset = local_epochs
     local_steps: int | None = Field(None, ge=1)
+    #: K randomly shifted / left-right flipped views of every image per step, the image's gradient
+    #: being the mean over its views, clipped once (augmentation multiplicity, De et al. 2022;
+    #: site_agent/training/augment.py). 0 = none. K x the compute; no change to the privacy cost.
+    #: Leave it 0 for a task that depends on left and right.
+    augmentations: int = Field(0, ge=0, le=64)
     #: DP-SGD with Opacus and a privacy ledger; off only for non-private baselines
     dp_enabled: bool = True
     #: total privacy budget over planned_rounds

@@ -54,6 +54,10 @@ class TrainingConfig(BaseModel):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     pos_weight: PositiveFloat | None = None
+    #: K randomly shifted / flipped views of every example per step, an example's gradient being
+    #: the mean over its views (augmentation multiplicity; training/augment.py says why). 0: the
+    #: images as they are. Costs K x the compute of a step; changes nothing in the privacy analysis.
+    augmentations: int = Field(default=0, ge=0, le=64)
     dp: DPConfig = Field(default_factory=DPConfig)
     seed: int = 0
     #: auto (CUDA when present), cpu, cuda, cuda:N; see training/device.py

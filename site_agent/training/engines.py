@@ -5,6 +5,10 @@ batch size, so every engine, and any split of a logical batch into physical micr
 releases the same quantity: sum_i clip(g_i) + N(0, sigma^2 C^2). Clipping is per sample, so a
 split changes only the float summation order, not the privacy analysis.
 
+With augmentation multiplicity (training/augment.py) a physical batch holds ``group`` adjacent
+views of each example, and an example's gradient g_i is the mean over its views: every engine
+clips that mean, never a single view, so an example still contributes one vector of norm <= C.
+
 Engines (``DPConfig.engine``; docs/architecture.md gives the measurements behind the default):
 - ``bk``: fedmq's own mixed ghost / book-keeping engine (after Bu et al., "Differentially private
   optimization on large model at small cost", 2023). The backward pass computes input gradients
@@ -44,11 +48,19 @@ class ClippedSumEngine(Protocol):
     params: list[nn.Parameter]
     clip_s: float
 
-    def accumulate(self, xb: torch.Tensor, yb: torch.Tensor, loss_fn: LossFn, into: list[torch.Tensor]) -> float:
-        """Returns the batch's summed loss; ``loss_fn`` must reduce by sum."""
+    def accumulate(self, xb: torch.Tensor, yb: torch.Tensor, loss_fn: LossFn, into: list[torch.Tensor],
+                   group: int = 1) -> float:
+        """Returns the batch's summed per-example loss; ``loss_fn`` must reduce by sum. ``xb`` holds
+        ``group`` adjacent views of each example (example-major); each example is clipped once."""
 
     def close(self) -> None:
         """Remove hooks and per-sample state so nothing outlives the round."""
+
+
+def _rows_per_example(rows: int, group: int) -> int:
+    if group < 1 or rows % group:
+        raise TrainingError(f"a batch of {rows} rows is not whole groups of {group} views")
+    return rows // group
 
 
 def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
@@ -77,18 +89,21 @@ class OpacusEngine:
         self.max_grad_norm = max_grad_norm
         self.clip_s = 0.0
 
-    def accumulate(self, xb: torch.Tensor, yb: torch.Tensor, loss_fn: LossFn, into: list[torch.Tensor]) -> float:
+    def accumulate(self, xb: torch.Tensor, yb: torch.Tensor, loss_fn: LossFn, into: list[torch.Tensor],
+                   group: int = 1) -> float:
+        b = _rows_per_example(xb.shape[0], group)
         with warnings.catch_warnings():
             # Opacus' hooks fire on the first layer, whose input needs no grad; harmless and noisy.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss = loss_fn(self.wrapped(xb).reshape(-1), yb)
+            loss = loss_fn(self.wrapped(xb).reshape(-1), yb) / group  # an example's loss: the mean of its views
             loss.backward()
         _sync(xb.device)
         t = time.perf_counter()
-        b = xb.shape[0]
         grads = [p.grad_sample for p in self.params]
         if any(g is None for g in grads):
             raise TrainingError("Opacus produced no per-sample gradient for some parameter")
+        if group > 1:  # per-view gradients summed per example (the loss already carries 1 / group)
+            grads = [g.reshape(b, group, *g.shape[1:]).sum(1) for g in grads]
         sq = torch.stack([g.reshape(b, -1).pow(2).sum(1) for g in grads], dim=1).sum(1)
         factor = clip_factors(sq, self.max_grad_norm)
         for acc, g in zip(into, grads):
@@ -140,6 +155,7 @@ class BookKeepingEngine:
         self.params: list[nn.Parameter] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._sq: torch.Tensor | None = None
+        self._group = 1
         self.clip_s = 0.0
         self._trainable: set[int] = set()
         for name, module in model.named_modules():
@@ -186,20 +202,24 @@ class BookKeepingEngine:
         """Runs inside backward, once per layer: this layer's share of every sample's squared norm."""
         m, a = layer.module, layer.act
         assert a is not None and self._sq is not None
-        b = g.shape[0]
+        rows, k = g.shape[0], self._group
+        b = rows // k  # examples; the k views of one example are adjacent rows and count as one sample
         if isinstance(m, nn.GroupNorm):
             # d/dw = sum_hw g * xhat, d/db = sum_hw g; xhat from the group statistics of the input
-            var, mean = torch.var_mean(a.reshape(b, m.num_groups, -1), dim=2, unbiased=False)
+            var, mean = torch.var_mean(a.reshape(rows, m.num_groups, -1), dim=2, unbiased=False)
             rstd = (var + m.eps).rsqrt()
             per_group = m.num_channels // m.num_groups
-            gb = g.reshape(b, m.num_channels, -1).sum(2)
-            gxa = (g * a).reshape(b, m.num_channels, -1).sum(2)
+            gb = g.reshape(rows, m.num_channels, -1).sum(2)
+            gxa = (g * a).reshape(rows, m.num_channels, -1).sum(2)
             gw = (gxa - mean.repeat_interleave(per_group, 1) * gb) * rstd.repeat_interleave(per_group, 1)
+            if k > 1:
+                gw, gb = gw.view(b, k, -1).sum(1), gb.view(b, k, -1).sum(1)
             layer.per_sample = [t for t, p in ((gw, m.weight), (gb, m.bias)) if self._trains(p)]
             self._sq += sum(t.pow(2).sum(1) for t in layer.per_sample)
             layer.act = None
             return
         if isinstance(m, nn.Linear):
+            # (examples, views x positions, features): an example's views are more positions of it
             a2 = a.reshape(b, -1, a.shape[-1])
             g2 = g.reshape(b, -1, g.shape[-1])
             if a2.shape[1] == 1:  # one position: the ghost norm is exact and cheap
@@ -214,13 +234,16 @@ class BookKeepingEngine:
         # Conv2d
         assert isinstance(m, nn.Conv2d)
         if m.kernel_size == (1, 1) and m.padding == (0, 0):  # 1x1: the input itself, strided, is the unfolding
-            u = a[:, :, :: m.stride[0], :: m.stride[1]].reshape(b, a.shape[1], -1)
+            u = a[:, :, :: m.stride[0], :: m.stride[1]].reshape(rows, a.shape[1], -1)
         else:
             # the batch folded into the channels: one im2col launch instead of one per sample
             # (unfold orders rows channel-major, so (1, b*C*k*k, T) is (b, C*k*k, T) exactly)
-            u = F.unfold(a.reshape(1, b * a.shape[1], *a.shape[2:]), m.kernel_size, dilation=m.dilation,
-                         padding=m.padding, stride=m.stride).view(b, -1, g.shape[2] * g.shape[3])  # (b, D, T)
-        gf = g.reshape(b, g.shape[1], -1)  # (b, C_out, T)
+            u = F.unfold(a.reshape(1, rows * a.shape[1], *a.shape[2:]), m.kernel_size, dilation=m.dilation,
+                         padding=m.padding, stride=m.stride).view(rows, -1, g.shape[2] * g.shape[3])  # (rows, D, T)
+        gf = g.reshape(rows, g.shape[1], -1)  # (rows, C_out, T)
+        if k > 1:  # an example's views side by side as positions: (b, D, k T), (b, C_out, k T)
+            u = u.view(b, k, *u.shape[1:]).transpose(1, 2).reshape(b, u.shape[1], -1)
+            gf = gf.view(b, k, *gf.shape[1:]).transpose(1, 2).reshape(b, gf.shape[1], -1)
         positions, weights = u.shape[2], m.weight.numel()
         if weights <= 2 * positions * positions:
             ps = torch.bmm(gf, u.transpose(1, 2)).view(b, *m.weight.shape)
@@ -240,14 +263,16 @@ class BookKeepingEngine:
         self._sq += sq
 
     # -- one physical batch ------------------------------------------------------------------
-    def accumulate(self, xb: torch.Tensor, yb: torch.Tensor, loss_fn: LossFn, into: list[torch.Tensor]) -> float:
-        b = xb.shape[0]
+    def accumulate(self, xb: torch.Tensor, yb: torch.Tensor, loss_fn: LossFn, into: list[torch.Tensor],
+                   group: int = 1) -> float:
+        b = _rows_per_example(xb.shape[0], group)
+        self._group = group
         self._sq = torch.zeros(b, device=xb.device, dtype=torch.float32)
         for p in self.params:
             p.requires_grad_(False)  # backward computes input gradients only; weight grads come below
         try:
             x = xb.detach().requires_grad_(True)
-            loss = loss_fn(self.model(x).reshape(-1), yb)
+            loss = loss_fn(self.model(x).reshape(-1), yb) / group  # an example's loss: the mean of its views
             loss.backward()
         finally:
             for p in self.params:
@@ -270,7 +295,8 @@ class BookKeepingEngine:
                     accs[1].add_(gs.sum((0, 1)))
             else:
                 assert isinstance(m, nn.Conv2d) and layer.act is not None and layer.grad_out is not None
-                gs = layer.grad_out * factor.view(b, 1, 1, 1)
+                row_factor = factor.repeat_interleave(group) if group > 1 else factor  # grad_out is per view
+                gs = layer.grad_out * row_factor.view(-1, 1, 1, 1)
                 accs[0].add_(
                     torch.nn.grad.conv2d_weight(layer.act, m.weight.shape, gs, m.stride, m.padding, m.dilation, m.groups)
                 )
@@ -278,6 +304,7 @@ class BookKeepingEngine:
                     accs[1].add_(gs.sum((0, 2, 3)))
             layer.reset()
         self._sq = None
+        self._group = 1
         _sync(xb.device)
         self.clip_s += time.perf_counter() - t
         return float(loss.detach())

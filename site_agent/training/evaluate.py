@@ -9,6 +9,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from fedmq.site_agent.models import trained_part
+
 
 @torch.no_grad()
 def predict_proba(
@@ -21,7 +23,8 @@ def predict_proba(
         X = X.to(device)
     model.eval()
     try:
-        chunks = [torch.sigmoid(model(X[i : i + batch_size].float()).reshape(-1)) for i in range(0, len(X), batch_size)]
+        net, inputs = trained_part(model, X.float())  # a fixed front end's features come once per dataset
+        chunks = [torch.sigmoid(net(inputs[i : i + batch_size]).reshape(-1)) for i in range(0, len(X), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(chunks).cpu().numpy() if chunks else np.zeros(0, dtype=np.float32)

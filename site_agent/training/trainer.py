@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedmq.site_agent.models import build_model
+from fedmq.site_agent.models import build_model, trained_part
+from fedmq.site_agent.training.augment import augment
 from fedmq.site_agent.training.config import TrainingConfig
 from fedmq.site_agent.training.device import resolve_device
 from fedmq.site_agent.training.dp import ledger_params_for, strip_opacus_prefix
@@ -142,15 +143,28 @@ class LocalTrainer:
         if initial_state is not None:
             model.load_state_dict(strip_opacus_prefix(initial_state), strict=True)
         model.to(device).train()
+        # a fixed front end (scatternet) runs once per dataset, not at every step; with views it runs
+        # per view, on the shifted images
+        net, inputs = (model, X) if cfg.augmentations else trained_part(model, X)
         optimizer = self._optimizer([p for p in model.parameters() if p.requires_grad])
         pos_weight = torch.tensor([cfg.pos_weight], device=device) if cfg.pos_weight is not None else None
         criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="sum")
         steps = cfg.steps_per_round(n)
         physical = cfg.physical_batch()
         rng = self._random(round_index, device)
+        views = max(1, cfg.augmentations)
+        # views of one example travel in the same micro-batch, so a micro-batch holds physical // K examples
+        per_chunk = max(1, physical // views)
+        aug_gen = torch.Generator().manual_seed(_round_seed(cfg.seed, round_index, 3)) if cfg.augmentations else None
+
+        def batch(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if aug_gen is None:
+                return inputs[chunk], y[chunk]
+            return augment(X[chunk], views, aug_gen), y[chunk].repeat_interleave(views)
+
         engine = None
         if ledger is not None:
-            engine = make_engine(cfg.dp.engine, model, cfg.dp.max_grad_norm)
+            engine = make_engine(cfg.dp.engine, net, cfg.dp.max_grad_norm)
             n_values = sum(p.numel() for p in engine.params)
         timings["setup_s"] = time.perf_counter() - t_setup
 
@@ -175,8 +189,8 @@ class LocalTrainer:
                     images += len(idx)
                     sums = [torch.zeros_like(p) for p in engine.params]
                     loss_sum = 0.0
-                    for chunk in idx.split(physical):
-                        loss_sum += engine.accumulate(X[chunk], y[chunk], criterion, sums)
+                    for chunk in idx.split(per_chunk):
+                        loss_sum += engine.accumulate(*batch(chunk), criterion, sums, group=views)
                     _sync(device)
                     fb_s += time.perf_counter() - t
                     if len(idx):
@@ -201,8 +215,9 @@ class LocalTrainer:
                     images += len(idx)
                     optimizer.zero_grad(set_to_none=True)
                     loss_sum = 0.0
-                    for chunk in idx.split(physical):
-                        loss = criterion(model(X[chunk]).reshape(-1), y[chunk]) / len(idx)
+                    for chunk in idx.split(per_chunk):
+                        xb, yb = batch(chunk)
+                        loss = criterion(net(xb).reshape(-1), yb) / (len(idx) * views)
                         loss.backward()
                         loss_sum += float(loss.detach())
                     _sync(device)

@@ -60,7 +60,7 @@ def test_every_preset_trains_one_dp_round(preset: str, engine: str, tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("preset", "engines"),
-    [("small_cnn", ENGINES), ("resnet18", ENGINES), ("resnet50_224", ("bk", "hooks"))],  # functorch: slow on CPU
+    [("small_cnn", ENGINES), ("scatternet", ENGINES), ("resnet18", ENGINES), ("resnet50_224", ("bk", "hooks"))],  # functorch: slow on CPU
 )
 def test_bk_engine_matches_opacus_clipped_sums(preset: str, engines: tuple[str, ...]) -> None:
     """fedmq's mixed ghost / book-keeping engine releases what Opacus' per-sample gradients give."""
