@@ -29,6 +29,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=None, help="seeds run in parallel processes (default 1)")
     p.add_argument("--rounds", type=int, default=None, help="override rounds per site (non-DP arms)")
     p.add_argument("--rounds-dp", type=int, default=None, help="override rounds per site (DP arms)")
+    p.add_argument("--preset", choices=("small_cnn", "scatternet", "resnet18", "resnet50"), default=None,
+                   help="the model of every arm (default: experiments.defaults.model_preset)")
     p.set_defaults(handler=_reproduce)
 
     s = sub.add_parser(
@@ -84,7 +86,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     overrides: dict = {"dataset": args.dataset, "data_root": args.data_root,
                        "npz": args.npz}
-    for key in ("seeds", "threads", "jobs", "rounds", "rounds_dp"):
+    for key in ("seeds", "threads", "jobs", "rounds", "rounds_dp", "preset"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value

@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-from fedmq.experiments.defaults import LOCAL_STEPS, MOMENTUM, async_buffer_size, clip_norm, planned_rounds
+from fedmq.experiments.defaults import (LOCAL_STEPS, MOMENTUM, async_buffer_size, clip_norm, model_preset,
+                                       planned_rounds)
 from fedmq.experiments.federation import FederationResult, FederationSpec, SiteTraining, run_federation
 
 logger = logging.getLogger(__name__)
+
+DEMO_PRESET = model_preset()
 
 #: Demo settings, every number from a rule in experiments/defaults.py: SGD with momentum 0.9
 #: on Poisson-sampled batches of 128, rounds of one local epoch but at most S = LOCAL_STEPS
@@ -21,8 +24,9 @@ logger = logging.getLogger(__name__)
 #: noise multipliers the sites' accountants compute for those steps, corrected for the momentum
 #: that restarts every round of S steps (lr None; ``dp_learning_rate``, ``momentum_gain``), R =
 #: planned_rounds(short=True) updates per site, K = async_buffer_size, the EMA beta from the versions.
-DEMO_TRAINING = SiteTraining(optimizer="sgd", lr=None, momentum=MOMENTUM, batch_size=128, local_epochs=1,
-                             most_local_steps=LOCAL_STEPS, max_grad_norm=clip_norm())
+#: The model is DEMO_PRESET (:func:`experiments.defaults.model_preset`).
+DEMO_TRAINING = SiteTraining(model_preset=DEMO_PRESET, optimizer="sgd", lr=None, momentum=MOMENTUM, batch_size=128,
+                             local_epochs=1, most_local_steps=LOCAL_STEPS, max_grad_norm=clip_norm())
 DEMO_ROUNDS = planned_rounds(short=True)
 DEMO_SITES = 3
 #: ``--no-dp`` only (the demo's bar is the DP run): SGD with momentum at the lr the DP rule gave

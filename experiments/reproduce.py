@@ -74,7 +74,7 @@ class ReproduceConfig(BaseModel):
     n_boot: int = Field(1000, ge=50)
 
     # federation topology (the FL arms use synchronous FedAvg, K = number of sites)
-    preset: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    preset: Literal["small_cnn", "scatternet", "resnet18", "resnet50"] = "small_cnn"
     n_sites: int = 3
     alpha: float = 0.5
     val_fraction: float = 0.15
