@@ -64,6 +64,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--rounds", type=int, default=None, help="updates each site may send (its DP budget covers them)")
     q.add_argument("--buffer-size", type=int, default=None, help="async K (default: the number of sites)")
     q.add_argument("--slow-factor", type=float, default=4.0)
+    q.add_argument("--preset", choices=("small_cnn", "scatternet"), default=None,
+                   help="the sites' model (default: the experiment's, small_cnn)")
     q.add_argument("--no-dp", action="store_true", help="both modes without DP (same on both sides)")
     q.add_argument("--steps-rule", choices=("equal", "epochs"), default="equal",
                    help="equal: the same local steps per round at every site (default); epochs: one local epoch")
@@ -137,6 +139,9 @@ def _async_vs_sync(args: argparse.Namespace) -> int:
         over["planned_rounds"] = args.rounds
     if args.buffer_size is not None:
         over["buffer_size"] = args.buffer_size
+    if args.preset is not None:
+        over["training"] = AsyncVsSyncConfig.model_fields["training"].default.model_copy(
+            update={"model_preset": args.preset})
     cfg = AsyncVsSyncConfig(
         data_npz=npz, out=args.out, reproduce_results=args.results, workdir=args.workdir, seeds=args.seeds,
         slow_factor=args.slow_factor, dp_enabled=not args.no_dp, target_auc=args.target_auc,

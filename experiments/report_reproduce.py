@@ -70,6 +70,13 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     return paths
 
 
+def _trained_weights(preset: str | None) -> str:
+    from fedmq.site_agent.models import PRESETS
+
+    info = PRESETS.get(preset or "")
+    return f"{info.n_params:,}" if info else "?"
+
+
 def _fmt(v, nd=3):
     return "n/a" if v is None else f"{v:.{nd}f}"
 
@@ -148,7 +155,7 @@ def write_report(results: dict, out: Path) -> Path:
         "- The DP arms spend epsilon = 1.2 per site over all planned rounds; the smallest hospital's updates are"
         " the noisiest (its sample rate is the largest); the aggregator has no server optimizer/momentum"
         " (it only adds ciphertexts with integer weights), only a server learning rate.",
-        "- Compute is CPU-only and small (small_cnn, ~24.6K parameters).",
+        f"- Compute is CPU-only and small ({s.get('preset')}, {_trained_weights(s.get('preset'))} trained weights).",
         "",
         "## Settings",
         "",

@@ -34,6 +34,7 @@ from fedmq.experiments.defaults import (
     CLIP_NORM,
     MOMENTUM,
     async_buffer_size,
+    model_preset,
     dp_federation_lr_for_sizes,
     ema_beta,
     expected_versions,
@@ -67,14 +68,15 @@ class ReproduceConfig(BaseModel):
     #: the goals are judged on 5 seeds (issue 14); --seeds N for fewer
     seeds: int = Field(5, ge=1)
     quick: bool = False
-    #: torch intra-op threads; 1 is fastest for small_cnn on a busy 2-core machine
+    #: torch intra-op threads; 1 is fastest for the 28 px presets on a busy 2-core machine
     threads: int = Field(1, ge=1)
     #: seeds run in parallel processes (each with ``threads`` torch threads)
     jobs: int = Field(1, ge=1)
     n_boot: int = Field(1000, ge=50)
 
     # federation topology (the FL arms use synchronous FedAvg, K = number of sites)
-    preset: Literal["small_cnn", "scatternet", "resnet18", "resnet50"] = "small_cnn"
+    #: the model of every arm: the rule (defaults.model_preset), scatternet
+    preset: Literal["small_cnn", "scatternet", "resnet18", "resnet50"] = model_preset()
     n_sites: int = 3
     alpha: float = 0.5
     val_fraction: float = 0.15

@@ -116,6 +116,7 @@ def test_the_demo_reads_the_rules(tmp_path: Path) -> None:
 
     spec = demo_spec(_demo_args(), tmp_path / "x.npz")
     assert spec.training.lr is None  # the lr rule, per run, from the sites' noise multipliers
+    assert spec.training.model_preset == defaults.model_preset() == "scatternet"
     assert spec.training.max_grad_norm == clip_norm()
     # rounds of at most S steps: T = 320 steps of a large site cut into R = T / S rounds
     assert spec.planned_rounds == planned_rounds(short=True) == defaults.SHORT_RUN_STEPS // defaults.LOCAL_STEPS == 80
@@ -202,6 +203,7 @@ def test_reproduction_defaults_are_the_rules() -> None:
     from fedmq.experiments.reproduce import ReproduceConfig
 
     cfg = ReproduceConfig()
+    assert cfg.preset == defaults.model_preset()
     sizes = [237, 1_640, 2_831]
     fl_dp, central = cfg.dp_settings(sizes), cfg.dp_settings([sum(sizes)])
     assert fl_dp.lr == pytest.approx(dp_federation_lr_for_sizes(sizes, batch_size=128, rounds=20, epsilon=1.2))
