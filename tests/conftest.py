@@ -43,6 +43,18 @@ def broker_unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core box: one intra-op thread avoids oversubscription stalls.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
     """The session's broker (private node, container, or ``FEDMQ_TEST_AMQP_URL``)."""

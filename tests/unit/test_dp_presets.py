@@ -5,7 +5,6 @@ Everything runs on CPU with tiny inputs; the GPU figures come from ``make bench-
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,7 @@ from fedmq.site_agent.training.device import resolve_device
 from fedmq.site_agent.training.engines import ENGINES, BookKeepingEngine, make_engine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(preset: str, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
