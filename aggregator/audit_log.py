@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: records a targeted snapshot carries at most (a site further behind asks again)
 MAX_RECORDS_PER_SNAPSHOT = 128
-#: share of the message-size limit the records of one snapshot may take
-SNAPSHOT_AUDIT_SHARE = 4
+#: msgpack framing of one record inside the snapshot's list of records (bin header), rounded up
+_RECORD_FRAMING = 8
 
 
 class AggregatorAudit:
@@ -91,18 +91,20 @@ class AggregatorAudit:
         rec = self.chain.record(version)
         return () if rec is None else (encode(rec),)
 
-    def records_for_snapshot(self, version: int, since: int | None, max_bytes: int) -> tuple[bytes, ...]:
+    def records_for_snapshot(self, version: int, since: int | None, budget: int) -> tuple[bytes, ...]:
         """The records after ``since`` (a requester's version) towards ``version``, oldest first,
-        as many as fit ``max_bytes // SNAPSHOT_AUDIT_SHARE`` (at most MAX_RECORDS_PER_SNAPSHOT).
-        A site further behind extends its chain with them, refuses the snapshot (audit gap) and
-        asks again from its new head. A broadcast (``since`` None) carries the last record."""
+        as many as fit ``budget`` bytes (at most MAX_RECORDS_PER_SNAPSHOT), and always the first:
+        the engine sets ``budget`` to what the snapshot's largest block leaves of the message
+        (``shared.chunking.header_room``). A site further behind extends its chain with them,
+        refuses the snapshot (audit gap) and asks again from its new head. A broadcast (``since``
+        None) carries the last record."""
         lo = version - 1 if since is None else max(0, since)
         out: list[bytes] = []
-        budget = max_bytes // SNAPSHOT_AUDIT_SHARE
         for rec in self.chain.records[lo:version][:MAX_RECORDS_PER_SNAPSHOT]:
             data = encode(rec)
-            if out and budget - len(data) < 0:
+            cost = len(data) + _RECORD_FRAMING
+            if out and budget - cost < 0:
                 break
             out.append(data)
-            budget -= len(data)
+            budget -= cost
         return tuple(out)

@@ -43,11 +43,11 @@ from fedmq.aggregator.validator import NOTIFY_SITE, BadCiphertext, BlockSizeMism
 from fedmq.aggregator.wal import FramedBody, frame_body
 from fedmq.broker.topology import DETAIL_HEADER, REASON_HEADER
 from fedmq.shared.atomic import atomic_write_json
-from fedmq.shared.chunking import ChunkAssembler, chunk_blocks, header_of
+from fedmq.shared.chunking import ChunkAssembler, chunk_blocks, header_of, header_room
 from fedmq.shared.ckks import HeVector, LoadedContext, check_ciphertext, load_ciphertext, load_context
 from fedmq.shared.ckks_wire import CiphertextError
 from fedmq.shared.codec import decode_site_metrics, decode_snapshot_request, decode_update_chunk
-from fedmq.shared.errors import CryptoError, WireError
+from fedmq.shared.errors import CryptoError, MessageTooLarge, WireError
 from fedmq.shared.schema import NO_VERSION_YET, Contributor, EncryptedBlock, GlobalVersionChunk, UpdateChunk
 from fedmq.shared.signing import SigningKey, load_pinned_keys, load_private_key
 from fedmq.shared.statelock import lock_state_dir
@@ -511,8 +511,13 @@ class AggregatorEngine:
     ) -> list[Outgoing]:
         if self.layout_fp is None or self.total_blocks is None:
             return []  # nothing folded yet: every party already has x_0
-        blocks = [EncryptedBlock(index=i, ciphertext=self._D_bytes[i]) for i in sorted(indices)]
-        template = GlobalVersionChunk(
+        template = self._template(mode, contributors=contributors, target_site=target_site, audit=audit)
+        return self._chunked(template, indices, target_site)
+
+    def _template(self, mode: Literal["delta", "snapshot"], *, contributors: tuple[Contributor, ...] = (),
+                  target_site: str | None = None, audit: tuple[bytes, ...] = ()) -> GlobalVersionChunk:
+        assert self.layout_fp is not None and self.total_blocks is not None
+        return GlobalVersionChunk(
             chunk_index=0, chunk_count=1, block_size=self.block_size, total_blocks=self.total_blocks,
             block_indices=(), blocks=(), key_fingerprint=self.ctx.fingerprint,
             layout_fingerprint=self.layout_fp, shard_index=self.settings.shard_index,
@@ -520,6 +525,10 @@ class AggregatorEngine:
             target_site=target_site, contributors=contributors,
             weight_units_sum=sum(c.weight_units for c in contributors), created_at=time.time(), audit=audit,
         )
+
+    def _chunked(self, template: GlobalVersionChunk, indices: list[int], target_site: str | None) -> list[Outgoing]:
+        mode = template.mode
+        blocks = [EncryptedBlock(index=i, ciphertext=self._D_bytes[i]) for i in sorted(indices)]
         chunks = chunk_blocks(template, blocks, self.settings.max_message_bytes)
         key = self.signing_key  # each chunk is signed when it is published (VersionMessage)
         if target_site is None:
@@ -528,10 +537,16 @@ class AggregatorEngine:
 
     def snapshot(self, target_site: str | None = None, since: int | None = None) -> list[Outgoing]:
         """Every block of the current version, with the audit records a site needs to reach it
-        (those after ``since``, the requester's version; the last one for a broadcast)."""
-        return self._version_messages("snapshot", sorted(self._D_bytes), target_site=target_site,
-                                      audit=self.audit.records_for_snapshot(self.version, since,
-                                                                            self.settings.max_message_bytes))
+        (those after ``since``, the requester's version; the last one for a broadcast): as many
+        as the largest block leaves room for in one message, so the snapshot always fits."""
+        if self.layout_fp is None or self.total_blocks is None:
+            return []  # nothing folded yet: every party already has x_0
+        indices = sorted(self._D_bytes)
+        template = self._template("snapshot", target_site=target_site)
+        room = header_room(template, indices, max((len(self._D_bytes[i]) for i in indices), default=0),
+                           self.settings.max_message_bytes)
+        audit = self.audit.records_for_snapshot(self.version, since, room)
+        return self._chunked(template.model_copy(update={"audit": audit}), indices, target_site)
 
     def drain_startup(self) -> list[Outgoing]:
         out, self.startup_outgoing = self.startup_outgoing, []
@@ -560,7 +575,15 @@ class AggregatorEngine:
                         "shard's next periodic snapshot", req.shard_index, req.site_id, self.settings.shard_index)
             return ok, []
         logger.info("snapshot requested by %s (has %d, reason %s)", req.site_id, req.have_version, req.reason)
-        out = self.snapshot(target_site=req.site_id, since=req.have_version)
+        try:
+            out = self.snapshot(target_site=req.site_id, since=req.have_version)
+        except MessageTooLarge as exc:
+            # max_message_bytes is below one block plus one audit record: refused (dead-lettered
+            # with the reason), never a crash, so a redelivered request cannot restart-loop the
+            # aggregator; deltas that fit keep flowing
+            logger.error("cannot answer %s's snapshot request: %s; raise max_message_bytes",
+                         req.site_id, exc.detail, extra={"site": req.site_id})
+            return self._refuse(exc, site=req.site_id), []
         if not out:  # nothing folded yet: say so, so the site need not guess from a time-out
             out = [site_notice(NO_VERSION_YET, f"version {self.version}: nothing folded yet, train from x_0",
                                req.site_id, None, known)]

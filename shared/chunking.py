@@ -53,6 +53,15 @@ def chunk_blocks(
     ]
 
 
+def header_room(template: C, block_indices: Sequence[int], largest_block: int, max_message_bytes: int) -> int:
+    """Bytes a message built from ``template`` for ``block_indices`` can still give to header
+    fields of variable size (a snapshot's audit records) while its largest block, ``largest_block``
+    bytes of ciphertext, still fits beside them in one message. Negative: not even the block fits."""
+    base = template.model_copy(update={"block_indices": tuple(sorted(block_indices)), "blocks": (),
+                                       "chunk_index": 0, "chunk_count": 1})
+    return max_message_bytes - (len(encode(base)) + _HEADER_MARGIN) - (largest_block + _PER_BLOCK_OVERHEAD)
+
+
 def header_of(chunk: ChunkedMessage) -> dict:
     return chunk.model_dump(exclude=_PER_CHUNK_EXCLUDED)
 
