@@ -121,3 +121,18 @@ def test_scatternet_trains_a_dp_round_and_learns(views: int, tmp_path: Path) -> 
     trained.load_state_dict(result.state_dict)
     p = predict_proba(trained, X)
     assert p[y.numpy() == 1].mean() > p[y.numpy() == 0].mean() + 0.1
+
+
+def test_scatternet_exports_to_torchscript_for_any_batch(tmp_path: Path) -> None:
+    """``fedmq site export-model`` traces the whole model at batch 1; clinical tooling feeds batches."""
+    import warnings
+
+    model = build_model("scatternet", 3).eval()
+    with warnings.catch_warnings():
+        # the tracer notes the input-shape check it freezes; torch 2.13 marks torch.jit deprecated
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, torch.zeros(1, 1, 28, 28))
+        torch.jit.save(traced, str(tmp_path / "m.pt"))
+        loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    x = _smooth_images(4, seed=8)
+    torch.testing.assert_close(loaded(x), model(x).detach(), atol=1e-5, rtol=1e-5)
