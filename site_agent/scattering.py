@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import threading
 from collections import OrderedDict
 
 import torch
@@ -154,6 +155,8 @@ class FrontendCache:
             raise ValueError("entries and max_bytes must be >= 1")
         self.entries, self.max_bytes = entries, max_bytes
         self._held: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+        # a site trains on one thread and scores versions on another: the map is shared
+        self._lock = threading.Lock()
         self.hits = self.misses = 0
 
     @staticmethod
@@ -163,23 +166,29 @@ class FrontendCache:
 
     def features(self, frontend: nn.Module, X: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         key = self._key(frontend, X)
-        held = self._held.get(key)
-        if held is not None:
-            self._held.move_to_end(key)
-            self.hits += 1
-            return held
-        self.misses += 1
-        frontend = frontend.to(X.device)
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                self._held.move_to_end(key)
+                self.hits += 1
+                return held
+            self.misses += 1
+        frontend = frontend.to(X.device)  # computed outside the lock: another dataset need not wait
         with torch.no_grad():
             out = torch.cat([frontend(X[i : i + batch_size]) for i in range(0, len(X), batch_size)]) if len(X) else (
                 frontend(X.new_zeros(1, *X.shape[1:]))[:0]
             )
-        self._held[key] = out
-        while len(self._held) > 1 and (len(self._held) > self.entries or self.held_bytes() > self.max_bytes):
-            self._held.popitem(last=False)
+        with self._lock:
+            self._held[key] = out
+            while len(self._held) > 1 and (len(self._held) > self.entries or self._bytes() > self.max_bytes):
+                self._held.popitem(last=False)
         return out
 
     def held_bytes(self) -> int:
+        with self._lock:
+            return self._bytes()
+
+    def _bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._held.values())
 
 

@@ -136,3 +136,28 @@ def test_scatternet_exports_to_torchscript_for_any_batch(tmp_path: Path) -> None
         loaded = torch.jit.load(str(tmp_path / "m.pt"))
     x = _smooth_images(4, seed=8)
     torch.testing.assert_close(loaded(x), model(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_cache_serves_two_threads_at_once() -> None:
+    """A site trains on one thread while it scores a version on another; both use the cache."""
+    import threading
+
+    cache, s = FrontendCache(entries=2), Scattering2D(28)
+    data = [_smooth_images(2, seed=20 + i) for i in range(4)]
+    expected = [s(x).detach() for x in data]
+    errors: list[BaseException] = []
+
+    def work(offset: int) -> None:
+        try:
+            for k in range(12):
+                i = (k + offset) % 4
+                torch.testing.assert_close(cache.features(s, data[i]), expected[i])
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in (0, 1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(cache._held) <= 2
