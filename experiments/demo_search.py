@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmq.experiments.defaults import CLIP_NORM, DP_STEP_NOISE, dp_noise_multiplier, ema_beta, federation_learning_rate
+from fedmq.experiments.defaults import (CLIP_NORM, DP_STEP_NOISE, dp_noise_multiplier, ema_beta, federation_learning_rate,
+                                       model_preset)
 from fedmq.experiments.simulation import FederationData, FederationSettings, LocalSettings, SiteData, run_federation_sim
 from fedmq.site_agent.data.demo_data import _local_split, dirichlet_partition, load_npz_split, load_official_split
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--ema", type=float, default=None, help="None: the EMA rule")
     ap.add_argument("--augmentations", type=int, default=0, help="K views per example (augmentation multiplicity)")
-    ap.add_argument("--preset", default="small_cnn")
+    ap.add_argument("--preset", default=model_preset(), help="default: the demo's (experiments.defaults.model_preset)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--out", default="reports/demo_search.jsonl")

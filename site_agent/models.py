@@ -134,7 +134,7 @@ def trained_part(model: nn.Module, X: torch.Tensor) -> tuple[nn.Module, torch.Te
     frontend, classifier = getattr(model, "frontend", None), getattr(model, "classifier", None)
     if frontend is None or classifier is None:
         return model, X
-    if any(True for _ in frontend.parameters()):
+    if next(frontend.parameters(), None) is not None:
         raise RuntimeError("a fixed front end must have no parameters")
     return classifier, _FRONTEND_FEATURES.features(frontend, X)
 
